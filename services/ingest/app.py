@@ -1,0 +1,27 @@
+"""Ingest service: `uvicorn --factory services.ingest.app:create_app`."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from services.ingest.routes import router
+from shared.api.errors import install_error_handlers
+from shared.api.health import router as health_router
+from shared.config import Settings, get_settings
+from shared.logs import configure_logging
+from shared.queue import producer
+from shared.storage import ObjectStore
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging("ingest")
+    app = FastAPI(title="mammoscreen ingest", version="0.1.0",
+                  description="Submit mammograms for asynchronous screening.")
+    app.state.settings = settings
+    app.state.store = ObjectStore(settings)
+    app.state.producer = producer(settings)
+    install_error_handlers(app)
+    app.include_router(health_router)
+    app.include_router(router)
+    return app

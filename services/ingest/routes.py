@@ -1,0 +1,177 @@
+"""Ingest API: create batches, upload images, close batches."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+from kombu.exceptions import OperationalError as BrokerError
+from minio.error import S3Error
+from sqlalchemy import delete
+from sqlalchemy.exc import OperationalError as DatabaseError
+from urllib3.exceptions import HTTPError as StorageConnectionError
+
+from services.ingest.deps import ProducerDep, SessionDep, SettingsDep, StoreDep, TenantDep
+from services.ingest.schemas import AcceptedImage, BatchCreate, RejectedFile, UploadResult
+from services.ingest.uploads import StoredUpload, UploadHints, store_upload
+from shared.api.errors import ApiError
+from shared.api.schemas import BatchPublic
+from shared.batches import close_batch, create_batch, get_batch, get_or_create_study
+from shared.db.models import Batch, BatchStatus, Image, Laterality, View
+from shared.imaging.formats import ImageRejected
+from shared.queue import enqueue_screening
+from shared.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", tags=["batches"])
+
+RETRY_AFTER_S = "5"
+
+
+def _batch_not_found(batch_id: uuid.UUID) -> ApiError:
+    return ApiError(404, "batch_not_found", f"no batch {batch_id} exists for this API key")
+
+
+def _not_open(batch: Batch) -> ApiError:
+    return ApiError(409, "batch_not_open",
+                    f"batch {batch.id} is {batch.status.value}; it takes no more images. "
+                    "Create a new batch for further uploads.")
+
+
+def _discard(store: ObjectStore, uploads: list[StoredUpload]) -> None:
+    for upload in uploads:
+        try:
+            store.delete(upload.stored.key)
+        except (S3Error, StorageConnectionError):
+            log.exception("could not remove orphaned object %s", upload.stored.key)
+
+
+@router.post("/batches", status_code=201, response_model=BatchPublic)
+def post_batch(spec: BatchCreate, session: SessionDep, tenant: TenantDep) -> Batch:
+    batch = create_batch(session=session, tenant_id=tenant.id, name=spec.name,
+                         priority=spec.priority)
+    session.commit()
+    return batch
+
+
+@router.post("/batches/{batch_id}/images", status_code=202, response_model=UploadResult)
+def post_images(
+    batch_id: uuid.UUID,
+    files: Annotated[list[UploadFile], File(description="DICOM, PNG or JPEG files")],
+    session: SessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    producer: ProducerDep,
+    study_key: Annotated[str | None, Form(max_length=128)] = None,
+    patient_id: Annotated[str | None, Form(max_length=128)] = None,
+    laterality: Annotated[Laterality | None, Form()] = None,
+    view: Annotated[View | None, Form()] = None,
+) -> UploadResult:
+    batch = get_batch(session=session, tenant_id=tenant.id, batch_id=batch_id)
+    if batch is None:
+        raise _batch_not_found(batch_id)
+    if batch.status != BatchStatus.OPEN:
+        raise _not_open(batch)
+    if len(files) > settings.max_files_per_request:
+        raise ApiError(413, "too_many_files",
+                       f"{len(files)} files in one request; send at most "
+                       f"{settings.max_files_per_request} per request")
+    session.rollback()  # release the snapshot while files stream; re-checked under lock below
+
+    hints = UploadHints(study_key=study_key, patient_id=patient_id, laterality=laterality,
+                        view=view)
+    stored: list[StoredUpload] = []
+    rejected: list[RejectedFile] = []
+    try:
+        for upload in files:
+            try:
+                stored.append(store_upload(upload, settings=settings, store=store,
+                                           tenant_id=tenant.id, batch_id=batch_id, hints=hints))
+            except ImageRejected as err:
+                rejected.append(RejectedFile(filename=upload.filename or "unnamed",
+                                             code=err.code.value, message=err.message))
+    except (S3Error, StorageConnectionError) as err:
+        _discard(store, stored)
+        raise ApiError(503, "storage_unavailable",
+                       "object storage is unavailable; nothing was kept. Retry the upload.",
+                       headers={"Retry-After": RETRY_AFTER_S}) from err
+
+    if not stored:
+        raise ApiError(422, "no_acceptable_files",
+                       "none of the files could be accepted; see detail.rejected for why",
+                       detail={"rejected": [r.model_dump() for r in rejected]})
+
+    try:
+        accepted = _record_images(session=session, tenant_id=tenant.id, batch_id=batch_id,
+                                  uploads=stored)
+    except ApiError:
+        _discard(store, stored)
+        raise
+    except DatabaseError as err:
+        session.rollback()
+        _discard(store, stored)
+        raise ApiError(503, "database_unavailable",
+                       "the database is unavailable; nothing was kept. Retry the upload.",
+                       headers={"Retry-After": RETRY_AFTER_S}) from err
+
+    # Rows are committed; only now may workers hear of them.
+    image_ids = [image.id for image in accepted]
+    try:
+        enqueue_screening(producer, image_ids, chunk_size=settings.inference_chunk_size)
+    except BrokerError as err:
+        # Undo rather than leave images nobody will ever screen.
+        session.execute(delete(Image).where(Image.id.in_(image_ids)))
+        session.commit()
+        _discard(store, stored)
+        raise ApiError(503, "queue_unavailable",
+                       "the job queue is unavailable; nothing was kept. Retry the upload.",
+                       headers={"Retry-After": RETRY_AFTER_S}) from err
+
+    return UploadResult(
+        batch_id=batch_id,
+        accepted=[AcceptedImage(id=i.id, filename=i.filename, study_id=i.study_id,
+                                media_type=i.media_type, size_bytes=i.size_bytes,
+                                sha256=i.sha256, laterality=i.laterality, view=i.view)
+                  for i in accepted],
+        rejected=rejected,
+    )
+
+
+def _record_images(*, session: SessionDep, tenant_id: uuid.UUID, batch_id: uuid.UUID,
+                   uploads: list[StoredUpload]) -> list[Image]:
+    """Insert the image rows in one transaction, provided the batch is still open."""
+    batch = get_batch(session=session, tenant_id=tenant_id, batch_id=batch_id)
+    if batch is None:
+        raise _batch_not_found(batch_id)
+    # Lock the batch so a concurrent close waits for this commit (and then sees these images).
+    session.refresh(batch, with_for_update={"read": True})
+    if batch.status != BatchStatus.OPEN:
+        session.rollback()
+        raise _not_open(batch)
+    images = []
+    for upload in uploads:
+        study = get_or_create_study(session=session, tenant_id=tenant_id, batch_id=batch_id,
+                                    study_key=upload.study_key, patient_key=upload.patient_key)
+        image = Image(
+            id=upload.image_id, tenant_id=tenant_id, batch_id=batch_id, study_id=study.id,
+            filename=upload.filename, object_key=upload.stored.key, sha256=upload.stored.sha256,
+            size_bytes=upload.stored.size, media_type=upload.media_type.value,
+            laterality=upload.laterality, view=upload.view,
+        )
+        session.add(image)
+        images.append(image)
+    session.commit()
+    return images
+
+
+@router.post("/batches/{batch_id}/close", response_model=BatchPublic)
+def post_close(batch_id: uuid.UUID, session: SessionDep, tenant: TenantDep) -> Batch:
+    batch = get_batch(session=session, tenant_id=tenant.id, batch_id=batch_id, for_update=True)
+    if batch is None:
+        raise _batch_not_found(batch_id)
+    close_batch(session=session, batch=batch)
+    session.commit()
+    return batch

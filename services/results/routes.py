@@ -1,0 +1,109 @@
+"""Results API: batches, their per-image results, single images. Tenant-scoped throughout."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from services.results import cursors
+from services.results.deps import SessionDep, TenantDep
+from services.results.schemas import (
+    BatchDetail,
+    BatchPage,
+    ImageCounts,
+    ImageResult,
+    ModelVersionPublic,
+    ResultsPage,
+)
+from shared.api.errors import ApiError
+from shared.api.schemas import BatchPublic
+from shared.batches import (
+    get_batch,
+    get_image,
+    image_counts,
+    latest_predictions,
+    list_batches,
+    model_versions_used,
+    results_page,
+)
+from shared.db.models import Image, Prediction
+
+router = APIRouter(prefix="/v1", tags=["results"])
+
+UNTRAINED_WARNING = (
+    "scores in this batch come from an untrained (randomly initialised) model and carry no "
+    "diagnostic meaning"
+)
+
+
+def _image_result(image: Image, prediction: Prediction | None) -> ImageResult:
+    return ImageResult(
+        id=image.id, batch_id=image.batch_id, study_id=image.study_id, filename=image.filename,
+        media_type=image.media_type, laterality=image.laterality, view=image.view,
+        status=image.status, attempts=image.attempts,
+        score=prediction.malignancy_score if prediction else None,
+        error_code=image.error_code, error_message=image.error_message,
+        model_version=(ModelVersionPublic.model_validate(prediction.model_version)
+                       if prediction else None),
+        created_at=image.created_at, finished_at=image.finished_at,
+    )
+
+
+@router.get("/batches", response_model=BatchPage)
+def get_batches(
+    session: SessionDep, tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: str | None = None,
+) -> BatchPage:
+    before = cursors.decode_batch_cursor(cursor) if cursor else None
+    batches = list_batches(session=session, tenant_id=tenant.id, limit=limit + 1, before=before)
+    page, more = batches[:limit], len(batches) > limit
+    next_cursor = (cursors.encode(page[-1].created_at.isoformat(), str(page[-1].id))
+                   if more else None)
+    return BatchPage(items=[BatchPublic.model_validate(b) for b in page], next_cursor=next_cursor)
+
+
+@router.get("/batches/{batch_id}", response_model=BatchDetail)
+def get_batch_detail(batch_id: uuid.UUID, session: SessionDep, tenant: TenantDep) -> BatchDetail:
+    batch = get_batch(session=session, tenant_id=tenant.id, batch_id=batch_id)
+    if batch is None:
+        raise ApiError(404, "batch_not_found", f"no batch {batch_id} exists for this API key")
+    counts = image_counts(session=session, batch_id=batch.id)
+    versions = model_versions_used(session=session, batch_id=batch.id)
+    warnings = [UNTRAINED_WARNING] if any(not v.trained for v in versions) else []
+    return BatchDetail(
+        **BatchPublic.model_validate(batch).model_dump(),
+        counts=ImageCounts(**counts), total_images=sum(counts.values()),
+        model_versions=[ModelVersionPublic.model_validate(v) for v in versions],
+        warnings=warnings,
+    )
+
+
+@router.get("/batches/{batch_id}/results", response_model=ResultsPage)
+def get_batch_results(
+    batch_id: uuid.UUID, session: SessionDep, tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: str | None = None,
+) -> ResultsPage:
+    if get_batch(session=session, tenant_id=tenant.id, batch_id=batch_id) is None:
+        raise ApiError(404, "batch_not_found", f"no batch {batch_id} exists for this API key")
+    after = cursors.decode_image_cursor(cursor) if cursor else None
+    images = results_page(session=session, tenant_id=tenant.id, batch_id=batch_id,
+                          limit=limit + 1, after=after)
+    page, more = images[:limit], len(images) > limit
+    predictions = latest_predictions(session=session, image_ids=[i.id for i in page])
+    return ResultsPage(
+        items=[_image_result(i, predictions.get(i.id)) for i in page],
+        next_cursor=cursors.encode(str(page[-1].id)) if more else None,
+    )
+
+
+@router.get("/images/{image_id}", response_model=ImageResult)
+def get_image_result(image_id: uuid.UUID, session: SessionDep, tenant: TenantDep) -> ImageResult:
+    image = get_image(session=session, tenant_id=tenant.id, image_id=image_id)
+    if image is None:
+        raise ApiError(404, "image_not_found", f"no image {image_id} exists for this API key")
+    prediction = latest_predictions(session=session, image_ids=[image.id]).get(image.id)
+    return _image_result(image, prediction)

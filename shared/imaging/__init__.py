@@ -1,0 +1,1 @@
+"""Mammography imaging: format sniffing, metadata, decoding, preprocessing, synthetic exams."""

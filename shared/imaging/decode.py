@@ -1,0 +1,60 @@
+"""Decode stored image bytes into a presentation-ready grey-level array."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydicom
+from numpy.typing import NDArray
+from PIL import Image as PILImage
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+from shared.imaging.formats import ImageRejected, MediaType, RejectCode
+
+
+def decode_image(data: bytes, media_type: str) -> NDArray[np.float32]:
+    """A 2-D float32 array in [0, 1], bright = dense tissue, whatever the source format."""
+    try:
+        if media_type == MediaType.DICOM:
+            pixels = _decode_dicom(data)
+        elif media_type in (MediaType.PNG, MediaType.JPEG):
+            pixels = _decode_raster(data)
+        else:
+            raise ImageRejected(RejectCode.UNSUPPORTED_MEDIA_TYPE, f"cannot decode {media_type}")
+    except ImageRejected:
+        raise
+    except Exception as err:  # any decoder failure is a property of this file, never retried
+        raise ImageRejected(RejectCode.DECODE_FAILED, f"image could not be decoded: {err}")
+    return _to_unit_range(pixels)
+
+
+def _decode_dicom(data: bytes) -> NDArray[np.float64]:
+    ds = pydicom.dcmread(io.BytesIO(data))
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise ImageRejected(RejectCode.DECODE_FAILED, "multi-frame images cannot be screened")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise ImageRejected(RejectCode.DECODE_FAILED, "colour images cannot be screened")
+    pixels = apply_modality_lut(ds.pixel_array, ds)
+    if "VOILUTSequence" in ds or "WindowCenter" in ds:
+        pixels = apply_voi_lut(pixels, ds)
+    pixels = np.asarray(pixels, dtype=np.float64)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        pixels = pixels.max() - pixels  # MONOCHROME1: high values are dark
+    return pixels
+
+
+def _decode_raster(data: bytes) -> NDArray[np.float64]:
+    with PILImage.open(io.BytesIO(data)) as img:
+        if img.mode not in ("L", "I", "I;16", "I;16B", "I;16L"):
+            img = img.convert("L")
+        return np.asarray(img, dtype=np.float64)
+
+
+def _to_unit_range(pixels: NDArray[np.float64]) -> NDArray[np.float32]:
+    if pixels.ndim != 2 or min(pixels.shape) < 8:
+        raise ImageRejected(RejectCode.DECODE_FAILED, f"not a 2-D image: shape {pixels.shape}")
+    low, high = float(pixels.min()), float(pixels.max())
+    if high <= low:
+        raise ImageRejected(RejectCode.DECODE_FAILED, "image is blank (one grey level)")
+    return ((pixels - low) / (high - low)).astype(np.float32)

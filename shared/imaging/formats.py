@@ -1,0 +1,92 @@
+"""What an uploaded file is (sniffed from its bytes, never its name) and what it says of itself."""
+
+from __future__ import annotations
+
+import enum
+import io
+from dataclasses import dataclass
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from shared.db.models import Laterality, View
+
+# Enough bytes to tell the formats apart: DICOM's magic sits after a 128-byte preamble.
+SNIFF_BYTES = 132
+
+
+class MediaType(enum.StrEnum):
+    DICOM = "application/dicom"
+    PNG = "image/png"
+    JPEG = "image/jpeg"
+
+
+class RejectCode(enum.StrEnum):
+    """Stable codes for refused uploads and failed images; users switch on these."""
+
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    EMPTY_FILE = "empty_file"
+    FILE_TOO_LARGE = "file_too_large"
+    INVALID_DICOM = "invalid_dicom"
+    DECODE_FAILED = "decode_failed"
+    OBJECT_MISSING = "object_missing"
+    DEPENDENCY_UNAVAILABLE = "dependency_unavailable"
+
+
+class ImageRejected(Exception):
+    def __init__(self, code: RejectCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def missing_object(cls, key: str) -> ImageRejected:
+        return cls(RejectCode.OBJECT_MISSING,
+                   f"the stored image {key} is gone from object storage; upload it again")
+
+
+def sniff_media_type(head: bytes) -> MediaType | None:
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return MediaType.DICOM
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return MediaType.PNG
+    if head.startswith(b"\xff\xd8\xff"):
+        return MediaType.JPEG
+    return None
+
+
+@dataclass(frozen=True)
+class ImageMetadata:
+    laterality: Laterality | None = None
+    view: View | None = None
+    patient_id: str | None = None
+    study_uid: str | None = None
+
+
+_VIEW_ALIASES = {"CC": View.CC, "MLO": View.MLO}
+
+
+def parse_laterality(value: object) -> Laterality | None:
+    text = str(value or "").strip().upper()
+    return {"L": Laterality.LEFT, "R": Laterality.RIGHT}.get(text)
+
+
+def parse_view(value: object) -> View | None:
+    return _VIEW_ALIASES.get(str(value or "").strip().upper())
+
+
+def dicom_metadata(head: bytes) -> ImageMetadata:
+    """Laterality, view and identity from a DICOM header (pixel data is not read)."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError) as err:
+        raise ImageRejected(RejectCode.INVALID_DICOM, f"the DICOM header cannot be read: {err}")
+    laterality = parse_laterality(ds.get("ImageLaterality")) or parse_laterality(
+        ds.get("Laterality")
+    )
+    return ImageMetadata(
+        laterality=laterality,
+        view=parse_view(ds.get("ViewPosition")),
+        patient_id=str(ds.get("PatientID") or "") or None,
+        study_uid=str(ds.get("StudyInstanceUID") or "") or None,
+    )

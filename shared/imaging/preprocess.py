@@ -1,0 +1,91 @@
+"""Model-input preprocessing: small typed transforms, each with one job.
+
+Arrays are 2-D float32, rows x columns, grey levels in [0, 1] unless a transform says otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image as PILImage
+
+from shared.db.models import Laterality
+from shared.imaging.formats import ImageRejected, RejectCode
+
+Array = NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class CanonicalOrientation:
+    """Flip right breasts left-right so the chest wall is always on the left edge."""
+
+    def __call__(self, pixels: Array, laterality: Laterality | None) -> Array:
+        if laterality == Laterality.RIGHT:
+            return np.ascontiguousarray(pixels[:, ::-1])
+        return pixels
+
+
+@dataclass(frozen=True)
+class BreastCrop:
+    """Crop to the breast's bounding box.
+
+    The background level is estimated from the image's darkest decile rather than assumed to
+    be zero, and rows/columns count as breast only when a minimum fraction of their pixels
+    rise above it, so thin burnt-in labels do not stretch the box.
+    """
+
+    threshold_above_background: float = 0.08
+    min_fraction: float = 0.02
+
+    def __call__(self, pixels: Array) -> Array:
+        background = float(np.percentile(pixels, 10))
+        mask = pixels > background + self.threshold_above_background
+        rows = np.flatnonzero(mask.mean(axis=1) > self.min_fraction)
+        cols = np.flatnonzero(mask.mean(axis=0) > self.min_fraction)
+        if rows.size == 0 or cols.size == 0:
+            raise ImageRejected(RejectCode.DECODE_FAILED, "no breast region found in the image")
+        return pixels[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+
+@dataclass(frozen=True)
+class ResizePad:
+    """Aspect-preserving resize into (height, width), padded with zeros on the bottom/right."""
+
+    height: int
+    width: int
+
+    def __call__(self, pixels: Array) -> Array:
+        scale = min(self.height / pixels.shape[0], self.width / pixels.shape[1])
+        new_h = max(1, round(pixels.shape[0] * scale))
+        new_w = max(1, round(pixels.shape[1] * scale))
+        resized = PILImage.fromarray(pixels.astype(np.float32), mode="F").resize(
+            (new_w, new_h), PILImage.Resampling.BILINEAR
+        )
+        out = np.zeros((self.height, self.width), dtype=np.float32)
+        out[:new_h, :new_w] = np.asarray(resized, dtype=np.float32)
+        return out
+
+
+@dataclass(frozen=True)
+class Standardize:
+    """Zero mean, unit variance over the whole input (output is unbounded, about [-3, 3])."""
+
+    eps: float = 1e-6
+
+    def __call__(self, pixels: Array) -> Array:
+        return ((pixels - pixels.mean()) / (pixels.std() + self.eps)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The full chain from a decoded [0, 1] image to a model input of (height, width)."""
+
+    height: int
+    width: int
+
+    def __call__(self, pixels: Array, laterality: Laterality | None) -> Array:
+        oriented = CanonicalOrientation()(pixels, laterality)
+        cropped = BreastCrop()(oriented)
+        return Standardize()(ResizePad(self.height, self.width)(cropped))

@@ -1,0 +1,282 @@
+"""Synthetic screening mammograms: the project's own demo and test data.
+
+Each exam has four views (L-CC, L-MLO, R-CC, R-MLO) written as DICOM (Modality MG, 14 bits
+stored in 16), plus one `labels.csv` row per image.
+
+Physical scale (default pixel spacing 0.2 mm, 1024 x 832 pixels, about 205 x 166 mm):
+- breast tissue: 1/f^beta texture with beta about 3, the power law measured on real
+  mammograms, over a thickness fall-off towards the skin line;
+- masses: 5-30 mm across. Malignant ones are spiculated (radiating strands), benign ones
+  round or oval and circumscribed, drawn from the same size and contrast ranges so brightness
+  alone does not separate them;
+- calcifications: malignant ones clustered (5-20 specks, 0.1-0.5 mm, within 5-10 mm), benign
+  ones scattered and coarse (3-8 specks, 0.5-1 mm, over 20-40 mm).
+A lesion sits at the same depth from the nipple in both views of its breast (the MLO's
+vertical position is correlated with, not equal to, the CC's), as a reader would expect.
+"""
+
+from __future__ import annotations
+
+import csv
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from numpy.typing import NDArray
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+# Digital Mammography X-Ray Image Storage - For Presentation.
+MAMMO_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
+BITS_STORED = 14
+MAX_VALUE = (1 << BITS_STORED) - 1
+LABEL_FIELDS = ["file", "patient", "study", "laterality", "view", "label", "lesion_type",
+                "box_x0", "box_y0", "box_x1", "box_y1"]
+
+
+class Finding(enum.StrEnum):
+    NORMAL = "normal"
+    BENIGN = "benign"
+    MALIGNANT = "malignant"
+
+
+@dataclass(frozen=True)
+class SynthOptions:
+    height: int = 1024
+    width: int = 832
+    pixel_spacing_mm: float = 0.2
+    malignant_prevalence: float = 0.25  # share of exams with a malignant lesion
+    benign_prevalence: float = 0.25  # share of exams with a benign lesion (and no malignant)
+    texture_beta: float = 3.0
+
+
+@dataclass(frozen=True)
+class Lesion:
+    finding: Finding
+    kind: str  # "mass" or "calcifications"
+    depth: float  # 0 at the nipple, 1 at the chest wall
+    offset: float  # -1..1 across the breast
+    size_mm: float
+    contrast: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class SynthImage:
+    path: Path
+    patient: str
+    study: str
+    laterality: str
+    view: str
+    label: Finding
+    lesion_type: str
+    box: tuple[int, int, int, int] | None  # x0, y0, x1, y1 in pixels of the written image
+
+
+def _power_law_texture(rng: np.random.Generator, shape: tuple[int, int], beta: float) -> NDArray:
+    """Gaussian noise with power spectrum 1/f^beta, scaled to zero mean and unit variance."""
+    fy = np.fft.fftfreq(shape[0])[:, None]
+    fx = np.fft.rfftfreq(shape[1])[None, :]
+    freq = np.sqrt(fx**2 + fy**2)
+    freq[0, 0] = 1.0
+    amplitude = freq ** (-beta / 2.0)
+    amplitude[0, 0] = 0.0
+    spectrum = amplitude * (rng.normal(size=amplitude.shape) + 1j * rng.normal(size=amplitude.shape))
+    field = np.fft.irfft2(spectrum, s=shape)
+    return (field - field.mean()) / (field.std() + 1e-12)
+
+
+def _breast_geometry(
+    view: str, shape: tuple[int, int], rng: np.random.Generator
+) -> tuple[NDArray, NDArray, tuple[float, float, float, float]]:
+    """(breast mask, pectoral mask, ellipse centre row/col and semi-axes), chest wall at col 0."""
+    h, w = shape
+    rows, cols = np.mgrid[0:h, 0:w].astype(np.float64)
+    if view == "CC":
+        centre_r, semi_r, semi_c = h * rng.uniform(0.47, 0.53), h * rng.uniform(0.36, 0.44), w * rng.uniform(0.66, 0.8)
+    else:
+        centre_r, semi_r, semi_c = h * rng.uniform(0.52, 0.58), h * rng.uniform(0.42, 0.48), w * rng.uniform(0.62, 0.76)
+    ellipse = ((rows - centre_r) / semi_r) ** 2 + (cols / semi_c) ** 2 <= 1.0
+    pectoral = np.zeros(shape, dtype=bool)
+    if view == "MLO":
+        # The MLO shows the pectoral muscle as a bright triangle in the upper chest-wall corner.
+        top_width, bottom_row = w * rng.uniform(0.28, 0.4), h * rng.uniform(0.38, 0.5)
+        pectoral = cols < top_width * (1.0 - rows / bottom_row)
+    return ellipse | pectoral, pectoral, (centre_r, 0.0, semi_r, semi_c)
+
+
+def _lesion_centre(lesion: Lesion, view: str, geometry: tuple[float, float, float, float],
+                   rng_view: np.random.Generator) -> tuple[float, float]:
+    centre_r, _, semi_r, semi_c = geometry
+    col = (1.0 - lesion.depth) * semi_c * 0.85
+    # Same depth in both views; the MLO's vertical position follows the CC's with some scatter.
+    spread = semi_r * 0.55 * np.sqrt(max(0.0, 1.0 - (col / semi_c) ** 2))
+    offset = lesion.offset if view == "CC" else np.clip(
+        lesion.offset * 0.7 + rng_view.normal(0, 0.15), -1, 1)
+    return centre_r + offset * spread, col
+
+
+def _draw_lesion(canvas: NDArray, lesion: Lesion, centre: tuple[float, float],
+                 spacing_mm: float) -> tuple[int, int, int, int]:
+    """Adds the lesion to `canvas` in place; returns its bounding box (x0, y0, x1, y1)."""
+    rng = np.random.default_rng(lesion.seed)
+    h, w = canvas.shape
+    cr, cc = centre
+    radius = lesion.size_mm / spacing_mm / 2.0
+    reach = radius * (2.6 if lesion.kind == "mass" and lesion.finding == Finding.MALIGNANT else 1.3)
+    if lesion.kind == "calcifications":
+        reach = radius
+    r0, r1 = int(max(0, cr - reach - 4)), int(min(h, cr + reach + 5))
+    c0, c1 = int(max(0, cc - reach - 4)), int(min(w, cc + reach + 5))
+    rows, cols = np.mgrid[r0:r1, c0:c1].astype(np.float64)
+    dr, dc = rows - cr, cols - cc
+    patch = np.zeros(rows.shape)
+    if lesion.kind == "mass":
+        angle = np.arctan2(dr, dc)
+        dist = np.hypot(dr, dc)
+        if lesion.finding == Finding.MALIGNANT:
+            # Irregular margin plus radiating spicules.
+            wobble = 1.0 + 0.18 * np.sin(angle * rng.integers(3, 7) + rng.uniform(0, 6.28))
+            patch += 1.0 / (1.0 + np.exp((dist - radius * wobble) / (radius * 0.12)))
+            for theta in rng.uniform(0, 2 * np.pi, rng.integers(8, 16)):
+                length = radius * rng.uniform(1.4, 2.5)
+                along = dc * np.cos(theta) + dr * np.sin(theta)
+                across = -dc * np.sin(theta) + dr * np.cos(theta)
+                width = max(0.8, radius * 0.06)
+                strand = np.exp(-(across / width) ** 2) * ((along > 0) & (along < length))
+                patch += 0.6 * strand * (1.0 - np.clip(along / length, 0, 1))
+        else:
+            # Round or oval, sharp (circumscribed) margin.
+            aspect = rng.uniform(0.75, 1.0)
+            ell = np.hypot(dc, dr / aspect)
+            patch += 1.0 / (1.0 + np.exp((ell - radius) / max(0.6, radius * 0.03)))
+        patch = np.clip(patch, 0, 1.2) * lesion.contrast
+    else:
+        if lesion.finding == Finding.MALIGNANT:
+            count, size_range, spread = rng.integers(5, 21), (0.1, 0.5), radius
+        else:
+            count, size_range, spread = rng.integers(3, 9), (0.5, 1.0), radius
+        for _ in range(count):
+            pr, pc = cr + rng.normal(0, spread / 2.2), cc + rng.normal(0, spread / 2.2)
+            speck = rng.uniform(*size_range) / spacing_mm / 2.0
+            patch += np.exp(-((rows - pr) ** 2 + (cols - pc) ** 2) / (2 * max(0.5, speck) ** 2))
+        patch = np.clip(patch, 0, 1) * (lesion.contrast * 2.5)
+    canvas[r0:r1, c0:c1] += patch
+    return c0, r0, c1, r1
+
+
+def _render_view(view: str, lesion: Lesion | None, options: SynthOptions,
+                 rng: np.random.Generator) -> tuple[NDArray, tuple[int, int, int, int] | None]:
+    shape = (options.height, options.width)
+    breast, pectoral, geometry = _breast_geometry(view, shape, rng)
+    centre_r, _, semi_r, semi_c = geometry
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
+    # Compressed thickness falls off towards the skin line; density follows it.
+    radial = np.sqrt(((rows - centre_r) / semi_r) ** 2 + (cols / semi_c) ** 2)
+    thickness = np.clip(1.0 - radial**4, 0, 1)
+    texture = _power_law_texture(rng, shape, options.texture_beta)
+    density = 0.32 + 0.16 * thickness + 0.07 * texture * thickness
+    image = np.where(breast, density, 0.03)
+    image = np.where(pectoral, 0.62 + 0.05 * texture, image)
+    box = None
+    if lesion is not None:
+        centre = _lesion_centre(lesion, view, geometry, rng)
+        box = _draw_lesion(image, lesion, centre, options.pixel_spacing_mm)
+    image = image + rng.normal(0, 0.004, shape)  # quantum noise
+    return np.clip(image, 0, 1), box
+
+
+def _draw_lesion_spec(rng: np.random.Generator, finding: Finding) -> Lesion:
+    kind = "mass" if rng.random() < 0.7 else "calcifications"
+    size = rng.uniform(5, 30) if kind == "mass" else rng.uniform(5, 10) if finding == Finding.MALIGNANT else rng.uniform(20, 40)
+    return Lesion(finding=finding, kind=kind, depth=rng.uniform(0.2, 0.75),
+                  offset=rng.uniform(-0.8, 0.8), size_mm=size, contrast=rng.uniform(0.05, 0.11),
+                  seed=int(rng.integers(0, 2**31)))
+
+
+def _write_dicom(path: Path, pixels: NDArray, *, patient: str, study_uid: str, series_uid: str,
+                 laterality: str, view: str, options: SynthOptions, seed_parts: list[str]) -> None:
+    stored = np.round(pixels * MAX_VALUE).astype(np.uint16)
+    sop_uid = generate_uid(entropy_srcs=[*seed_parts, "sop"])
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MAMMO_FOR_PRESENTATION
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = MAMMO_FOR_PRESENTATION
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.Modality = "MG"
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.PatientID = patient
+    ds.PatientName = f"SYNTHETIC^{patient}"
+    ds.StudyDescription = "Synthetic screening mammogram (mammoscreen generator)"
+    ds.ImageLaterality = laterality
+    ds.Laterality = laterality
+    ds.ViewPosition = view
+    ds.Rows, ds.Columns = stored.shape
+    ds.PixelSpacing = [options.pixel_spacing_mm, options.pixel_spacing_mm]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = BITS_STORED
+    ds.HighBit = BITS_STORED - 1
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = MAX_VALUE // 2
+    ds.WindowWidth = MAX_VALUE
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.PixelData = stored.tobytes()
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+
+
+def generate_exams(out_dir: Path, *, exams: int, seed: int,
+                   options: SynthOptions | None = None) -> list[SynthImage]:
+    """Write `exams` four-view exams and `labels.csv` into `out_dir`; deterministic per seed."""
+    options = options or SynthOptions()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[SynthImage] = []
+    for index in range(exams):
+        rng = np.random.default_rng([seed, index])
+        patient = f"SYN{seed:04d}{index:05d}"
+        study_uid = generate_uid(entropy_srcs=[str(seed), str(index), "study"])
+        draw = rng.random()
+        finding = (Finding.MALIGNANT if draw < options.malignant_prevalence else
+                   Finding.BENIGN if draw < options.malignant_prevalence + options.benign_prevalence
+                   else Finding.NORMAL)
+        lesion_side = "L" if rng.random() < 0.5 else "R"
+        lesion = _draw_lesion_spec(rng, finding) if finding != Finding.NORMAL else None
+        for laterality in ("L", "R"):
+            series_uid = generate_uid(entropy_srcs=[str(seed), str(index), laterality])
+            for view in ("CC", "MLO"):
+                side_lesion = lesion if laterality == lesion_side else None
+                pixels, box = _render_view(view, side_lesion, options, rng)
+                if laterality == "R":
+                    # Right breasts are imaged with the chest wall on the image's right.
+                    pixels = pixels[:, ::-1]
+                    if box is not None:
+                        x0, y0, x1, y1 = box
+                        box = (options.width - x1, y0, options.width - x0, y1)
+                path = out_dir / f"exam{index:05d}_{laterality}_{view}.dcm"
+                _write_dicom(path, pixels, patient=patient, study_uid=study_uid,
+                             series_uid=series_uid, laterality=laterality, view=view,
+                             options=options, seed_parts=[str(seed), str(index), laterality, view])
+                label = side_lesion.finding if side_lesion else Finding.NORMAL
+                written.append(SynthImage(path, patient, study_uid, laterality, view, label,
+                                          side_lesion.kind if side_lesion else "", box))
+    write_labels(out_dir / "labels.csv", written)
+    return written
+
+
+def write_labels(path: Path, images: list[SynthImage]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(LABEL_FIELDS)
+        for image in images:
+            box = image.box or ("", "", "", "")
+            writer.writerow([image.path.name, image.patient, image.study, image.laterality,
+                             image.view, image.label.value, image.lesion_type, *box])

@@ -1,0 +1,1 @@
+"""Models: architecture, checkpoints, registry. Imports torch; only the worker and CLI use it."""
