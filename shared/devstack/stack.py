@@ -1,0 +1,233 @@
+"""The local stack: real servers, migrations, a demo tenant, and the three service processes.
+
+`up` uses the Postgres, Redis and S3 named by SCREENING_DATABASE_URL, SCREENING_REDIS_URL and
+SCREENING_S3_ENDPOINT when they are set, and otherwise starts embedded servers under the stack
+directory. Everything it starts is recorded in `state.json`, which `down` reads to stop it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from shared.config import Settings
+from shared.devstack.servers import (
+    RunningServer,
+    ServerStartError,
+    free_port,
+    pid_alive,
+    start_postgres,
+    start_redis,
+    start_s3,
+    stop_pid,
+    stop_server,
+    wait_until,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_TENANT = "demo"
+
+
+@dataclass
+class StackState:
+    env: dict[str, str]
+    servers: list[RunningServer] = field(default_factory=list)
+    services: dict[str, int] = field(default_factory=dict)  # name -> pid (= process group)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({
+            "env": self.env,
+            "servers": [s.to_json() for s in self.servers],
+            "services": self.services,
+        }, indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> StackState | None:
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        servers = [RunningServer(s["name"], s["pid"], s["url"], Path(s["data_dir"]))
+                   for s in data["servers"]]
+        return cls(env=data["env"], servers=servers, services=data["services"])
+
+    def pids(self) -> list[int]:
+        return [*self.services.values(), *(s.pid for s in self.servers)]
+
+
+def service_commands(python: str) -> dict[str, list[str]]:
+    """How each service process is started, with ports filled in later."""
+    return {
+        "ingest": [python, "-m", "uvicorn", "--factory", "services.ingest.app:create_app",
+                   "--host", "127.0.0.1", "--port", "{ingest_port}", "--no-access-log"],
+        "results": [python, "-m", "uvicorn", "--factory", "services.results.app:create_app",
+                    "--host", "127.0.0.1", "--port", "{results_port}", "--no-access-log"],
+        "worker": [python, "-m", "celery", "-A", "services.worker.celery_app", "worker",
+                   "-Q", "inference,training", "--concurrency", "1", "--pool", "prefork",
+                   "--hostname", "worker-{worker_port}@%h", "--loglevel", "INFO",
+                   "--without-gossip", "--without-mingle"],
+    }
+
+
+def start_service(name: str, command: list[str], env: Mapping[str, str], log_dir: Path) -> int:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=dict(env), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    return proc.pid
+
+
+def stop_service(pid: int, *, timeout: float = 30.0) -> None:
+    """SIGTERM the service's process group (Celery's warm shutdown), SIGKILL what remains."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    stop_pid(pid, timeout=timeout)
+    try:
+        os.killpg(pid, signal.SIGKILL)  # any child the leader left behind
+    except ProcessLookupError:
+        pass
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _log_says(path: Path, marker: str) -> bool:
+    return path.exists() and marker in path.read_text(errors="replace")
+
+
+def prepare_infrastructure(settings: Settings) -> str:
+    """Migrate the schema, create the bucket, register a model, make the demo tenant's key."""
+    from alembic import command
+    from alembic.config import Config
+
+    from shared.db.base import session_scope
+    from shared.ml.registry import ensure_active_model
+    from shared.storage import ObjectStore
+    from shared.tenants import create_tenant, issue_api_key
+
+    config = Config(str(REPO_ROOT / "alembic.ini"))
+    config.set_main_option("sqlalchemy.url", settings.database_url)
+    command.upgrade(config, "head")
+    store = ObjectStore(settings)
+    store.ensure_bucket()
+    with session_scope(settings.database_url) as session:
+        ensure_active_model(session=session, store=store)
+        from sqlalchemy import select
+
+        from shared.db.models import Tenant
+
+        tenant = session.scalar(select(Tenant).where(Tenant.name == DEMO_TENANT))
+        tenant = tenant or create_tenant(session=session, name=DEMO_TENANT)
+        return issue_api_key(session=session, tenant=tenant).secret
+
+
+def up(stack_dir: Path, *, environ: Mapping[str, str] | None = None,
+       python: str = sys.executable) -> StackState:
+    """Start the stack (idempotent: a running stack is returned as it is)."""
+    environ = dict(os.environ if environ is None else environ)
+    stack_dir = stack_dir.resolve()
+    stack_dir.mkdir(parents=True, exist_ok=True)
+    state_path = stack_dir / "state.json"
+    existing = StackState.load(state_path)
+    if existing is not None:
+        if all(pid_alive(pid) for pid in existing.pids()):
+            return existing
+        down(stack_dir)
+
+    base = Settings(**{k[len("SCREENING_"):].lower(): v for k, v in environ.items()
+                       if k.startswith("SCREENING_") and v})
+    state = StackState(env={})
+    try:
+        database_url = environ.get("SCREENING_DATABASE_URL")
+        if not database_url:
+            state.servers.append(start_postgres(stack_dir / "postgres"))
+            database_url = state.servers[-1].url
+        redis_url = environ.get("SCREENING_REDIS_URL")
+        if not redis_url:
+            state.servers.append(start_redis(stack_dir / "redis"))
+            redis_url = state.servers[-1].url
+        s3_endpoint = environ.get("SCREENING_S3_ENDPOINT")
+        if not s3_endpoint:
+            state.servers.append(start_s3(stack_dir / "s3", access_key=base.s3_access_key,
+                                          secret_key=base.s3_secret_key))
+            s3_endpoint = state.servers[-1].url
+        ports = {"ingest_port": free_port(), "results_port": free_port(),
+                 "worker_port": free_port()}
+        settings = base.model_copy(update={
+            "database_url": database_url, "redis_url": redis_url, "s3_endpoint": s3_endpoint,
+            "ingest_url": f"http://127.0.0.1:{ports['ingest_port']}",
+            "results_url": f"http://127.0.0.1:{ports['results_port']}",
+        })
+        api_key = prepare_infrastructure(settings)
+        state.env = {
+            "SCREENING_ENV": settings.env,
+            "SCREENING_INGEST_URL": settings.ingest_url,
+            "SCREENING_RESULTS_URL": settings.results_url,
+            "SCREENING_API_KEY": api_key,
+            "SCREENING_DATABASE_URL": settings.database_url,
+            "SCREENING_REDIS_URL": settings.redis_url,
+            "SCREENING_S3_ENDPOINT": settings.s3_endpoint,
+            "SCREENING_S3_ACCESS_KEY": settings.s3_access_key,
+            "SCREENING_S3_SECRET_KEY": settings.s3_secret_key,
+            "SCREENING_S3_BUCKET": settings.s3_bucket,
+        }
+        service_env = {**environ, **state.env, "PYTHONUNBUFFERED": "1"}
+        logs = stack_dir / "logs"
+        for name, template in service_commands(python).items():
+            (logs / f"{name}.log").unlink(missing_ok=True)
+            command = [part.format(**ports) for part in template]
+            state.services[name] = start_service(name, command, service_env, logs)
+        state.save(state_path)
+        for name in ("ingest", "results"):
+            wait_until(lambda n=name: _http_ok(f"{state.env[f'SCREENING_{n.upper()}_URL']}"
+                                               "/healthz"),
+                       timeout=60, what=f"{name} service", log=logs / f"{name}.log")
+        wait_until(lambda: _log_says(logs / "worker.log", " ready."), timeout=120,
+                   what="worker", log=logs / "worker.log")
+    except BaseException:
+        state.save(state_path)
+        down(stack_dir)
+        raise
+    write_env_file(stack_dir / "env", state.env)
+    return state
+
+
+def write_env_file(path: Path, env: Mapping[str, str]) -> None:
+    lines = [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def down(stack_dir: Path) -> list[int]:
+    """Stop everything `up` recorded; returns the pids still alive afterwards (none, normally)."""
+    state_path = stack_dir / "state.json"
+    state = StackState.load(state_path)
+    if state is None:
+        return []
+    for pid in state.services.values():
+        stop_service(pid)
+    for server in reversed(state.servers):
+        stop_server(server)
+    survivors = [pid for pid in state.pids() if pid_alive(pid)]
+    if not survivors:
+        state_path.unlink()
+        (stack_dir / "env").unlink(missing_ok=True)
+    return survivors
+
+
+__all__ = ["ServerStartError", "StackState", "down", "up"]
