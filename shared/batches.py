@@ -205,30 +205,39 @@ def claim_images(*, session: Session, image_ids: Sequence[uuid.UUID]) -> list[Im
 
 def record_prediction(
     *, session: Session, image: Image, model_version_id: uuid.UUID, score: float
-) -> None:
-    """Store a score and mark the image done; a repeat for the same model version is a no-op."""
+) -> bool:
+    """Mark a running image done with its score; False (and nothing written) otherwise.
+
+    A repeat for the same image and model version never adds a second row.
+    """
+    if not _finish(session=session, image_id=image.id, status=ImageStatus.DONE, code=None,
+                   message=None):
+        return False
     session.execute(
         insert(Prediction)
         .values(id=new_id(), tenant_id=image.tenant_id, image_id=image.id,
                 model_version_id=model_version_id, malignancy_score=score, created_at=utcnow())
         .on_conflict_do_nothing(index_elements=[Prediction.image_id, Prediction.model_version_id])
     )
-    _finish(session=session, image_id=image.id, status=ImageStatus.DONE, code=None, message=None)
+    return True
 
 
-def record_failure(*, session: Session, image: Image, code: str, message: str) -> None:
-    _finish(session=session, image_id=image.id, status=ImageStatus.FAILED, code=code,
-            message=message)
+def record_failure(*, session: Session, image: Image, code: str, message: str) -> bool:
+    """Mark a running image failed with a stable code; False if it was not running."""
+    return _finish(session=session, image_id=image.id, status=ImageStatus.FAILED, code=code,
+                   message=message)
 
 
 def _finish(
     *, session: Session, image_id: uuid.UUID, status: ImageStatus, code: str | None,
     message: str | None
-) -> None:
+) -> bool:
     # Guarded transition: only a running image may finish, so a duplicate delivery never
     # flips a finished image again.
-    session.execute(
+    result = session.execute(
         update(Image)
         .where(Image.id == image_id, Image.status == ImageStatus.RUNNING)
         .values(status=status, error_code=code, error_message=message, finished_at=utcnow())
+        .execution_options(synchronize_session=False)
     )
+    return bool(result.rowcount)  # type: ignore[attr-defined]

@@ -75,7 +75,8 @@ def screen_images(self: Task, image_ids: list[str]) -> dict[str, int]:
     except TRANSIENT_ERRORS as err:
         if self.request.retries >= MAX_RETRIES:
             log.error("giving up on %d images after %d retries: %s", len(ids), MAX_RETRIES, err)
-            fail_unfinished(ids, code=RejectCode.DEPENDENCY_UNAVAILABLE.value,
+            fail_unfinished(ids, database_url=get_settings().database_url,
+                            code=RejectCode.DEPENDENCY_UNAVAILABLE.value,
                             message=f"a dependency stayed unavailable after {MAX_RETRIES} "
                                     f"retries: {type(err).__name__}")
             return {"done": 0, "failed": len(ids)}
@@ -135,10 +136,10 @@ def predict(loaded: LoadedModel, inputs: list[np.ndarray]) -> list[float]:
     return [float(p) for p in torch.sigmoid(logits).cpu()]
 
 
-def fail_unfinished(image_ids: list[uuid.UUID], *, code: str, message: str) -> None:
+def fail_unfinished(image_ids: list[uuid.UUID], *, database_url: str, code: str,
+                    message: str) -> None:
     """Last resort after retries: fail what is still running, so no image stays stuck."""
-    settings = get_settings()
-    with session_scope(settings.database_url) as session:
+    with session_scope(database_url) as session:
         rows = list(session.scalars(select(Image).where(
             Image.id.in_(image_ids), Image.status.in_([ImageStatus.QUEUED,
                                                         ImageStatus.RUNNING]))))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image as PILImage
+from scipy import ndimage
 
 from shared.db.models import Laterality
 from shared.imaging.formats import ImageRejected, RejectCode
@@ -29,24 +30,25 @@ class CanonicalOrientation:
 
 @dataclass(frozen=True)
 class BreastCrop:
-    """Crop to the breast's bounding box.
+    """Crop to the bounding box of the breast: the largest bright connected region.
 
     The background level is estimated from the image's darkest decile rather than assumed to
-    be zero, and rows/columns count as breast only when a minimum fraction of their pixels
-    rise above it, so thin burnt-in labels do not stretch the box.
+    be zero, and only the largest connected component counts, so burnt-in labels and markers
+    (separate, smaller regions) do not stretch the box.
     """
 
     threshold_above_background: float = 0.08
-    min_fraction: float = 0.02
 
     def __call__(self, pixels: Array) -> Array:
         background = float(np.percentile(pixels, 10))
         mask = pixels > background + self.threshold_above_background
-        rows = np.flatnonzero(mask.mean(axis=1) > self.min_fraction)
-        cols = np.flatnonzero(mask.mean(axis=0) > self.min_fraction)
-        if rows.size == 0 or cols.size == 0:
+        labels, count = ndimage.label(mask)
+        if count == 0:
             raise ImageRejected(RejectCode.DECODE_FAILED, "no breast region found in the image")
-        return pixels[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
+        largest = int(np.argmax(sizes)) + 1
+        rows, cols = ndimage.find_objects((labels == largest).astype(np.int32))[0]
+        return pixels[rows, cols]
 
 
 @dataclass(frozen=True)

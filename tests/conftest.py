@@ -1,0 +1,48 @@
+"""Session-wide real servers; per-test database, bucket and Redis db."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from sqlalchemy.orm import Session
+
+from shared.config import Settings
+from shared.db.base import get_engine, session_factory
+from shared.storage import ObjectStore
+from tests.infra import Infra, containers, docker_reachable, embedded, fresh_settings, migrate_template
+
+
+@pytest.fixture(scope="session")
+def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
+    servers = containers() if docker_reachable() else embedded(tmp_path_factory.mktemp("servers"))
+    with servers as running:
+        migrate_template(running)
+        yield running
+
+
+def _drop_database(infra: Infra, settings: Settings) -> None:
+    get_engine(settings.database_url).dispose()
+    name = settings.database_url.rsplit("/", 1)[1]
+    with psycopg.connect(infra.postgres_admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def settings(infra: Infra) -> Iterator[Settings]:
+    """Settings pointing at a freshly migrated database, an empty bucket and Redis db."""
+    fresh = fresh_settings(infra)
+    yield fresh
+    _drop_database(infra, fresh)
+
+
+@pytest.fixture
+def session(settings: Settings) -> Iterator[Session]:
+    with session_factory(settings.database_url)() as db_session:
+        yield db_session
+
+
+@pytest.fixture
+def store(settings: Settings) -> ObjectStore:
+    return ObjectStore(settings)
