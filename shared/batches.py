@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import func, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import distinct_on, insert
 from sqlalchemy.orm import Session, joinedload
 
 from shared.db.base import new_id, utcnow
@@ -160,7 +160,7 @@ def latest_predictions(
         select(Prediction)
         .where(Prediction.image_id.in_(image_ids))
         .order_by(Prediction.image_id, Prediction.created_at.desc())
-        .distinct(Prediction.image_id)
+        .ext(distinct_on(Prediction.image_id))
         .options(joinedload(Prediction.model_version))
     )
     return {p.image_id: p for p in session.scalars(query)}

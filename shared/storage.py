@@ -9,6 +9,7 @@ from typing import BinaryIO
 
 from minio import Minio
 from minio.error import S3Error
+from urllib3 import PoolManager
 
 from shared.config import Settings
 
@@ -58,7 +59,7 @@ class _HashingReader(io.RawIOBase):
 
 
 class ObjectStore:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, http_client: PoolManager | None = None) -> None:
         self.bucket = settings.s3_bucket
         self.client = Minio(
             settings.s3_host,
@@ -66,6 +67,7 @@ class ObjectStore:
             secret_key=settings.s3_secret_key,
             secure=settings.s3_secure,
             region=settings.s3_region,
+            http_client=http_client,
         )
 
     def ensure_bucket(self) -> None:

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from shared.config import Settings
 from shared.db.base import get_engine, session_factory
+from shared.imaging.synth import SynthImage, SynthOptions, generate_exams
 from shared.storage import ObjectStore
 from tests.infra import Infra, containers, docker_reachable, embedded, fresh_settings, migrate_template
 
@@ -46,3 +47,10 @@ def session(settings: Settings) -> Iterator[Session]:
 @pytest.fixture
 def store(settings: Settings) -> ObjectStore:
     return ObjectStore(settings)
+
+
+@pytest.fixture(scope="session")
+def exam(tmp_path_factory: pytest.TempPathFactory) -> list[SynthImage]:
+    """One small synthetic four-view exam (256 x 208 pixels at 0.8 mm)."""
+    options = SynthOptions(height=256, width=208, pixel_spacing_mm=0.8)
+    return generate_exams(tmp_path_factory.mktemp("exam"), exams=1, seed=4, options=options)

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 from kombu.exceptions import OperationalError as BrokerError
 from minio.error import S3Error
-from sqlalchemy import delete
+from sqlalchemy import delete, exists
 from sqlalchemy.exc import OperationalError as DatabaseError
 from urllib3.exceptions import HTTPError as StorageConnectionError
 
@@ -19,7 +19,7 @@ from services.ingest.uploads import StoredUpload, UploadHints, store_upload
 from shared.api.errors import ApiError
 from shared.api.schemas import BatchPublic
 from shared.batches import close_batch, create_batch, get_batch, get_or_create_study
-from shared.db.models import Batch, BatchStatus, Image, Laterality, View
+from shared.db.models import Batch, BatchStatus, Image, Laterality, Study, View
 from shared.imaging.formats import ImageRejected
 from shared.queue import enqueue_screening
 from shared.storage import ObjectStore
@@ -123,7 +123,10 @@ def post_images(
         enqueue_screening(producer, image_ids, chunk_size=settings.inference_chunk_size)
     except BrokerError as err:
         # Undo rather than leave images nobody will ever screen.
+        study_ids = {image.study_id for image in accepted}
         session.execute(delete(Image).where(Image.id.in_(image_ids)))
+        session.execute(delete(Study).where(
+            Study.id.in_(study_ids), ~exists().where(Image.study_id == Study.id)))
         session.commit()
         _discard(store, stored)
         raise ApiError(503, "queue_unavailable",

@@ -1,0 +1,89 @@
+"""The whole pipeline as real processes: uvicorn (ingest, results) and a Celery worker."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.client import ApiClientError, Client
+from shared.config import Settings
+from shared.db.models import Image, ImageStatus, Prediction
+from shared.devstack.servers import pid_alive
+from shared.devstack.stack import StackState, down, up
+from shared.imaging.synth import SynthImage
+from tests.factories import make_tenant
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def stack(settings: Settings, tmp_path: Path) -> Iterator[StackState]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SCREENING_")}
+    environ.update({
+        "SCREENING_ENV": "test",
+        "SCREENING_DATABASE_URL": settings.database_url,
+        "SCREENING_REDIS_URL": settings.redis_url,
+        "SCREENING_S3_ENDPOINT": settings.s3_endpoint,
+        "SCREENING_S3_ACCESS_KEY": settings.s3_access_key,
+        "SCREENING_S3_SECRET_KEY": settings.s3_secret_key,
+        "SCREENING_S3_BUCKET": settings.s3_bucket,
+        "SCREENING_INFERENCE_CHUNK_SIZE": "3",  # several tasks for one exam
+    })
+    state = up(tmp_path / "stack", environ=environ)
+    yield state
+    survivors = down(tmp_path / "stack")
+    assert survivors == [], f"processes left running after down: {survivors}"
+
+
+def test_exam_uploaded_over_http_is_screened_and_scores_land_in_postgres(
+    stack: StackState, session: Session, exam: list[SynthImage], tmp_path: Path
+) -> None:
+    env = stack.env
+    with Client(ingest_url=env["SCREENING_INGEST_URL"], results_url=env["SCREENING_RESULTS_URL"],
+                api_key=env["SCREENING_API_KEY"]) as client:
+        batch = client.create_batch("e2e")
+        upload = client.upload(batch["id"], [i.path for i in exam])
+        assert len(upload["accepted"]) == 4
+        client.close_batch(batch["id"])
+        status = client.wait(batch["id"], timeout=180, poll=0.5)
+        rows = list(client.iter_results(batch["id"], page_size=3))
+
+    assert status["counts"] == {"queued": 0, "running": 0, "done": 4, "failed": 0}
+    assert status["completed_at"] is not None
+    assert len(rows) == 4
+    api_scores = {row["id"]: row["score"] for row in rows}
+
+    images = session.scalars(select(Image)).all()
+    assert {str(i.id) for i in images} == set(api_scores)
+    assert {i.status for i in images} == {ImageStatus.DONE}
+    predictions = session.scalars(select(Prediction)).all()
+    assert len(predictions) == 4
+    assert {str(p.image_id): p.malignancy_score for p in predictions} == api_scores
+
+    # Another tenant sees nothing of it; no key gets 401.
+    _, other_key = make_tenant(session)
+    with Client(ingest_url=env["SCREENING_INGEST_URL"], results_url=env["SCREENING_RESULTS_URL"],
+                api_key=other_key) as other:
+        with pytest.raises(ApiClientError) as caught:
+            other.batch(batch["id"])
+    assert (caught.value.status, caught.value.code) == (404, "batch_not_found")
+    anonymous = httpx.get(f"{env['SCREENING_RESULTS_URL']}/v1/batches/{batch['id']}")
+    assert anonymous.status_code == 401
+
+
+def test_up_is_idempotent_and_down_stops_every_process(
+    stack: StackState, tmp_path: Path
+) -> None:
+    again = up(tmp_path / "stack")
+    assert again.services == stack.services
+    assert all(pid_alive(pid) for pid in stack.pids())
+    assert (tmp_path / "stack" / "env").read_text().count("export SCREENING_") == 10
+    assert down(tmp_path / "stack") == []
+    assert not any(pid_alive(pid) for pid in stack.pids())
+    assert not (tmp_path / "stack" / "state.json").exists()

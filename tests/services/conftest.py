@@ -1,0 +1,51 @@
+"""In-process service apps on the real servers of the test session."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from services.ingest.app import create_app as create_ingest
+from services.results.app import create_app as create_results
+from shared.config import Settings
+
+
+@pytest.fixture
+def ingest(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_ingest(settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.fixture
+def results(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_results(settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def files_field(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
+
+
+def queued_task_args(settings: Settings, queue: str = "inference") -> list[list[str]]:
+    """Image-id lists of the tasks waiting in a Celery queue on the real Redis."""
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        messages = client.lrange(queue, 0, -1)
+    finally:
+        client.close()
+    args = []
+    for raw in messages:
+        envelope = json.loads(raw)
+        body = json.loads(base64.b64decode(envelope["body"]))
+        args.append(body[0][0])
+    return args

@@ -1,0 +1,213 @@
+from __future__ import annotations
+
+import hashlib
+import io
+import uuid
+
+import numpy as np
+from fastapi.testclient import TestClient
+from PIL import Image as PILImage
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.config import Settings
+from shared.db.models import Image, ImageStatus, Study
+from shared.imaging.synth import SynthImage
+from shared.storage import ObjectStore
+from tests.factories import make_tenant
+from tests.services.conftest import auth, files_field, queued_task_args
+
+
+def _batch(ingest: TestClient, key: str, **body: str) -> dict[str, str]:
+    response = ingest.post("/v1/batches", json={"name": "b", **body}, headers=auth(key))
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def _png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    PILImage.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_requests_without_or_with_a_wrong_key_get_401(ingest: TestClient) -> None:
+    missing = ingest.post("/v1/batches", json={"name": "x"})
+    assert missing.status_code == 401
+    assert missing.json()["error"]["code"] == "missing_api_key"
+    wrong = ingest.post("/v1/batches", json={"name": "x"}, headers=auth("msk_0000_nope"))
+    assert wrong.status_code == 401
+    assert wrong.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_create_batch(ingest: TestClient, session: Session) -> None:
+    _, key = make_tenant(session)
+    batch = _batch(ingest, key, priority="urgent")
+    assert batch["status"] == "open"
+    assert batch["priority"] == "urgent"
+
+
+def test_invalid_batch_spec_gets_422_with_the_common_error_shape(
+    ingest: TestClient, session: Session
+) -> None:
+    _, key = make_tenant(session)
+    response = ingest.post("/v1/batches", json={"name": "", "priority": "asap"},
+                           headers=auth(key))
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert {p["location"] for p in error["detail"]["problems"]} == {"body.name", "body.priority"}
+
+
+def test_upload_streams_hashes_records_and_queues_after_commit(
+    ingest: TestClient, session: Session, settings: Settings, store: ObjectStore,
+    exam: list[SynthImage],
+) -> None:
+    tenant, key = make_tenant(session)
+    batch = _batch(ingest, key)
+    response = ingest.post(f"/v1/batches/{batch['id']}/images",
+                           files=files_field([i.path for i in exam]), headers=auth(key))
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["rejected"] == []
+    assert len(body["accepted"]) == 4
+    assert {(a["laterality"], a["view"]) for a in body["accepted"]} == {
+        ("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")}
+
+    rows = session.scalars(select(Image).where(Image.batch_id == uuid.UUID(batch["id"]))).all()
+    assert len(rows) == 4
+    assert {r.status for r in rows} == {ImageStatus.QUEUED}
+    assert all(r.tenant_id == tenant.id for r in rows)
+    by_name = {i.path.name: i.path.read_bytes() for i in exam}
+    for row in rows:
+        stored = store.get_bytes(row.object_key)
+        assert stored == by_name[row.filename]
+        assert row.sha256 == hashlib.sha256(stored).hexdigest()
+    # The four views of one exam are one study, keyed by a hash, not the patient id.
+    studies = session.scalars(select(Study)).all()
+    assert len(studies) == 1
+    assert exam[0].patient not in studies[0].patient_key
+    queued = [image_id for args in queued_task_args(settings) for image_id in args]
+    assert sorted(queued) == sorted(str(r.id) for r in rows)
+
+
+def test_mixed_upload_accepts_images_and_rejects_the_rest_with_codes(
+    ingest: TestClient, session: Session, exam: list[SynthImage]
+) -> None:
+    _, key = make_tenant(session)
+    batch = _batch(ingest, key)
+    files = [
+        ("files", ("exam7_R_MLO.png", _png_bytes(), "image/png")),
+        ("files", ("report.pdf", b"%PDF-1.7 not an image at all", "application/pdf")),
+        ("files", ("lying.dcm", b"GIF89a pretending to be DICOM", "application/dicom")),
+        ("files", ("empty.dcm", b"", "application/dicom")),
+    ]
+    response = ingest.post(f"/v1/batches/{batch['id']}/images", files=files, headers=auth(key))
+    assert response.status_code == 202, response.text
+    body = response.json()
+    (png,) = body["accepted"]
+    assert (png["media_type"], png["laterality"], png["view"]) == ("image/png", "R", "MLO")
+    codes = {r["filename"]: r["code"] for r in body["rejected"]}
+    assert codes == {"report.pdf": "unsupported_media_type",
+                     "lying.dcm": "unsupported_media_type", "empty.dcm": "empty_file"}
+    assert all(r["message"] for r in body["rejected"])
+
+
+def test_all_files_rejected_is_a_422_and_nothing_is_stored(
+    ingest: TestClient, session: Session, store: ObjectStore
+) -> None:
+    _, key = make_tenant(session)
+    batch = _batch(ingest, key)
+    response = ingest.post(f"/v1/batches/{batch['id']}/images",
+                           files=[("files", ("a.txt", b"hello", "text/plain"))],
+                           headers=auth(key))
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "no_acceptable_files"
+    assert error["detail"]["rejected"][0]["code"] == "unsupported_media_type"
+    assert session.scalars(select(Image)).all() == []
+    assert list(store.client.list_objects(store.bucket, recursive=True)) == []
+
+
+def test_oversized_file_is_rejected_while_streaming(
+    infra: object, session: Session, exam: list[SynthImage], settings: Settings,
+    store: ObjectStore,
+) -> None:
+    from services.ingest.app import create_app
+
+    small_limit = settings.model_copy(update={"max_file_bytes": 10_000})
+    with TestClient(create_app(small_limit)) as ingest:
+        _, key = make_tenant(session)
+        batch = _batch(ingest, key)
+        response = ingest.post(f"/v1/batches/{batch['id']}/images",
+                               files=files_field([exam[0].path]), headers=auth(key))
+    assert response.status_code == 422
+    assert response.json()["error"]["detail"]["rejected"][0]["code"] == "file_too_large"
+    assert list(store.client.list_objects(store.bucket, recursive=True)) == []
+
+
+def test_another_tenants_batch_is_404_and_a_closed_batch_409(
+    ingest: TestClient, session: Session, exam: list[SynthImage]
+) -> None:
+    _, owner_key = make_tenant(session)
+    _, other_key = make_tenant(session)
+    batch = _batch(ingest, owner_key)
+    for path in (f"/v1/batches/{batch['id']}/images", f"/v1/batches/{batch['id']}/close"):
+        kwargs = {"files": files_field([exam[0].path])} if path.endswith("images") else {}
+        response = ingest.post(path, headers=auth(other_key), **kwargs)
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "batch_not_found"
+
+    closed = ingest.post(f"/v1/batches/{batch['id']}/close", headers=auth(owner_key))
+    assert closed.status_code == 200
+    assert closed.json()["status"] == "completed"  # closed with no images: nothing left
+    late = ingest.post(f"/v1/batches/{batch['id']}/images", files=files_field([exam[0].path]),
+                       headers=auth(owner_key))
+    assert late.status_code == 409
+    assert late.json()["error"]["code"] == "batch_not_open"
+
+
+def test_unknown_batch_id_and_malformed_id(ingest: TestClient, session: Session) -> None:
+    _, key = make_tenant(session)
+    assert ingest.post(f"/v1/batches/{uuid.uuid4()}/close", headers=auth(key)).status_code == 404
+    malformed = ingest.post("/v1/batches/not-a-uuid/close", headers=auth(key))
+    assert malformed.status_code == 422
+    assert malformed.json()["error"]["code"] == "invalid_request"
+
+
+def test_health_and_readiness(ingest: TestClient) -> None:
+    assert ingest.get("/healthz").json() == {"status": "ok"}
+    ready = ingest.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"postgres": "ok", "redis": "ok", "object_storage": "ok"}
+
+
+def test_readiness_reports_an_unreachable_dependency(settings: Settings) -> None:
+    from services.ingest.app import create_app
+
+    broken = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(broken)) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.headers["Retry-After"]
+    checks = response.json()["error"]["detail"]["checks"]
+    assert checks["postgres"] == "ok"
+    assert checks["redis"].startswith("unreachable")
+
+
+def test_queue_outage_gets_503_and_nothing_half_written(
+    session: Session, settings: Settings, store: ObjectStore, exam: list[SynthImage]
+) -> None:
+    from services.ingest.app import create_app
+
+    no_broker = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(no_broker)) as ingest:
+        _, key = make_tenant(session)
+        batch = _batch(ingest, key)
+        response = ingest.post(f"/v1/batches/{batch['id']}/images",
+                               files=files_field([exam[0].path]), headers=auth(key))
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "queue_unavailable"
+    assert int(response.headers["Retry-After"]) > 0
+    assert session.scalars(select(Image)).all() == []
+    assert session.scalars(select(Study)).all() == []
+    assert list(store.client.list_objects(store.bucket, recursive=True)) == []

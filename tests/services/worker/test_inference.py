@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import pytest
+import urllib3
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from services.worker.inference import TRANSIENT_ERRORS, WorkerContext, run_screening
+from services.worker.models import ModelCache
+from shared.batches import close_batch
+from shared.config import Settings
+from shared.db.models import BatchStatus, Image, ImageStatus, ModelVersion, Prediction
+from shared.imaging.synth import SynthImage
+from shared.storage import ObjectStore
+from tests.factories import make_batch, make_image, make_tenant
+
+
+@pytest.fixture
+def ctx(settings: Settings, store: ObjectStore) -> WorkerContext:
+    return WorkerContext(settings, store, ModelCache(settings, store))
+
+
+def _stored_exam(session: Session, store: ObjectStore, exam: list[SynthImage], batch: object,
+                 ) -> list[Image]:
+    images = []
+    for synth in exam:
+        data = synth.path.read_bytes()
+        key = f"test/{synth.path.name}"
+        store.put_bytes(key, data, content_type="application/dicom")
+        images.append(make_image(session, batch, object_key=key, data=data))  # type: ignore[arg-type]
+    return images
+
+
+def test_chunk_is_screened_in_one_pass_and_the_batch_completes(
+    ctx: WorkerContext, session: Session, store: ObjectStore, exam: list[SynthImage]
+) -> None:
+    tenant, _ = make_tenant(session)
+    batch = make_batch(session, tenant)
+    images = _stored_exam(session, store, exam, batch)
+    close_batch(session=session, batch=batch)
+    session.commit()
+
+    outcome = run_screening([i.id for i in images], ctx)
+
+    assert outcome == {"done": 4, "failed": 0}
+    session.expire_all()
+    assert {i.status for i in session.scalars(select(Image))} == {ImageStatus.DONE}
+    predictions = session.scalars(select(Prediction)).all()
+    assert len(predictions) == 4
+    assert all(0.0 < p.malignancy_score < 1.0 for p in predictions)
+    (version,) = session.scalars(select(ModelVersion)).all()
+    assert {p.model_version_id for p in predictions} == {version.id}
+    assert version.trained is False
+    session.refresh(batch)
+    assert batch.status == BatchStatus.COMPLETED
+
+
+def test_bad_images_fail_with_codes_and_the_rest_are_screened(
+    ctx: WorkerContext, session: Session, store: ObjectStore, exam: list[SynthImage]
+) -> None:
+    tenant, _ = make_tenant(session)
+    batch = make_batch(session, tenant)
+    good = _stored_exam(session, store, exam[:2], batch)
+    store.put_bytes("test/garbage", b"\x00" * 128 + b"DICM" + b"\xff" * 64,
+                    content_type="application/dicom")
+    corrupt = make_image(session, batch, object_key="test/garbage")
+    missing = make_image(session, batch, object_key="test/never-uploaded")
+
+    outcome = run_screening([i.id for i in (*good, corrupt, missing)], ctx)
+
+    assert outcome == {"done": 2, "failed": 2}
+    session.expire_all()
+    failed = {i.id: i for i in session.scalars(select(Image).where(
+        Image.status == ImageStatus.FAILED))}
+    assert failed[corrupt.id].error_code == "decode_failed"
+    assert failed[missing.id].error_code == "object_missing"
+    assert all(i.error_message for i in failed.values())
+    assert all(i.attempts == 1 for i in failed.values())  # never retried
+
+
+def test_redelivered_chunk_changes_nothing(
+    ctx: WorkerContext, session: Session, store: ObjectStore, exam: list[SynthImage]
+) -> None:
+    tenant, _ = make_tenant(session)
+    images = _stored_exam(session, store, exam, make_batch(session, tenant))
+    ids = [i.id for i in images]
+    run_screening(ids, ctx)
+    assert run_screening(ids, ctx) == {"done": 0, "failed": 0}
+    assert session.scalar(select(func.count()).select_from(Prediction)) == 4
+
+
+def test_storage_outage_is_transient_and_a_later_attempt_completes(
+    ctx: WorkerContext, settings: Settings, session: Session, store: ObjectStore,
+    exam: list[SynthImage],
+) -> None:
+    tenant, _ = make_tenant(session)
+    images = _stored_exam(session, store, exam[:1], make_batch(session, tenant))
+    ids = [i.id for i in images]
+    ctx.models.get(_active_version(ctx, session))  # model already cached, as in a warm worker
+    down = settings.model_copy(update={"s3_endpoint": "http://127.0.0.1:1"})
+    # No connection retries, so the outage surfaces at once instead of after minio's backoff.
+    down_store = ObjectStore(down, http_client=urllib3.PoolManager(retries=0, timeout=2))
+    with pytest.raises(TRANSIENT_ERRORS):
+        run_screening(ids, WorkerContext(settings, down_store, ctx.models))
+    session.expire_all()
+    assert session.get(Image, ids[0]).status == ImageStatus.RUNNING  # type: ignore[union-attr]
+
+    assert run_screening(ids, ctx) == {"done": 1, "failed": 0}
+    session.expire_all()
+    image = session.get(Image, ids[0])
+    assert image is not None
+    assert (image.status, image.attempts) == (ImageStatus.DONE, 2)
+
+
+def _active_version(ctx: WorkerContext, session: Session) -> ModelVersion:
+    from shared.ml.registry import ensure_active_model
+
+    version = ensure_active_model(session=session, store=ctx.store)
+    session.commit()
+    return version
+
+
+def test_model_is_loaded_once_per_version(ctx: WorkerContext, session: Session) -> None:
+    version = _active_version(ctx, session)
+    assert ctx.models.get(version) is ctx.models.get(version)
