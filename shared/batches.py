@@ -72,8 +72,14 @@ def get_or_create_study(
     """The batch's study for `study_key`; concurrent uploads of one exam share one row."""
     session.execute(
         insert(Study)
-        .values(tenant_id=tenant_id, batch_id=batch_id, study_key=study_key,
-                patient_key=patient_key, id=new_id(), created_at=utcnow())
+        .values(
+            tenant_id=tenant_id,
+            batch_id=batch_id,
+            study_key=study_key,
+            patient_key=patient_key,
+            id=new_id(),
+            created_at=utcnow(),
+        )
         .on_conflict_do_nothing(index_elements=[Study.batch_id, Study.study_key])
     )
     study = session.scalar(
@@ -145,9 +151,7 @@ def model_versions_used(*, session: Session, batch_id: uuid.UUID) -> list[ModelV
 
 
 def get_image(*, session: Session, tenant_id: uuid.UUID, image_id: uuid.UUID) -> Image | None:
-    return session.scalar(
-        select(Image).where(Image.id == image_id, Image.tenant_id == tenant_id)
-    )
+    return session.scalar(select(Image).where(Image.id == image_id, Image.tenant_id == tenant_id))
 
 
 def latest_predictions(
@@ -189,8 +193,9 @@ def claim_images(*, session: Session, image_ids: Sequence[uuid.UUID]) -> list[Im
     images = list(
         session.scalars(
             select(Image)
-            .where(Image.id.in_(image_ids), Image.status.in_([ImageStatus.QUEUED,
-                                                              ImageStatus.RUNNING]))
+            .where(
+                Image.id.in_(image_ids), Image.status.in_([ImageStatus.QUEUED, ImageStatus.RUNNING])
+            )
             .order_by(Image.id)
             .with_for_update(skip_locked=True)
         )
@@ -210,13 +215,20 @@ def record_prediction(
 
     A repeat for the same image and model version never adds a second row.
     """
-    if not _finish(session=session, image_id=image.id, status=ImageStatus.DONE, code=None,
-                   message=None):
+    if not _finish(
+        session=session, image_id=image.id, status=ImageStatus.DONE, code=None, message=None
+    ):
         return False
     session.execute(
         insert(Prediction)
-        .values(id=new_id(), tenant_id=image.tenant_id, image_id=image.id,
-                model_version_id=model_version_id, malignancy_score=score, created_at=utcnow())
+        .values(
+            id=new_id(),
+            tenant_id=image.tenant_id,
+            image_id=image.id,
+            model_version_id=model_version_id,
+            malignancy_score=score,
+            created_at=utcnow(),
+        )
         .on_conflict_do_nothing(index_elements=[Prediction.image_id, Prediction.model_version_id])
     )
     return True
@@ -224,13 +236,18 @@ def record_prediction(
 
 def record_failure(*, session: Session, image: Image, code: str, message: str) -> bool:
     """Mark a running image failed with a stable code; False if it was not running."""
-    return _finish(session=session, image_id=image.id, status=ImageStatus.FAILED, code=code,
-                   message=message)
+    return _finish(
+        session=session, image_id=image.id, status=ImageStatus.FAILED, code=code, message=message
+    )
 
 
 def _finish(
-    *, session: Session, image_id: uuid.UUID, status: ImageStatus, code: str | None,
-    message: str | None
+    *,
+    session: Session,
+    image_id: uuid.UUID,
+    status: ImageStatus,
+    code: str | None,
+    message: str | None,
 ) -> bool:
     # Guarded transition: only a running image may finish, so a duplicate delivery never
     # flips a finished image again.

@@ -17,15 +17,20 @@ DEFAULT_STACK_DIR = Path(".stack")
 def _cmd_synth(args: argparse.Namespace) -> int:
     from shared.imaging.synth import SynthOptions, generate_exams
 
-    options = SynthOptions(height=args.height, width=args.width,
-                           malignant_prevalence=args.malignant_prevalence,
-                           benign_prevalence=args.benign_prevalence)
+    options = SynthOptions(
+        height=args.height,
+        width=args.width,
+        malignant_prevalence=args.malignant_prevalence,
+        benign_prevalence=args.benign_prevalence,
+    )
     images = generate_exams(Path(args.out), exams=args.exams, seed=args.seed, options=options)
     counts: dict[str, int] = defaultdict(int)
     for image in images:
         counts[image.label.value] += 1
-    print(f"wrote {len(images)} images of {args.exams} exams to {args.out} "
-          f"({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))} images)")
+    print(
+        f"wrote {len(images)} images of {args.exams} exams to {args.out} "
+        f"({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))} images)"
+    )
     return 0
 
 
@@ -42,8 +47,10 @@ def _cmd_tenant_create(args: argparse.Namespace) -> int:
             issued = issue_api_key(session=session, tenant=tenant)
             tenant_id = str(tenant.id)
     except IntegrityError:
-        print(f"error: a tenant named {args.name!r} exists already; choose another name",
-              file=sys.stderr)
+        print(
+            f"error: a tenant named {args.name!r} exists already; choose another name",
+            file=sys.stderr,
+        )
         return 2
     if args.json:
         print(json.dumps({"id": tenant_id, "name": args.name, "api_key": issued.secret}))
@@ -66,6 +73,12 @@ def _cmd_db_upgrade(_: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_init(args: argparse.Namespace) -> int:
+    """Everything a fresh deployment needs before it serves: schema, bucket, a model."""
+    _cmd_db_upgrade(args)
+    return _cmd_models_ensure_default(args)
+
+
 def _cmd_models_ensure_default(_: argparse.Namespace) -> int:
     from shared.config import get_settings
     from shared.db.base import session_scope
@@ -86,8 +99,13 @@ def _cmd_stack_up(args: argparse.Namespace) -> int:
 
     state = up(Path(args.dir))
     print(f"stack up; environment in {Path(args.dir) / 'env'} (source it):")
-    for name in ("SCREENING_INGEST_URL", "SCREENING_RESULTS_URL", "SCREENING_DATABASE_URL",
-                 "SCREENING_REDIS_URL", "SCREENING_S3_ENDPOINT"):
+    for name in (
+        "SCREENING_INGEST_URL",
+        "SCREENING_RESULTS_URL",
+        "SCREENING_DATABASE_URL",
+        "SCREENING_REDIS_URL",
+        "SCREENING_S3_ENDPOINT",
+    ):
         print(f"  {name}={state.env[name]}")
     return 0
 
@@ -104,7 +122,7 @@ def _cmd_stack_down(args: argparse.Namespace) -> int:
 
 
 def _short(value: str, width: int) -> str:
-    return value if len(value) <= width else "…" + value[-(width - 1):]
+    return value if len(value) <= width else "…" + value[-(width - 1) :]
 
 
 def format_results_table(rows: Sequence[dict[str, Any]], study_names: dict[str, str]) -> str:
@@ -112,14 +130,18 @@ def format_results_table(rows: Sequence[dict[str, Any]], study_names: dict[str, 
     lines = [header, "-" * len(header)]
     for row in rows:
         version = row["model_version"]
-        version_text = "-" if version is None else (
-            version["name"] + ("" if version["trained"] else " (UNTRAINED)"))
+        version_text = (
+            "-"
+            if version is None
+            else (version["name"] + ("" if version["trained"] else " (UNTRAINED)"))
+        )
         score = "-" if row["score"] is None else f"{row['score']:.4f}"
         lines.append(
             f"{study_names.get(row['study_id'], _short(row['study_id'], 12)):<12} "
             f"{row['laterality'] or '?':<6} {row['view'] or '?':<4} {score:>7} "
             f"{row['status']:<7} {version_text}"
-            + (f"  [{row['error_code']}]" if row["error_code"] else ""))
+            + (f"  [{row['error_code']}]" if row["error_code"] else "")
+        )
     return "\n".join(lines)
 
 
@@ -138,9 +160,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         for image in images:
             by_exam[image.study].append(image.path)
         print(f"generated {len(images)} synthetic images of {len(by_exam)} exams")
-        with Client(ingest_url=state.env["SCREENING_INGEST_URL"],
-                    results_url=state.env["SCREENING_RESULTS_URL"],
-                    api_key=state.env["SCREENING_API_KEY"]) as client:
+        with Client(
+            ingest_url=state.env["SCREENING_INGEST_URL"],
+            results_url=state.env["SCREENING_RESULTS_URL"],
+            api_key=state.env["SCREENING_API_KEY"],
+        ) as client:
             batch = client.create_batch("demo batch")
             study_names: dict[str, str] = {}
             for index, paths in enumerate(by_exam.values()):
@@ -157,8 +181,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         for warning in status["warnings"]:
             print(f"NOTE: {warning}")
         done = status["counts"]["done"]
-        print(f"batch {status['status']}: {done} of {len(images)} images done, "
-              f"{status['counts']['failed']} failed")
+        print(
+            f"batch {status['status']}: {done} of {len(images)} images done, "
+            f"{status['counts']['failed']} failed"
+        )
         return 0 if done == len(images) == len(rows) else 1
     finally:
         if started_here and not args.keep_stack:
@@ -181,29 +207,37 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=_cmd_synth)
 
     admin = commands.add_parser("admin", help="administration").add_subparsers(
-        dest="admin_command", required=True)
+        dest="admin_command", required=True
+    )
     tenant = admin.add_parser("tenant", help="tenants").add_subparsers(
-        dest="tenant_command", required=True)
+        dest="tenant_command", required=True
+    )
     create = tenant.add_parser("create", help="create a tenant and its first API key")
     create.add_argument("name")
     create.add_argument("--json", action="store_true", help="print one JSON object")
     create.set_defaults(func=_cmd_tenant_create)
 
-    db = commands.add_parser("db", help="database").add_subparsers(dest="db_command",
-                                                                    required=True)
-    db.add_parser("upgrade", help="apply migrations up to head").set_defaults(
-        func=_cmd_db_upgrade)
+    db = commands.add_parser("db", help="database").add_subparsers(dest="db_command", required=True)
+    db.add_parser("upgrade", help="apply migrations up to head").set_defaults(func=_cmd_db_upgrade)
+
+    commands.add_parser("init", help="migrate, create the bucket, register a model").set_defaults(
+        func=_cmd_init
+    )
 
     models = commands.add_parser("models", help="model registry").add_subparsers(
-        dest="models_command", required=True)
-    models.add_parser("ensure-default",
-                      help="register a seeded untrained model if none is active").set_defaults(
-        func=_cmd_models_ensure_default)
+        dest="models_command", required=True
+    )
+    models.add_parser(
+        "ensure-default", help="register a seeded untrained model if none is active"
+    ).set_defaults(func=_cmd_models_ensure_default)
 
     stack = commands.add_parser("stack", help="the local stack").add_subparsers(
-        dest="stack_command", required=True)
-    for name, func, text in (("up", _cmd_stack_up, "start the local stack"),
-                             ("down", _cmd_stack_down, "stop the local stack")):
+        dest="stack_command", required=True
+    )
+    for name, func, text in (
+        ("up", _cmd_stack_up, "start the local stack"),
+        ("down", _cmd_stack_down, "stop the local stack"),
+    ):
         sub = stack.add_parser(name, help=text)
         sub.add_argument("--dir", default=str(DEFAULT_STACK_DIR))
         sub.set_defaults(func=func)

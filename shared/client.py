@@ -10,8 +10,12 @@ from typing import Any
 
 import httpx
 
-MEDIA_TYPES = {".dcm": "application/dicom", ".png": "image/png", ".jpg": "image/jpeg",
-               ".jpeg": "image/jpeg"}
+MEDIA_TYPES = {
+    ".dcm": "application/dicom",
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+}
 
 
 class ApiClientError(Exception):
@@ -26,8 +30,9 @@ class ApiClientError(Exception):
 
 
 class Client:
-    def __init__(self, *, ingest_url: str, results_url: str, api_key: str,
-                 timeout: float = 60.0) -> None:
+    def __init__(
+        self, *, ingest_url: str, results_url: str, api_key: str, timeout: float = 60.0
+    ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"}
         self._ingest = httpx.Client(base_url=ingest_url, headers=headers, timeout=timeout)
         self._results = httpx.Client(base_url=results_url, headers=headers, timeout=timeout)
@@ -43,27 +48,42 @@ class Client:
         self._results.close()
 
     @staticmethod
-    def _json(response: httpx.Response) -> Any:
+    def _json(response: httpx.Response) -> dict[str, Any]:
         if response.is_success:
-            return response.json()
+            body: dict[str, Any] = response.json()
+            return body
         try:
             error = response.json()["error"]
         except (ValueError, KeyError, TypeError):
             error = {"code": "http_error", "message": response.text[:500], "detail": {}}
-        raise ApiClientError(response.status_code, error.get("code", "http_error"),
-                             error.get("message", ""), error.get("detail") or {})
+        raise ApiClientError(
+            response.status_code,
+            error.get("code", "http_error"),
+            error.get("message", ""),
+            error.get("detail") or {},
+        )
 
     def create_batch(self, name: str, *, priority: str = "normal") -> dict[str, Any]:
-        return self._json(self._ingest.post("/v1/batches",
-                                            json={"name": name, "priority": priority}))
+        return self._json(
+            self._ingest.post("/v1/batches", json={"name": name, "priority": priority})
+        )
 
     def upload(self, batch_id: str, paths: Sequence[Path], **fields: str) -> dict[str, Any]:
         with ExitStack() as stack:
-            files = [("files", (p.name, stack.enter_context(open(p, "rb")),
-                                MEDIA_TYPES.get(p.suffix.lower(), "application/octet-stream")))
-                     for p in paths]
-            return self._json(self._ingest.post(f"/v1/batches/{batch_id}/images", files=files,
-                                                data=fields))
+            files = [
+                (
+                    "files",
+                    (
+                        p.name,
+                        stack.enter_context(open(p, "rb")),
+                        MEDIA_TYPES.get(p.suffix.lower(), "application/octet-stream"),
+                    ),
+                )
+                for p in paths
+            ]
+            return self._json(
+                self._ingest.post(f"/v1/batches/{batch_id}/images", files=files, data=fields)
+            )
 
     def close_batch(self, batch_id: str) -> dict[str, Any]:
         return self._json(self._ingest.post(f"/v1/batches/{batch_id}/close"))
@@ -79,8 +99,10 @@ class Client:
             if status["status"] == "completed":
                 return status
             if time.monotonic() > deadline:
-                raise TimeoutError(f"batch {batch_id} not completed after {timeout:.0f}s: "
-                                   f"{status['status']} {status['counts']}")
+                raise TimeoutError(
+                    f"batch {batch_id} not completed after {timeout:.0f}s: "
+                    f"{status['status']} {status['counts']}"
+                )
             time.sleep(poll)
 
     def iter_results(self, batch_id: str, *, page_size: int = 100) -> Iterator[dict[str, Any]]:
@@ -89,8 +111,7 @@ class Client:
             params: dict[str, Any] = {"limit": page_size}
             if cursor:
                 params["cursor"] = cursor
-            page = self._json(self._results.get(f"/v1/batches/{batch_id}/results",
-                                                params=params))
+            page = self._json(self._results.get(f"/v1/batches/{batch_id}/results", params=params))
             yield from page["items"]
             cursor = page["next_cursor"]
             if cursor is None:

@@ -13,8 +13,8 @@ from functools import lru_cache
 from typing import Any
 
 from celery import Celery
-from kombu import Exchange
-from kombu import Queue as KombuQueue
+from kombu.entity import Exchange
+from kombu.entity import Queue as KombuQueue
 
 from shared.config import Settings
 
@@ -45,8 +45,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": settings.redis_url,
         # Each queue its own direct exchange and routing key; without them kombu binds every
         # declared queue to the default queue's exchange and key, and routing by queue breaks.
-        "task_queues": [KombuQueue(q.value, Exchange(q.value, type="direct"), routing_key=q.value)
-                        for q in Queue],
+        "task_queues": [
+            KombuQueue(q.value, Exchange(q.value, type="direct"), routing_key=q.value)
+            for q in Queue
+        ],
         "task_default_queue": Queue.INFERENCE.value,
         "task_routes": {task.value: {"queue": queue.value} for task, queue in TASK_QUEUES.items()},
         "task_serializer": "json",

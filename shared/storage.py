@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from minio import Minio
 from minio.error import S3Error
@@ -91,7 +91,11 @@ class ObjectStore:
         reader = _HashingReader(stream, limit, prefix)
         try:
             self.client.put_object(
-                self.bucket, key, reader, length=-1, part_size=PART_SIZE,
+                self.bucket,
+                key,
+                cast(BinaryIO, reader),
+                length=-1,
+                part_size=PART_SIZE,
                 content_type=content_type,
             )
         except ObjectTooLarge:

@@ -12,7 +12,14 @@ from shared.config import Settings
 from shared.db.base import get_engine, session_factory
 from shared.imaging.synth import SynthImage, SynthOptions, generate_exams
 from shared.storage import ObjectStore
-from tests.infra import Infra, containers, docker_reachable, embedded, fresh_settings, migrate_template
+from tests.infra import (
+    Infra,
+    containers,
+    docker_reachable,
+    embedded,
+    fresh_settings,
+    migrate_template,
+)
 
 
 @pytest.fixture(scope="session")

@@ -20,24 +20,48 @@ def make_tenant(session: Session, name: str | None = None) -> tuple[Tenant, str]
     return tenant, secret
 
 
-def make_batch(session: Session, tenant: Tenant, *, name: str = "batch",
-               priority: BatchPriority = BatchPriority.NORMAL) -> Batch:
+def make_batch(
+    session: Session,
+    tenant: Tenant,
+    *,
+    name: str = "batch",
+    priority: BatchPriority = BatchPriority.NORMAL,
+) -> Batch:
     batch = create_batch(session=session, tenant_id=tenant.id, name=name, priority=priority)
     session.commit()
     return batch
 
 
-def make_image(session: Session, batch: Batch, *, study_key: str = "study-1",
-               object_key: str | None = None, media_type: str = "application/dicom",
-               laterality: Laterality | None = Laterality.LEFT, view: View | None = View.CC,
-               data: bytes = b"") -> Image:
-    study = get_or_create_study(session=session, tenant_id=batch.tenant_id, batch_id=batch.id,
-                                study_key=study_key, patient_key="p" * 64)
-    image = Image(tenant_id=batch.tenant_id, batch_id=batch.id, study_id=study.id,
-                  filename=f"{uuid.uuid4().hex[:6]}.dcm",
-                  object_key=object_key or f"test/{uuid.uuid4()}",
-                  sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data),
-                  media_type=media_type, laterality=laterality, view=view)
+def make_image(
+    session: Session,
+    batch: Batch,
+    *,
+    study_key: str = "study-1",
+    object_key: str | None = None,
+    media_type: str = "application/dicom",
+    laterality: Laterality | None = Laterality.LEFT,
+    view: View | None = View.CC,
+    data: bytes = b"",
+) -> Image:
+    study = get_or_create_study(
+        session=session,
+        tenant_id=batch.tenant_id,
+        batch_id=batch.id,
+        study_key=study_key,
+        patient_key="p" * 64,
+    )
+    image = Image(
+        tenant_id=batch.tenant_id,
+        batch_id=batch.id,
+        study_id=study.id,
+        filename=f"{uuid.uuid4().hex[:6]}.dcm",
+        object_key=object_key or f"test/{uuid.uuid4()}",
+        sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data),
+        media_type=media_type,
+        laterality=laterality,
+        view=view,
+    )
     session.add(image)
     session.commit()
     return image

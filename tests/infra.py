@@ -52,16 +52,20 @@ def containers() -> Iterator[Infra]:
     from testcontainers.postgres import PostgresContainer
     from testcontainers.redis import RedisContainer
 
-    with (PostgresContainer("postgres:16-alpine", driver=None) as pg,
-          RedisContainer("redis:7-alpine") as rd,
-          MinioContainer(access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY) as s3):
+    with (
+        PostgresContainer("postgres:16-alpine", driver=None) as pg,
+        RedisContainer("redis:7-alpine") as rd,
+        MinioContainer(access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY) as s3,
+    ):
         host_port = f"{pg.get_container_host_ip()}:{pg.get_exposed_port(5432)}"
         yield Infra(
             postgres_admin_url=f"postgresql://{pg.username}:{pg.password}@{host_port}/postgres",
             postgres_host_port=f"{pg.username}:{pg.password}@{host_port}",
             redis_url_base=f"redis://{rd.get_container_host_ip()}:{rd.get_exposed_port(6379)}",
             s3_endpoint=f"http://{s3.get_container_host_ip()}:{s3.get_exposed_port(9000)}",
-            s3_access_key=S3_ACCESS_KEY, s3_secret_key=S3_SECRET_KEY, kind="testcontainers",
+            s3_access_key=S3_ACCESS_KEY,
+            s3_secret_key=S3_SECRET_KEY,
+            kind="testcontainers",
         )
 
 
@@ -71,15 +75,18 @@ def embedded(data_dir: Path) -> Iterator[Infra]:
     try:
         servers.append(start_postgres(data_dir / "postgres", database="postgres"))
         servers.append(start_redis(data_dir / "redis"))
-        servers.append(start_s3(data_dir / "s3", access_key=S3_ACCESS_KEY,
-                                secret_key=S3_SECRET_KEY))
+        servers.append(
+            start_s3(data_dir / "s3", access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY)
+        )
         pg, rd, s3 = servers
         host_port = pg.url.split("@", 1)[1].split("/", 1)[0]
         yield Infra(
             postgres_admin_url=f"postgresql://postgres@{host_port}/postgres",
             postgres_host_port=f"postgres@{host_port}",
             redis_url_base=rd.url.rsplit("/", 1)[0],
-            s3_endpoint=s3.url, s3_access_key=S3_ACCESS_KEY, s3_secret_key=S3_SECRET_KEY,
+            s3_endpoint=s3.url,
+            s3_access_key=S3_ACCESS_KEY,
+            s3_secret_key=S3_SECRET_KEY,
             kind="embedded",
         )
     finally:
@@ -120,9 +127,13 @@ def fresh_settings(infra: Infra, *, migrated: bool = True) -> Settings:
     client.flushdb()
     client.close()
     settings = Settings(
-        env="test", database_url=database_url(infra, db_name), redis_url=redis_url,
-        s3_endpoint=infra.s3_endpoint, s3_access_key=infra.s3_access_key,
-        s3_secret_key=infra.s3_secret_key, s3_bucket=f"test-{n}-{uuid.uuid4().hex[:8]}",
+        env="test",
+        database_url=database_url(infra, db_name),
+        redis_url=redis_url,
+        s3_endpoint=infra.s3_endpoint,
+        s3_access_key=infra.s3_access_key,
+        s3_secret_key=infra.s3_secret_key,
+        s3_bucket=f"test-{n}-{uuid.uuid4().hex[:8]}",
     )
     ObjectStore(settings).ensure_bucket()
     return settings

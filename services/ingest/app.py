@@ -16,8 +16,11 @@ from shared.storage import ObjectStore
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging("ingest")
-    app = FastAPI(title="mammoscreen ingest", version="0.1.0",
-                  description="Submit mammograms for asynchronous screening.")
+    app = FastAPI(
+        title="mammoscreen ingest",
+        version="0.1.0",
+        description="Submit mammograms for asynchronous screening.",
+    )
     app.state.settings = settings
     app.state.store = ObjectStore(settings)
     app.state.producer = producer(settings)

@@ -35,9 +35,12 @@ def _batch_not_found(batch_id: uuid.UUID) -> ApiError:
 
 
 def _not_open(batch: Batch) -> ApiError:
-    return ApiError(409, "batch_not_open",
-                    f"batch {batch.id} is {batch.status.value}; it takes no more images. "
-                    "Create a new batch for further uploads.")
+    return ApiError(
+        409,
+        "batch_not_open",
+        f"batch {batch.id} is {batch.status.value}; it takes no more images. "
+        "Create a new batch for further uploads.",
+    )
 
 
 def _discard(store: ObjectStore, uploads: list[StoredUpload]) -> None:
@@ -50,8 +53,9 @@ def _discard(store: ObjectStore, uploads: list[StoredUpload]) -> None:
 
 @router.post("/batches", status_code=201, response_model=BatchPublic)
 def post_batch(spec: BatchCreate, session: SessionDep, tenant: TenantDep) -> Batch:
-    batch = create_batch(session=session, tenant_id=tenant.id, name=spec.name,
-                         priority=spec.priority)
+    batch = create_batch(
+        session=session, tenant_id=tenant.id, name=spec.name, priority=spec.priority
+    )
     session.commit()
     return batch
 
@@ -76,46 +80,73 @@ def post_images(
     if batch.status != BatchStatus.OPEN:
         raise _not_open(batch)
     if len(files) > settings.max_files_per_request:
-        raise ApiError(413, "too_many_files",
-                       f"{len(files)} files in one request; send at most "
-                       f"{settings.max_files_per_request} per request")
+        raise ApiError(
+            413,
+            "too_many_files",
+            f"{len(files)} files in one request; send at most "
+            f"{settings.max_files_per_request} per request",
+        )
     session.rollback()  # release the snapshot while files stream; re-checked under lock below
 
-    hints = UploadHints(study_key=study_key, patient_id=patient_id, laterality=laterality,
-                        view=view)
+    hints = UploadHints(
+        study_key=study_key, patient_id=patient_id, laterality=laterality, view=view
+    )
     stored: list[StoredUpload] = []
     rejected: list[RejectedFile] = []
     try:
         for upload in files:
             try:
-                stored.append(store_upload(upload, settings=settings, store=store,
-                                           tenant_id=tenant.id, batch_id=batch_id, hints=hints))
+                stored.append(
+                    store_upload(
+                        upload,
+                        settings=settings,
+                        store=store,
+                        tenant_id=tenant.id,
+                        batch_id=batch_id,
+                        hints=hints,
+                    )
+                )
             except ImageRejected as err:
-                rejected.append(RejectedFile(filename=upload.filename or "unnamed",
-                                             code=err.code.value, message=err.message))
+                rejected.append(
+                    RejectedFile(
+                        filename=upload.filename or "unnamed",
+                        code=err.code.value,
+                        message=err.message,
+                    )
+                )
     except (S3Error, StorageConnectionError) as err:
         _discard(store, stored)
-        raise ApiError(503, "storage_unavailable",
-                       "object storage is unavailable; nothing was kept. Retry the upload.",
-                       headers={"Retry-After": RETRY_AFTER_S}) from err
+        raise ApiError(
+            503,
+            "storage_unavailable",
+            "object storage is unavailable; nothing was kept. Retry the upload.",
+            headers={"Retry-After": RETRY_AFTER_S},
+        ) from err
 
     if not stored:
-        raise ApiError(422, "no_acceptable_files",
-                       "none of the files could be accepted; see detail.rejected for why",
-                       detail={"rejected": [r.model_dump() for r in rejected]})
+        raise ApiError(
+            422,
+            "no_acceptable_files",
+            "none of the files could be accepted; see detail.rejected for why",
+            detail={"rejected": [r.model_dump() for r in rejected]},
+        )
 
     try:
-        accepted = _record_images(session=session, tenant_id=tenant.id, batch_id=batch_id,
-                                  uploads=stored)
+        accepted = _record_images(
+            session=session, tenant_id=tenant.id, batch_id=batch_id, uploads=stored
+        )
     except ApiError:
         _discard(store, stored)
         raise
     except DatabaseError as err:
         session.rollback()
         _discard(store, stored)
-        raise ApiError(503, "database_unavailable",
-                       "the database is unavailable; nothing was kept. Retry the upload.",
-                       headers={"Retry-After": RETRY_AFTER_S}) from err
+        raise ApiError(
+            503,
+            "database_unavailable",
+            "the database is unavailable; nothing was kept. Retry the upload.",
+            headers={"Retry-After": RETRY_AFTER_S},
+        ) from err
 
     # Rows are committed; only now may workers hear of them.
     image_ids = [image.id for image in accepted]
@@ -125,26 +156,42 @@ def post_images(
         # Undo rather than leave images nobody will ever screen.
         study_ids = {image.study_id for image in accepted}
         session.execute(delete(Image).where(Image.id.in_(image_ids)))
-        session.execute(delete(Study).where(
-            Study.id.in_(study_ids), ~exists().where(Image.study_id == Study.id)))
+        session.execute(
+            delete(Study).where(
+                Study.id.in_(study_ids), ~exists().where(Image.study_id == Study.id)
+            )
+        )
         session.commit()
         _discard(store, stored)
-        raise ApiError(503, "queue_unavailable",
-                       "the job queue is unavailable; nothing was kept. Retry the upload.",
-                       headers={"Retry-After": RETRY_AFTER_S}) from err
+        raise ApiError(
+            503,
+            "queue_unavailable",
+            "the job queue is unavailable; nothing was kept. Retry the upload.",
+            headers={"Retry-After": RETRY_AFTER_S},
+        ) from err
 
     return UploadResult(
         batch_id=batch_id,
-        accepted=[AcceptedImage(id=i.id, filename=i.filename, study_id=i.study_id,
-                                media_type=i.media_type, size_bytes=i.size_bytes,
-                                sha256=i.sha256, laterality=i.laterality, view=i.view)
-                  for i in accepted],
+        accepted=[
+            AcceptedImage(
+                id=i.id,
+                filename=i.filename,
+                study_id=i.study_id,
+                media_type=i.media_type,
+                size_bytes=i.size_bytes,
+                sha256=i.sha256,
+                laterality=i.laterality,
+                view=i.view,
+            )
+            for i in accepted
+        ],
         rejected=rejected,
     )
 
 
-def _record_images(*, session: SessionDep, tenant_id: uuid.UUID, batch_id: uuid.UUID,
-                   uploads: list[StoredUpload]) -> list[Image]:
+def _record_images(
+    *, session: SessionDep, tenant_id: uuid.UUID, batch_id: uuid.UUID, uploads: list[StoredUpload]
+) -> list[Image]:
     """Insert the image rows in one transaction, provided the batch is still open."""
     batch = get_batch(session=session, tenant_id=tenant_id, batch_id=batch_id)
     if batch is None:
@@ -156,13 +203,25 @@ def _record_images(*, session: SessionDep, tenant_id: uuid.UUID, batch_id: uuid.
         raise _not_open(batch)
     images = []
     for upload in uploads:
-        study = get_or_create_study(session=session, tenant_id=tenant_id, batch_id=batch_id,
-                                    study_key=upload.study_key, patient_key=upload.patient_key)
+        study = get_or_create_study(
+            session=session,
+            tenant_id=tenant_id,
+            batch_id=batch_id,
+            study_key=upload.study_key,
+            patient_key=upload.patient_key,
+        )
         image = Image(
-            id=upload.image_id, tenant_id=tenant_id, batch_id=batch_id, study_id=study.id,
-            filename=upload.filename, object_key=upload.stored.key, sha256=upload.stored.sha256,
-            size_bytes=upload.stored.size, media_type=upload.media_type.value,
-            laterality=upload.laterality, view=upload.view,
+            id=upload.image_id,
+            tenant_id=tenant_id,
+            batch_id=batch_id,
+            study_id=study.id,
+            filename=upload.filename,
+            object_key=upload.stored.key,
+            sha256=upload.stored.sha256,
+            size_bytes=upload.stored.size,
+            media_type=upload.media_type.value,
+            laterality=upload.laterality,
+            view=upload.view,
         )
         session.add(image)
         images.append(image)

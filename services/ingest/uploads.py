@@ -9,9 +9,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-import pydicom
 from fastapi import UploadFile
-from pydicom.errors import InvalidDicomError
 
 from shared.config import Settings
 from shared.db.base import new_id
@@ -22,6 +20,7 @@ from shared.imaging.formats import (
     ImageRejected,
     MediaType,
     RejectCode,
+    dicom_metadata,
     parse_laterality,
     parse_view,
     sniff_media_type,
@@ -75,28 +74,14 @@ def _raster_metadata(filename: str, hints: UploadHints) -> ImageMetadata:
     )
 
 
-def _dicom_metadata(upload: UploadFile) -> ImageMetadata:
-    upload.file.seek(0)
-    try:
-        ds = pydicom.dcmread(upload.file, stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as err:
-        raise ImageRejected(RejectCode.INVALID_DICOM,
-                            f"the DICOM header cannot be read ({err}); send a valid DICOM "
-                            "Part 10 file") from err
-    finally:
-        upload.file.seek(0)
-    return ImageMetadata(
-        laterality=parse_laterality(ds.get("ImageLaterality")) or parse_laterality(
-            ds.get("Laterality")),
-        view=parse_view(ds.get("ViewPosition")),
-        patient_id=str(ds.get("PatientID") or "") or None,
-        study_uid=str(ds.get("StudyInstanceUID") or "") or None,
-    )
-
-
 def store_upload(
-    upload: UploadFile, *, settings: Settings, store: ObjectStore, tenant_id: uuid.UUID,
-    batch_id: uuid.UUID, hints: UploadHints,
+    upload: UploadFile,
+    *,
+    settings: Settings,
+    store: ObjectStore,
+    tenant_id: uuid.UUID,
+    batch_id: uuid.UUID,
+    hints: UploadHints,
 ) -> StoredUpload:
     """Validate and stream one file into storage; raises ImageRejected with a stable code."""
     filename = safe_filename(upload.filename)
@@ -107,27 +92,39 @@ def store_upload(
     if media_type is None:
         raise ImageRejected(
             RejectCode.UNSUPPORTED_MEDIA_TYPE,
-            f"{filename} is not DICOM, PNG or JPEG (judged by its content, not its name)")
+            f"{filename} is not DICOM, PNG or JPEG (judged by its content, not its name)",
+        )
     if media_type == MediaType.DICOM:
-        metadata = _dicom_metadata(upload)
+        upload.file.seek(0)
+        metadata = dicom_metadata(upload.file)
         head = upload.file.read(SNIFF_BYTES)
     else:
         metadata = _raster_metadata(filename, hints)
     image_id = new_id()
     key = f"tenants/{tenant_id}/batches/{batch_id}/images/{image_id}"
     try:
-        stored = store.put_stream(key, upload.file, content_type=media_type.value,
-                                  limit=settings.max_file_bytes, prefix=head)
+        stored = store.put_stream(
+            key,
+            upload.file,
+            content_type=media_type.value,
+            limit=settings.max_file_bytes,
+            prefix=head,
+        )
     except ObjectTooLarge as err:
         raise ImageRejected(
-            RejectCode.FILE_TOO_LARGE,
-            f"{filename} is larger than the limit of {err.limit} bytes") from err
+            RejectCode.FILE_TOO_LARGE, f"{filename} is larger than the limit of {err.limit} bytes"
+        ) from err
     # Without a study id, each such file is its own study, keyed by its content.
     study_key = metadata.study_uid or f"sha256:{stored.sha256}"
     return StoredUpload(
-        image_id=image_id, filename=filename, media_type=media_type, stored=stored,
+        image_id=image_id,
+        filename=filename,
+        media_type=media_type,
+        stored=stored,
         study_key=study_key[:128],
-        patient_key=patient_key(settings.patient_key_secret,
-                                metadata.patient_id or f"study:{study_key}"),
-        laterality=metadata.laterality, view=metadata.view,
+        patient_key=patient_key(
+            settings.patient_key_secret, metadata.patient_id or f"study:{study_key}"
+        ),
+        laterality=metadata.laterality,
+        view=metadata.view,
     )

@@ -14,8 +14,11 @@ from shared.logs import configure_logging
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging("results")
-    app = FastAPI(title="mammoscreen results", version="0.1.0",
-                  description="Batches, per-image scores and their status.")
+    app = FastAPI(
+        title="mammoscreen results",
+        version="0.1.0",
+        description="Batches, per-image scores and their status.",
+    )
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(health_router)

@@ -27,8 +27,9 @@ def _decode(cursor: str, count: int) -> list[str]:
 
 
 def _invalid() -> ApiError:
-    return ApiError(422, "invalid_cursor",
-                    "the cursor is not one this API returned; pass next_cursor unchanged")
+    return ApiError(
+        422, "invalid_cursor", "the cursor is not one this API returned; pass next_cursor unchanged"
+    )
 
 
 def decode_image_cursor(cursor: str) -> uuid.UUID:

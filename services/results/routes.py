@@ -40,28 +40,39 @@ UNTRAINED_WARNING = (
 
 def _image_result(image: Image, prediction: Prediction | None) -> ImageResult:
     return ImageResult(
-        id=image.id, batch_id=image.batch_id, study_id=image.study_id, filename=image.filename,
-        media_type=image.media_type, laterality=image.laterality, view=image.view,
-        status=image.status, attempts=image.attempts,
+        id=image.id,
+        batch_id=image.batch_id,
+        study_id=image.study_id,
+        filename=image.filename,
+        media_type=image.media_type,
+        laterality=image.laterality,
+        view=image.view,
+        status=image.status,
+        attempts=image.attempts,
         score=prediction.malignancy_score if prediction else None,
-        error_code=image.error_code, error_message=image.error_message,
-        model_version=(ModelVersionPublic.model_validate(prediction.model_version)
-                       if prediction else None),
-        created_at=image.created_at, finished_at=image.finished_at,
+        error_code=image.error_code,
+        error_message=image.error_message,
+        model_version=(
+            ModelVersionPublic.model_validate(prediction.model_version) if prediction else None
+        ),
+        created_at=image.created_at,
+        finished_at=image.finished_at,
     )
 
 
 @router.get("/batches", response_model=BatchPage)
 def get_batches(
-    session: SessionDep, tenant: TenantDep,
+    session: SessionDep,
+    tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: str | None = None,
 ) -> BatchPage:
     before = cursors.decode_batch_cursor(cursor) if cursor else None
     batches = list_batches(session=session, tenant_id=tenant.id, limit=limit + 1, before=before)
     page, more = batches[:limit], len(batches) > limit
-    next_cursor = (cursors.encode(page[-1].created_at.isoformat(), str(page[-1].id))
-                   if more else None)
+    next_cursor = (
+        cursors.encode(page[-1].created_at.isoformat(), str(page[-1].id)) if more else None
+    )
     return BatchPage(items=[BatchPublic.model_validate(b) for b in page], next_cursor=next_cursor)
 
 
@@ -75,7 +86,8 @@ def get_batch_detail(batch_id: uuid.UUID, session: SessionDep, tenant: TenantDep
     warnings = [UNTRAINED_WARNING] if any(not v.trained for v in versions) else []
     return BatchDetail(
         **BatchPublic.model_validate(batch).model_dump(),
-        counts=ImageCounts(**counts), total_images=sum(counts.values()),
+        counts=ImageCounts(**counts),
+        total_images=sum(counts.values()),
         model_versions=[ModelVersionPublic.model_validate(v) for v in versions],
         warnings=warnings,
     )
@@ -83,15 +95,18 @@ def get_batch_detail(batch_id: uuid.UUID, session: SessionDep, tenant: TenantDep
 
 @router.get("/batches/{batch_id}/results", response_model=ResultsPage)
 def get_batch_results(
-    batch_id: uuid.UUID, session: SessionDep, tenant: TenantDep,
+    batch_id: uuid.UUID,
+    session: SessionDep,
+    tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     cursor: str | None = None,
 ) -> ResultsPage:
     if get_batch(session=session, tenant_id=tenant.id, batch_id=batch_id) is None:
         raise ApiError(404, "batch_not_found", f"no batch {batch_id} exists for this API key")
     after = cursors.decode_image_cursor(cursor) if cursor else None
-    images = results_page(session=session, tenant_id=tenant.id, batch_id=batch_id,
-                          limit=limit + 1, after=after)
+    images = results_page(
+        session=session, tenant_id=tenant.id, batch_id=batch_id, limit=limit + 1, after=after
+    )
     page, more = images[:limit], len(images) > limit
     predictions = latest_predictions(session=session, image_ids=[i.id for i in page])
     return ResultsPage(

@@ -66,8 +66,13 @@ def backoff_seconds(retries: int) -> float:
     return random.uniform(0.5, 1.0) * min(60.0, 2.0**retries)
 
 
-@app.task(name=TaskName.SCREEN_IMAGES.value, queue=Queue.INFERENCE.value, bind=True,
-          acks_late=True, max_retries=MAX_RETRIES)
+@app.task(
+    name=TaskName.SCREEN_IMAGES.value,
+    queue=Queue.INFERENCE.value,
+    bind=True,
+    acks_late=True,
+    max_retries=MAX_RETRIES,
+)
 def screen_images(self: Task, image_ids: list[str]) -> dict[str, int]:
     ids = [uuid.UUID(i) for i in image_ids]
     try:
@@ -75,14 +80,18 @@ def screen_images(self: Task, image_ids: list[str]) -> dict[str, int]:
     except TRANSIENT_ERRORS as err:
         if self.request.retries >= MAX_RETRIES:
             log.error("giving up on %d images after %d retries: %s", len(ids), MAX_RETRIES, err)
-            fail_unfinished(ids, database_url=get_settings().database_url,
-                            code=RejectCode.DEPENDENCY_UNAVAILABLE.value,
-                            message=f"a dependency stayed unavailable after {MAX_RETRIES} "
-                                    f"retries: {type(err).__name__}")
+            fail_unfinished(
+                ids,
+                database_url=get_settings().database_url,
+                code=RejectCode.DEPENDENCY_UNAVAILABLE.value,
+                message=f"a dependency stayed unavailable after {MAX_RETRIES} "
+                f"retries: {type(err).__name__}",
+            )
             return {"done": 0, "failed": len(ids)}
         countdown = backoff_seconds(self.request.retries)
-        log.warning("transient failure (%s); retry %d in %.1fs", err, self.request.retries + 1,
-                    countdown)
+        log.warning(
+            "transient failure (%s); retry %d in %.1fs", err, self.request.retries + 1, countdown
+        )
         raise self.retry(exc=err, countdown=countdown) from err
 
 
@@ -118,11 +127,19 @@ def run_screening(image_ids: list[uuid.UUID], ctx: WorkerContext) -> dict[str, i
     with session_scope(ctx.settings.database_url) as session:
         rows = {i.id: i for i in session.scalars(select(Image).where(Image.id.in_(image_ids)))}
         for item, score in zip(ready, scores, strict=True):
-            record_prediction(session=session, image=rows[item.id],
-                              model_version_id=loaded.version_id, score=score)
-        for image_id, rejection in failures.items():
-            record_failure(session=session, image=rows[image_id], code=rejection.code.value,
-                           message=rejection.message)
+            record_prediction(
+                session=session,
+                image=rows[item.id],
+                model_version_id=loaded.version_id,
+                score=score,
+            )
+        for image_id, failure in failures.items():
+            record_failure(
+                session=session,
+                image=rows[image_id],
+                code=failure.code.value,
+                message=failure.message,
+            )
         refresh_batches(session=session, batch_ids=[r.batch_id for r in rows.values()])
     log.info("screened %d images, %d failed, model %s", len(ready), len(failures), loaded.name)
     return {"done": len(ready), "failed": len(failures)}
@@ -136,13 +153,19 @@ def predict(loaded: LoadedModel, inputs: list[np.ndarray]) -> list[float]:
     return [float(p) for p in torch.sigmoid(logits).cpu()]
 
 
-def fail_unfinished(image_ids: list[uuid.UUID], *, database_url: str, code: str,
-                    message: str) -> None:
+def fail_unfinished(
+    image_ids: list[uuid.UUID], *, database_url: str, code: str, message: str
+) -> None:
     """Last resort after retries: fail what is still running, so no image stays stuck."""
     with session_scope(database_url) as session:
-        rows = list(session.scalars(select(Image).where(
-            Image.id.in_(image_ids), Image.status.in_([ImageStatus.QUEUED,
-                                                        ImageStatus.RUNNING]))))
+        rows = list(
+            session.scalars(
+                select(Image).where(
+                    Image.id.in_(image_ids),
+                    Image.status.in_([ImageStatus.QUEUED, ImageStatus.RUNNING]),
+                )
+            )
+        )
         for image in rows:
             image.status = ImageStatus.RUNNING  # the guarded transition starts from running
         session.flush()

@@ -46,11 +46,12 @@ class ModelCache:
         with self._lock:
             cached = self._models.get(version.id)
             if cached is None:
-                log.info("loading model version %s (%s) on %s", version.name, version.id,
-                         self._device)
-                model = load_checkpoint(self._store.get_bytes(version.checkpoint_key),
-                                        device=self._device)
-                cached = LoadedModel(version.id, version.name, version.trained, model,
-                                     self._device)
+                log.info(
+                    "loading model version %s (%s) on %s", version.name, version.id, self._device
+                )
+                model = load_checkpoint(
+                    self._store.get_bytes(version.checkpoint_key), device=self._device
+                )
+                cached = LoadedModel(version.id, version.name, version.trained, model, self._device)
                 self._models[version.id] = cached
             return cached

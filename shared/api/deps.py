@@ -39,13 +39,20 @@ def current_tenant(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
     if credentials is None:
-        raise ApiError(401, "missing_api_key",
-                       "send your API key as 'Authorization: Bearer <api key>'",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401,
+            "missing_api_key",
+            "send your API key as 'Authorization: Bearer <api key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     tenant = authenticate(session=session, secret=credentials.credentials)
     if tenant is None:
-        raise ApiError(401, "invalid_api_key", "the API key is unknown or revoked",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401,
+            "invalid_api_key",
+            "the API key is unknown or revoked",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return tenant
 
 

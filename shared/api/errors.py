@@ -17,9 +17,15 @@ log = logging.getLogger(__name__)
 class ApiError(Exception):
     """An error a client can act on: a status, a stable code and a message saying what to fix."""
 
-    def __init__(self, status: int, code: str, message: str, *,
-                 detail: dict[str, Any] | None = None, headers: dict[str, str] | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        detail: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -33,16 +39,22 @@ def error_body(code: str, message: str, detail: dict[str, Any] | None = None) ->
 
 
 _HTTP_CODES = {
-    401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
 }
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.message, exc.detail), exc.status,
-                            headers=exc.headers)
+        return JSONResponse(
+            error_body(exc.code, exc.message, exc.detail), exc.status, headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -52,24 +64,39 @@ def install_error_handlers(app: FastAPI) -> None:
         ]
         message = "; ".join(f"{p['location']}: {p['message']}" for p in problems)
         return JSONResponse(
-            error_body("invalid_request", f"the request is not valid: {message}",
-                       {"problems": problems}), 422)
+            error_body(
+                "invalid_request", f"the request is not valid: {message}", {"problems": problems}
+            ),
+            422,
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            error_body(code, str(exc.detail)),
+            exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(DatabaseError)
     async def _database_down(request: Request, exc: DatabaseError) -> JSONResponse:
         log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse(error_body("database_unavailable", "the database is unavailable; "
-                                       "retry after the delay in Retry-After"), 503,
-                            headers={"Retry-After": "5"})
+        return JSONResponse(
+            error_body(
+                "database_unavailable",
+                "the database is unavailable; retry after the delay in Retry-After",
+            ),
+            503,
+            headers={"Retry-After": "5"},
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal_error", "an unexpected error occurred; it was "
-                                       "logged and can be retried"), 500)
+        return JSONResponse(
+            error_body(
+                "internal_error", "an unexpected error occurred; it was logged and can be retried"
+            ),
+            500,
+        )

@@ -33,7 +33,9 @@ def _check_s3(settings: Settings) -> None:
 
 
 CHECKS: dict[str, Callable[[Settings], None]] = {
-    "postgres": _check_postgres, "redis": _check_redis, "object_storage": _check_s3,
+    "postgres": _check_postgres,
+    "redis": _check_redis,
+    "object_storage": _check_s3,
 }
 
 router = APIRouter(tags=["health"])
@@ -57,5 +59,7 @@ def readyz(request: Request) -> JSONResponse:
     if all(v == "ok" for v in results.values()):
         return JSONResponse({"status": "ready", "checks": results})
     return JSONResponse(
-        error_body("not_ready", "a dependency is unreachable", {"checks": results}), 503,
-        headers={"Retry-After": "5"})
+        error_body("not_ready", "a dependency is unreachable", {"checks": results}),
+        503,
+        headers={"Retry-After": "5"},
+    )

@@ -8,6 +8,7 @@ Postgres or Redis on the standard ports.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -76,10 +77,8 @@ def stop_pid(pid: int, *, timeout: float = 15.0, first: signal.Signals = signal.
             return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            try:
+            with contextlib.suppress(ChildProcessError):  # reap our own child, if it is one
                 os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
             if not pid_alive(pid):
                 return
             time.sleep(0.05)
@@ -113,7 +112,6 @@ def start_postgres(data_dir: Path, *, database: str = "screening") -> RunningSer
     data_dir.mkdir(parents=True, exist_ok=True)
     run_as: dict[str, int] = {}
     if os.geteuid() == 0:
-
         account = ensure_user_exists(POSTGRES_OS_USER)
         assert account is not None
         ensure_prefix_permissions(data_dir)
@@ -123,9 +121,22 @@ def start_postgres(data_dir: Path, *, database: str = "screening") -> RunningSer
     if not (pgdata / "PG_VERSION").exists():
         shutil.rmtree(pgdata, ignore_errors=True)
         subprocess.run(
-            [pg_bin / "initdb", "-D", pgdata, "-U", "postgres", "-A", "trust", "-E", "UTF8",
-             "--no-sync", "--no-instructions"],
-            check=True, capture_output=True, **run_as,  # type: ignore[call-overload]
+            [
+                pg_bin / "initdb",
+                "-D",
+                pgdata,
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--no-instructions",
+            ],
+            check=True,
+            capture_output=True,
+            **run_as,  # type: ignore[call-overload]
         )
     port = free_port()
     log = data_dir / "postgres.log"
@@ -134,7 +145,9 @@ def start_postgres(data_dir: Path, *, database: str = "screening") -> RunningSer
     options = f"-h 127.0.0.1 -p {port} -k {pgdata} -c fsync=off -c max_connections=200"
     started = subprocess.run(
         [pg_bin / "pg_ctl", "-D", pgdata, "-w", "-t", "60", "-l", log, "-o", options, "start"],
-        capture_output=True, text=True, **run_as,  # type: ignore[call-overload]
+        capture_output=True,
+        text=True,
+        **run_as,  # type: ignore[call-overload]
     )
     if started.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
@@ -162,10 +175,28 @@ def start_redis(data_dir: Path) -> RunningServer:
     port = free_port()
     log = data_dir / "redis.log"
     proc = subprocess.Popen(
-        [server_bin, "--port", str(port), "--bind", "127.0.0.1", "--dir", data_dir,
-         "--appendonly", "yes", "--save", "", "--maxmemory-policy", "noeviction",
-         "--logfile", log, "--daemonize", "no"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            server_bin,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            data_dir,
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+            "--maxmemory-policy",
+            "noeviction",
+            "--logfile",
+            log,
+            "--daemonize",
+            "no",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     wait_until(lambda: _port_open(port), timeout=20, what="redis-server", log=log)
@@ -177,21 +208,47 @@ def start_s3(data_dir: Path, *, access_key: str, secret_key: str) -> RunningServ
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     config = data_dir / "s3.json"
-    identity = {"name": "screening", "credentials": [{"accessKey": access_key,
-                "secretKey": secret_key}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
+    identity = {
+        "name": "screening",
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
     config.write_text(json.dumps({"identities": [identity]}))
-    ports = {name: free_port() for name in (
-        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-        "filer.port.grpc", "s3.port", "s3.port.grpc")}
+    ports = {
+        name: free_port()
+        for name in (
+            "master.port",
+            "master.port.grpc",
+            "volume.port",
+            "volume.port.grpc",
+            "filer.port",
+            "filer.port.grpc",
+            "s3.port",
+            "s3.port.grpc",
+        )
+    }
     args = [f"-{name}={port}" for name, port in ports.items()]
     log = data_dir / "weed.log"
     with open(log, "ab") as log_file:
         proc = subprocess.Popen(
-            [_bin_dir() / "weed", "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             f"-dir={data_dir}", "-s3", f"-s3.config={config}", "-s3.port.iceberg=0",
-             "-s3.port.lance=0", "-master.volumeSizeLimitMB=256", "-volume.max=0",
-             "-master.telemetry=false", *args],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            [
+                _bin_dir() / "weed",
+                "server",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                f"-dir={data_dir}",
+                "-s3",
+                f"-s3.config={config}",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-master.volumeSizeLimitMB=256",
+                "-volume.max=0",
+                "-master.telemetry=false",
+                *args,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"

@@ -7,20 +7,21 @@ directory. Everything it starts is recorded in `state.json`, which `down` reads 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import httpx
 
-from shared.config import Settings
+from shared.config import Settings, settings_from_environ
 from shared.devstack.servers import (
     RunningServer,
     ServerStartError,
@@ -45,19 +46,26 @@ class StackState:
     services: dict[str, int] = field(default_factory=dict)  # name -> pid (= process group)
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps({
-            "env": self.env,
-            "servers": [s.to_json() for s in self.servers],
-            "services": self.services,
-        }, indent=2))
+        path.write_text(
+            json.dumps(
+                {
+                    "env": self.env,
+                    "servers": [s.to_json() for s in self.servers],
+                    "services": self.services,
+                },
+                indent=2,
+            )
+        )
 
     @classmethod
     def load(cls, path: Path) -> StackState | None:
         if not path.exists():
             return None
         data = json.loads(path.read_text())
-        servers = [RunningServer(s["name"], s["pid"], s["url"], Path(s["data_dir"]))
-                   for s in data["servers"]]
+        servers = [
+            RunningServer(s["name"], s["pid"], s["url"], Path(s["data_dir"]))
+            for s in data["servers"]
+        ]
         return cls(env=data["env"], servers=servers, services=data["services"])
 
     def pids(self) -> list[int]:
@@ -67,23 +75,65 @@ class StackState:
 def service_commands(python: str) -> dict[str, list[str]]:
     """How each service process is started, with ports filled in later."""
     return {
-        "ingest": [python, "-m", "uvicorn", "--factory", "services.ingest.app:create_app",
-                   "--host", "127.0.0.1", "--port", "{ingest_port}", "--no-access-log"],
-        "results": [python, "-m", "uvicorn", "--factory", "services.results.app:create_app",
-                    "--host", "127.0.0.1", "--port", "{results_port}", "--no-access-log"],
-        "worker": [python, "-m", "celery", "-A", "services.worker.celery_app", "worker",
-                   "-Q", "inference,training", "--concurrency", "1", "--pool", "prefork",
-                   "--hostname", "worker-{worker_port}@%h", "--loglevel", "INFO",
-                   "--without-gossip", "--without-mingle"],
+        "ingest": [
+            python,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "services.ingest.app:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "{ingest_port}",
+            "--no-access-log",
+        ],
+        "results": [
+            python,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "services.results.app:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "{results_port}",
+            "--no-access-log",
+        ],
+        "worker": [
+            python,
+            "-m",
+            "celery",
+            "-A",
+            "services.worker.celery_app",
+            "worker",
+            "-Q",
+            "inference,training",
+            "--concurrency",
+            "1",
+            "--pool",
+            "prefork",
+            "--hostname",
+            "worker-{worker_port}@%h",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ],
     }
 
 
 def start_service(name: str, command: list[str], env: Mapping[str, str], log_dir: Path) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / f"{name}.log", "ab") as log:
-        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=dict(env), stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            env=dict(env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     return proc.pid
 
 
@@ -94,10 +144,8 @@ def stop_service(pid: int, *, timeout: float = 30.0) -> None:
     except ProcessLookupError:
         return
     stop_pid(pid, timeout=timeout)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)  # any child the leader left behind
-    except ProcessLookupError:
-        pass
 
 
 def _http_ok(url: str) -> bool:
@@ -137,8 +185,9 @@ def prepare_infrastructure(settings: Settings) -> str:
         return issue_api_key(session=session, tenant=tenant).secret
 
 
-def up(stack_dir: Path, *, environ: Mapping[str, str] | None = None,
-       python: str = sys.executable) -> StackState:
+def up(
+    stack_dir: Path, *, environ: Mapping[str, str] | None = None, python: str = sys.executable
+) -> StackState:
     """Start the stack (idempotent: a running stack is returned as it is)."""
     environ = dict(os.environ if environ is None else environ)
     stack_dir = stack_dir.resolve()
@@ -150,8 +199,7 @@ def up(stack_dir: Path, *, environ: Mapping[str, str] | None = None,
             return existing
         down(stack_dir)
 
-    base = Settings(**{k[len("SCREENING_"):].lower(): v for k, v in environ.items()
-                       if k.startswith("SCREENING_") and v})
+    base = settings_from_environ(environ)
     state = StackState(env={})
     try:
         database_url = environ.get("SCREENING_DATABASE_URL")
@@ -164,16 +212,26 @@ def up(stack_dir: Path, *, environ: Mapping[str, str] | None = None,
             redis_url = state.servers[-1].url
         s3_endpoint = environ.get("SCREENING_S3_ENDPOINT")
         if not s3_endpoint:
-            state.servers.append(start_s3(stack_dir / "s3", access_key=base.s3_access_key,
-                                          secret_key=base.s3_secret_key))
+            state.servers.append(
+                start_s3(
+                    stack_dir / "s3", access_key=base.s3_access_key, secret_key=base.s3_secret_key
+                )
+            )
             s3_endpoint = state.servers[-1].url
-        ports = {"ingest_port": free_port(), "results_port": free_port(),
-                 "worker_port": free_port()}
-        settings = base.model_copy(update={
-            "database_url": database_url, "redis_url": redis_url, "s3_endpoint": s3_endpoint,
-            "ingest_url": f"http://127.0.0.1:{ports['ingest_port']}",
-            "results_url": f"http://127.0.0.1:{ports['results_port']}",
-        })
+        ports = {
+            "ingest_port": free_port(),
+            "results_port": free_port(),
+            "worker_port": free_port(),
+        }
+        settings = base.model_copy(
+            update={
+                "database_url": database_url,
+                "redis_url": redis_url,
+                "s3_endpoint": s3_endpoint,
+                "ingest_url": f"http://127.0.0.1:{ports['ingest_port']}",
+                "results_url": f"http://127.0.0.1:{ports['results_port']}",
+            }
+        )
         api_key = prepare_infrastructure(settings)
         state.env = {
             "SCREENING_ENV": settings.env,
@@ -195,11 +253,19 @@ def up(stack_dir: Path, *, environ: Mapping[str, str] | None = None,
             state.services[name] = start_service(name, command, service_env, logs)
         state.save(state_path)
         for name in ("ingest", "results"):
-            wait_until(lambda n=name: _http_ok(f"{state.env[f'SCREENING_{n.upper()}_URL']}"
-                                               "/healthz"),
-                       timeout=60, what=f"{name} service", log=logs / f"{name}.log")
-        wait_until(lambda: _log_says(logs / "worker.log", " ready."), timeout=120,
-                   what="worker", log=logs / "worker.log")
+            health_url = f"{state.env[f'SCREENING_{name.upper()}_URL']}/healthz"
+            wait_until(
+                partial(_http_ok, health_url),
+                timeout=60,
+                what=f"{name} service",
+                log=logs / f"{name}.log",
+            )
+        wait_until(
+            lambda: _log_says(logs / "worker.log", " ready."),
+            timeout=120,
+            what="worker",
+            log=logs / "worker.log",
+        )
     except BaseException:
         state.save(state_path)
         down(stack_dir)

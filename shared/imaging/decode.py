@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 from numpy.typing import NDArray
 from PIL import Image as PILImage
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
 from shared.imaging.formats import ImageRejected, MediaType, RejectCode
 
@@ -25,7 +25,7 @@ def decode_image(data: bytes, media_type: str) -> NDArray[np.float32]:
     except ImageRejected:
         raise
     except Exception as err:  # any decoder failure is a property of this file, never retried
-        raise ImageRejected(RejectCode.DECODE_FAILED, f"image could not be decoded: {err}")
+        raise ImageRejected(RejectCode.DECODE_FAILED, f"image could not be decoded: {err}") from err
     return _to_unit_range(pixels)
 
 
@@ -46,9 +46,8 @@ def _decode_dicom(data: bytes) -> NDArray[np.float64]:
 
 def _decode_raster(data: bytes) -> NDArray[np.float64]:
     with PILImage.open(io.BytesIO(data)) as img:
-        if img.mode not in ("L", "I", "I;16", "I;16B", "I;16L"):
-            img = img.convert("L")
-        return np.asarray(img, dtype=np.float64)
+        grey = img if img.mode in ("L", "I", "I;16", "I;16B", "I;16L") else img.convert("L")
+        return np.asarray(grey, dtype=np.float64)
 
 
 def _to_unit_range(pixels: NDArray[np.float64]) -> NDArray[np.float32]:

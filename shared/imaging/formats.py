@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import enum
-import io
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -41,8 +41,10 @@ class ImageRejected(Exception):
 
     @classmethod
     def missing_object(cls, key: str) -> ImageRejected:
-        return cls(RejectCode.OBJECT_MISSING,
-                   f"the stored image {key} is gone from object storage; upload it again")
+        return cls(
+            RejectCode.OBJECT_MISSING,
+            f"the stored image {key} is gone from object storage; upload it again",
+        )
 
 
 def sniff_media_type(head: bytes) -> MediaType | None:
@@ -75,12 +77,21 @@ def parse_view(value: object) -> View | None:
     return _VIEW_ALIASES.get(str(value or "").strip().upper())
 
 
-def dicom_metadata(head: bytes) -> ImageMetadata:
-    """Laterality, view and identity from a DICOM header (pixel data is not read)."""
+def dicom_metadata(source: BinaryIO) -> ImageMetadata:
+    """Laterality, view and identity from a DICOM header; pixel data is not read.
+
+    `source` is left at the position it had on entry.
+    """
+    position = source.tell()
     try:
-        ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError) as err:
-        raise ImageRejected(RejectCode.INVALID_DICOM, f"the DICOM header cannot be read: {err}")
+        ds = pydicom.dcmread(source, stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as err:
+        raise ImageRejected(
+            RejectCode.INVALID_DICOM,
+            f"the DICOM header cannot be read ({err}); send a valid DICOM Part 10 file",
+        ) from err
+    finally:
+        source.seek(position)
     laterality = parse_laterality(ds.get("ImageLaterality")) or parse_laterality(
         ds.get("Laterality")
     )

@@ -48,7 +48,8 @@ class BreastCrop:
         sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
         largest = int(np.argmax(sizes)) + 1
         rows, cols = ndimage.find_objects((labels == largest).astype(np.int32))[0]
-        return pixels[rows, cols]
+        cropped: Array = pixels[rows, cols]
+        return cropped
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,10 @@ class Standardize:
     eps: float = 1e-6
 
     def __call__(self, pixels: Array) -> Array:
-        return ((pixels - pixels.mean()) / (pixels.std() + self.eps)).astype(np.float32)
+        standardized: Array = ((pixels - pixels.mean()) / (pixels.std() + self.eps)).astype(
+            np.float32
+        )
+        return standardized
 
 
 @dataclass(frozen=True)

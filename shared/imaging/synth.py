@@ -26,14 +26,25 @@ import numpy as np
 import pydicom
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 # Digital Mammography X-Ray Image Storage - For Presentation.
-MAMMO_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
+MAMMO_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.2")
 BITS_STORED = 14
 MAX_VALUE = (1 << BITS_STORED) - 1
-LABEL_FIELDS = ["file", "patient", "study", "laterality", "view", "label", "lesion_type",
-                "box_x0", "box_y0", "box_x1", "box_y1"]
+LABEL_FIELDS = [
+    "file",
+    "patient",
+    "study",
+    "laterality",
+    "view",
+    "label",
+    "lesion_type",
+    "box_x0",
+    "box_y0",
+    "box_x1",
+    "box_y1",
+]
 
 
 class Finding(enum.StrEnum):
@@ -83,9 +94,12 @@ def _power_law_texture(rng: np.random.Generator, shape: tuple[int, int], beta: f
     freq[0, 0] = 1.0
     amplitude = freq ** (-beta / 2.0)
     amplitude[0, 0] = 0.0
-    spectrum = amplitude * (rng.normal(size=amplitude.shape) + 1j * rng.normal(size=amplitude.shape))
-    field = np.fft.irfft2(spectrum, s=shape)
-    return (field - field.mean()) / (field.std() + 1e-12)
+    spectrum = amplitude * (
+        rng.normal(size=amplitude.shape) + 1j * rng.normal(size=amplitude.shape)
+    )
+    field: NDArray = np.fft.irfft2(spectrum, s=shape)
+    normalised: NDArray = (field - field.mean()) / (field.std() + 1e-12)
+    return normalised
 
 
 def _breast_geometry(
@@ -95,9 +109,17 @@ def _breast_geometry(
     h, w = shape
     rows, cols = np.mgrid[0:h, 0:w].astype(np.float64)
     if view == "CC":
-        centre_r, semi_r, semi_c = h * rng.uniform(0.47, 0.53), h * rng.uniform(0.36, 0.44), w * rng.uniform(0.66, 0.8)
+        centre_r, semi_r, semi_c = (
+            h * rng.uniform(0.47, 0.53),
+            h * rng.uniform(0.36, 0.44),
+            w * rng.uniform(0.66, 0.8),
+        )
     else:
-        centre_r, semi_r, semi_c = h * rng.uniform(0.52, 0.58), h * rng.uniform(0.42, 0.48), w * rng.uniform(0.62, 0.76)
+        centre_r, semi_r, semi_c = (
+            h * rng.uniform(0.52, 0.58),
+            h * rng.uniform(0.42, 0.48),
+            w * rng.uniform(0.62, 0.76),
+        )
     ellipse = ((rows - centre_r) / semi_r) ** 2 + (cols / semi_c) ** 2 <= 1.0
     pectoral = np.zeros(shape, dtype=bool)
     if view == "MLO":
@@ -107,19 +129,27 @@ def _breast_geometry(
     return ellipse | pectoral, pectoral, (centre_r, 0.0, semi_r, semi_c)
 
 
-def _lesion_centre(lesion: Lesion, view: str, geometry: tuple[float, float, float, float],
-                   rng_view: np.random.Generator) -> tuple[float, float]:
+def _lesion_centre(
+    lesion: Lesion,
+    view: str,
+    geometry: tuple[float, float, float, float],
+    rng_view: np.random.Generator,
+) -> tuple[float, float]:
     centre_r, _, semi_r, semi_c = geometry
     col = (1.0 - lesion.depth) * semi_c * 0.85
     # Same depth in both views; the MLO's vertical position follows the CC's with some scatter.
     spread = semi_r * 0.55 * np.sqrt(max(0.0, 1.0 - (col / semi_c) ** 2))
-    offset = lesion.offset if view == "CC" else np.clip(
-        lesion.offset * 0.7 + rng_view.normal(0, 0.15), -1, 1)
+    offset = (
+        lesion.offset
+        if view == "CC"
+        else np.clip(lesion.offset * 0.7 + rng_view.normal(0, 0.15), -1, 1)
+    )
     return centre_r + offset * spread, col
 
 
-def _draw_lesion(canvas: NDArray, lesion: Lesion, centre: tuple[float, float],
-                 spacing_mm: float) -> tuple[int, int, int, int]:
+def _draw_lesion(
+    canvas: NDArray, lesion: Lesion, centre: tuple[float, float], spacing_mm: float
+) -> tuple[int, int, int, int]:
     """Adds the lesion to `canvas` in place; returns its bounding box (x0, y0, x1, y1)."""
     rng = np.random.default_rng(lesion.seed)
     h, w = canvas.shape
@@ -145,7 +175,7 @@ def _draw_lesion(canvas: NDArray, lesion: Lesion, centre: tuple[float, float],
                 along = dc * np.cos(theta) + dr * np.sin(theta)
                 across = -dc * np.sin(theta) + dr * np.cos(theta)
                 width = max(0.8, radius * 0.06)
-                strand = np.exp(-(across / width) ** 2) * ((along > 0) & (along < length))
+                strand = np.exp(-((across / width) ** 2)) * ((along > 0) & (along < length))
                 patch += 0.6 * strand * (1.0 - np.clip(along / length, 0, 1))
         else:
             # Round or oval, sharp (circumscribed) margin.
@@ -167,8 +197,9 @@ def _draw_lesion(canvas: NDArray, lesion: Lesion, centre: tuple[float, float],
     return c0, r0, c1, r1
 
 
-def _render_view(view: str, lesion: Lesion | None, options: SynthOptions,
-                 rng: np.random.Generator) -> tuple[NDArray, tuple[int, int, int, int] | None]:
+def _render_view(
+    view: str, lesion: Lesion | None, options: SynthOptions, rng: np.random.Generator
+) -> tuple[NDArray, tuple[int, int, int, int] | None]:
     shape = (options.height, options.width)
     breast, pectoral, geometry = _breast_geometry(view, shape, rng)
     centre_r, _, semi_r, semi_c = geometry
@@ -190,14 +221,36 @@ def _render_view(view: str, lesion: Lesion | None, options: SynthOptions,
 
 def _draw_lesion_spec(rng: np.random.Generator, finding: Finding) -> Lesion:
     kind = "mass" if rng.random() < 0.7 else "calcifications"
-    size = rng.uniform(5, 30) if kind == "mass" else rng.uniform(5, 10) if finding == Finding.MALIGNANT else rng.uniform(20, 40)
-    return Lesion(finding=finding, kind=kind, depth=rng.uniform(0.2, 0.75),
-                  offset=rng.uniform(-0.8, 0.8), size_mm=size, contrast=rng.uniform(0.05, 0.11),
-                  seed=int(rng.integers(0, 2**31)))
+    size = (
+        rng.uniform(5, 30)
+        if kind == "mass"
+        else rng.uniform(5, 10)
+        if finding == Finding.MALIGNANT
+        else rng.uniform(20, 40)
+    )
+    return Lesion(
+        finding=finding,
+        kind=kind,
+        depth=rng.uniform(0.2, 0.75),
+        offset=rng.uniform(-0.8, 0.8),
+        size_mm=size,
+        contrast=rng.uniform(0.05, 0.11),
+        seed=int(rng.integers(0, 2**31)),
+    )
 
 
-def _write_dicom(path: Path, pixels: NDArray, *, patient: str, study_uid: str, series_uid: str,
-                 laterality: str, view: str, options: SynthOptions, seed_parts: list[str]) -> None:
+def _write_dicom(
+    path: Path,
+    pixels: NDArray,
+    *,
+    patient: str,
+    study_uid: str,
+    series_uid: str,
+    laterality: str,
+    view: str,
+    options: SynthOptions,
+    seed_parts: list[str],
+) -> None:
     stored = np.round(pixels * MAX_VALUE).astype(np.uint16)
     sop_uid = generate_uid(entropy_srcs=[*seed_parts, "sop"])
     meta = FileMetaDataset()
@@ -234,8 +287,9 @@ def _write_dicom(path: Path, pixels: NDArray, *, patient: str, study_uid: str, s
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
 
 
-def generate_exams(out_dir: Path, *, exams: int, seed: int,
-                   options: SynthOptions | None = None) -> list[SynthImage]:
+def generate_exams(
+    out_dir: Path, *, exams: int, seed: int, options: SynthOptions | None = None
+) -> list[SynthImage]:
     """Write `exams` four-view exams and `labels.csv` into `out_dir`; deterministic per seed."""
     options = options or SynthOptions()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -245,9 +299,13 @@ def generate_exams(out_dir: Path, *, exams: int, seed: int,
         patient = f"SYN{seed:04d}{index:05d}"
         study_uid = generate_uid(entropy_srcs=[str(seed), str(index), "study"])
         draw = rng.random()
-        finding = (Finding.MALIGNANT if draw < options.malignant_prevalence else
-                   Finding.BENIGN if draw < options.malignant_prevalence + options.benign_prevalence
-                   else Finding.NORMAL)
+        finding = (
+            Finding.MALIGNANT
+            if draw < options.malignant_prevalence
+            else Finding.BENIGN
+            if draw < options.malignant_prevalence + options.benign_prevalence
+            else Finding.NORMAL
+        )
         lesion_side = "L" if rng.random() < 0.5 else "R"
         lesion = _draw_lesion_spec(rng, finding) if finding != Finding.NORMAL else None
         for laterality in ("L", "R"):
@@ -262,12 +320,30 @@ def generate_exams(out_dir: Path, *, exams: int, seed: int,
                         x0, y0, x1, y1 = box
                         box = (options.width - x1, y0, options.width - x0, y1)
                 path = out_dir / f"exam{index:05d}_{laterality}_{view}.dcm"
-                _write_dicom(path, pixels, patient=patient, study_uid=study_uid,
-                             series_uid=series_uid, laterality=laterality, view=view,
-                             options=options, seed_parts=[str(seed), str(index), laterality, view])
+                _write_dicom(
+                    path,
+                    pixels,
+                    patient=patient,
+                    study_uid=study_uid,
+                    series_uid=series_uid,
+                    laterality=laterality,
+                    view=view,
+                    options=options,
+                    seed_parts=[str(seed), str(index), laterality, view],
+                )
                 label = side_lesion.finding if side_lesion else Finding.NORMAL
-                written.append(SynthImage(path, patient, study_uid, laterality, view, label,
-                                          side_lesion.kind if side_lesion else "", box))
+                written.append(
+                    SynthImage(
+                        path,
+                        patient,
+                        study_uid,
+                        laterality,
+                        view,
+                        label,
+                        side_lesion.kind if side_lesion else "",
+                        box,
+                    )
+                )
     write_labels(out_dir / "labels.csv", written)
     return written
 
@@ -278,5 +354,15 @@ def write_labels(path: Path, images: list[SynthImage]) -> None:
         writer.writerow(LABEL_FIELDS)
         for image in images:
             box = image.box or ("", "", "", "")
-            writer.writerow([image.path.name, image.patient, image.study, image.laterality,
-                             image.view, image.label.value, image.lesion_type, *box])
+            writer.writerow(
+                [
+                    image.path.name,
+                    image.patient,
+                    image.study,
+                    image.laterality,
+                    image.view,
+                    image.label.value,
+                    image.lesion_type,
+                    *box,
+                ]
+            )

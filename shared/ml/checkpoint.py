@@ -13,8 +13,11 @@ from shared.ml.model import ScreeningNet, ScreeningNetConfig, build_model
 def checkpoint_bytes(model: ScreeningNet, *, extra: dict[str, Any] | None = None) -> bytes:
     buffer = io.BytesIO()
     torch.save(
-        {"model_config": model.config.to_dict(), "state_dict": model.state_dict(),
-         "extra": extra or {}},
+        {
+            "model_config": model.config.to_dict(),
+            "state_dict": model.state_dict(),
+            "extra": extra or {},
+        },
         buffer,
     )
     return buffer.getvalue()

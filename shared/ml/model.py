@@ -62,8 +62,7 @@ class ScreeningNet(nn.Module):
         super().__init__()
         self.config = config
         self.stem = nn.Sequential(
-            nn.Conv2d(config.in_channels, config.stem_channels, 7, stride=2, padding=3,
-                      bias=False),
+            nn.Conv2d(config.in_channels, config.stem_channels, 7, stride=2, padding=3, bias=False),
             nn.BatchNorm2d(config.stem_channels),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(3, stride=2, padding=1),
@@ -86,7 +85,8 @@ class ScreeningNet(nn.Module):
         features = self.stages(features)
         # -> (B, C) -> (B,)
         pooled = torch.amax(features, dim=(2, 3))
-        return self.head(self.dropout(pooled)).squeeze(1)
+        logits: torch.Tensor = self.head(self.dropout(pooled)).squeeze(1)
+        return logits
 
 
 def build_model(config: ScreeningNetConfig) -> ScreeningNet:

@@ -46,11 +46,19 @@ def ensure_active_model(*, session: Session, store: ObjectStore) -> ModelVersion
     config = ScreeningNetConfig()
     model = build_model(config)
     key = f"models/{UNTRAINED_MODEL_NAME}/checkpoint.pt"
-    store.put_bytes(key, checkpoint_bytes(model, extra={"trained": False}),
-                    content_type="application/octet-stream")
-    version = ModelVersion(name=UNTRAINED_MODEL_NAME, architecture=config.to_dict(),
-                           checkpoint_key=key, status=ModelStatus.ACTIVE, trained=False,
-                           metrics={"note": "randomly initialised; scores are not meaningful"})
+    store.put_bytes(
+        key,
+        checkpoint_bytes(model, extra={"trained": False}),
+        content_type="application/octet-stream",
+    )
+    version = ModelVersion(
+        name=UNTRAINED_MODEL_NAME,
+        architecture=config.to_dict(),
+        checkpoint_key=key,
+        status=ModelStatus.ACTIVE,
+        trained=False,
+        metrics={"note": "randomly initialised; scores are not meaningful"},
+    )
     session.add(version)
     session.flush()
     return version

@@ -25,16 +25,18 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def stack(settings: Settings, tmp_path: Path) -> Iterator[StackState]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SCREENING_")}
-    environ.update({
-        "SCREENING_ENV": "test",
-        "SCREENING_DATABASE_URL": settings.database_url,
-        "SCREENING_REDIS_URL": settings.redis_url,
-        "SCREENING_S3_ENDPOINT": settings.s3_endpoint,
-        "SCREENING_S3_ACCESS_KEY": settings.s3_access_key,
-        "SCREENING_S3_SECRET_KEY": settings.s3_secret_key,
-        "SCREENING_S3_BUCKET": settings.s3_bucket,
-        "SCREENING_INFERENCE_CHUNK_SIZE": "3",  # several tasks for one exam
-    })
+    environ.update(
+        {
+            "SCREENING_ENV": "test",
+            "SCREENING_DATABASE_URL": settings.database_url,
+            "SCREENING_REDIS_URL": settings.redis_url,
+            "SCREENING_S3_ENDPOINT": settings.s3_endpoint,
+            "SCREENING_S3_ACCESS_KEY": settings.s3_access_key,
+            "SCREENING_S3_SECRET_KEY": settings.s3_secret_key,
+            "SCREENING_S3_BUCKET": settings.s3_bucket,
+            "SCREENING_INFERENCE_CHUNK_SIZE": "3",  # several tasks for one exam
+        }
+    )
     state = up(tmp_path / "stack", environ=environ)
     yield state
     survivors = down(tmp_path / "stack")
@@ -45,8 +47,11 @@ def test_exam_uploaded_over_http_is_screened_and_scores_land_in_postgres(
     stack: StackState, session: Session, exam: list[SynthImage], tmp_path: Path
 ) -> None:
     env = stack.env
-    with Client(ingest_url=env["SCREENING_INGEST_URL"], results_url=env["SCREENING_RESULTS_URL"],
-                api_key=env["SCREENING_API_KEY"]) as client:
+    with Client(
+        ingest_url=env["SCREENING_INGEST_URL"],
+        results_url=env["SCREENING_RESULTS_URL"],
+        api_key=env["SCREENING_API_KEY"],
+    ) as client:
         batch = client.create_batch("e2e")
         upload = client.upload(batch["id"], [i.path for i in exam])
         assert len(upload["accepted"]) == 4
@@ -68,18 +73,21 @@ def test_exam_uploaded_over_http_is_screened_and_scores_land_in_postgres(
 
     # Another tenant sees nothing of it; no key gets 401.
     _, other_key = make_tenant(session)
-    with Client(ingest_url=env["SCREENING_INGEST_URL"], results_url=env["SCREENING_RESULTS_URL"],
-                api_key=other_key) as other:
-        with pytest.raises(ApiClientError) as caught:
-            other.batch(batch["id"])
+    with (
+        Client(
+            ingest_url=env["SCREENING_INGEST_URL"],
+            results_url=env["SCREENING_RESULTS_URL"],
+            api_key=other_key,
+        ) as other,
+        pytest.raises(ApiClientError) as caught,
+    ):
+        other.batch(batch["id"])
     assert (caught.value.status, caught.value.code) == (404, "batch_not_found")
     anonymous = httpx.get(f"{env['SCREENING_RESULTS_URL']}/v1/batches/{batch['id']}")
     assert anonymous.status_code == 401
 
 
-def test_up_is_idempotent_and_down_stops_every_process(
-    stack: StackState, tmp_path: Path
-) -> None:
+def test_up_is_idempotent_and_down_stops_every_process(stack: StackState, tmp_path: Path) -> None:
     again = up(tmp_path / "stack")
     assert again.services == stack.services
     assert all(pid_alive(pid) for pid in stack.pids())

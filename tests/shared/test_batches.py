@@ -21,8 +21,9 @@ from tests.factories import make_batch, make_image, make_tenant
 
 
 def _model(session: Session) -> ModelVersion:
-    version = ModelVersion(name=f"m-{uuid.uuid4().hex[:6]}", architecture={},
-                           checkpoint_key="k", trained=False)
+    version = ModelVersion(
+        name=f"m-{uuid.uuid4().hex[:6]}", architecture={}, checkpoint_key="k", trained=False
+    )
     session.add(version)
     session.commit()
     return version
@@ -53,7 +54,11 @@ def test_batch_lifecycle_open_processing_completed(session: Session) -> None:
     assert locked.status == BatchStatus.COMPLETED
     assert locked.completed_at is not None
     assert image_counts(session=session, batch_id=batch.id) == {
-        "queued": 0, "running": 0, "done": 1, "failed": 1}
+        "queued": 0,
+        "running": 0,
+        "done": 1,
+        "failed": 1,
+    }
 
 
 def test_closing_a_batch_whose_images_are_all_finished_completes_it(session: Session) -> None:
@@ -72,8 +77,7 @@ def test_duplicate_delivery_creates_no_second_prediction_or_transition(session: 
     for score in (0.25, 0.75):  # the same chunk delivered twice
         claimed = claim_images(session=session, image_ids=[image.id])
         for row in claimed:
-            record_prediction(session=session, image=row, model_version_id=version.id,
-                              score=score)
+            record_prediction(session=session, image=row, model_version_id=version.id, score=score)
         session.commit()
     count = session.scalar(select(func.count()).select_from(Prediction))
     assert count == 1
@@ -90,8 +94,9 @@ def test_failed_image_is_not_flipped_to_done_by_a_late_result(session: Session) 
     (claimed,) = claim_images(session=session, image_ids=[image.id])
     record_failure(session=session, image=claimed, code="decode_failed", message="bad")
     session.commit()
-    wrote = record_prediction(session=session, image=claimed, model_version_id=version.id,
-                              score=0.9)
+    wrote = record_prediction(
+        session=session, image=claimed, model_version_id=version.id, score=0.9
+    )
     session.commit()
     assert wrote is False
     assert session.scalar(select(func.count()).select_from(Prediction)) == 0
@@ -107,8 +112,10 @@ def test_queries_are_scoped_to_the_tenant(session: Session) -> None:
     make_image(session, batch)
     assert get_batch(session=session, tenant_id=other.id, batch_id=batch.id) is None
     assert list_batches(session=session, tenant_id=other.id, limit=10, before=None) == []
-    assert results_page(session=session, tenant_id=other.id, batch_id=batch.id, limit=10,
-                        after=None) == []
+    assert (
+        results_page(session=session, tenant_id=other.id, batch_id=batch.id, limit=10, after=None)
+        == []
+    )
 
 
 def test_batches_list_newest_first_with_keyset_pages(session: Session) -> None:
@@ -116,7 +123,8 @@ def test_batches_list_newest_first_with_keyset_pages(session: Session) -> None:
     made = [make_batch(session, tenant, name=f"b{i}") for i in range(5)]
     first = list_batches(session=session, tenant_id=tenant.id, limit=2, before=None)
     assert [b.name for b in first] == ["b4", "b3"]
-    rest = list_batches(session=session, tenant_id=tenant.id, limit=10,
-                        before=(first[-1].created_at, first[-1].id))
+    rest = list_batches(
+        session=session, tenant_id=tenant.id, limit=10, before=(first[-1].created_at, first[-1].id)
+    )
     assert [b.name for b in rest] == ["b2", "b1", "b0"]
     assert len({b.id for b in first + rest}) == len(made)

@@ -22,8 +22,12 @@ def test_production_refuses_placeholder_secrets() -> None:
 
 
 def test_production_accepts_real_secrets() -> None:
-    settings = Settings(env="prod", s3_access_key="real", s3_secret_key="real-secret",
-                        patient_key_secret="another-real-secret")
+    settings = Settings(
+        env="prod",
+        s3_access_key="real",
+        s3_secret_key="real-secret",
+        patient_key_secret="another-real-secret",
+    )
     assert settings.s3_secret_key != DEV_S3_SECRET_KEY
 
 

@@ -38,4 +38,5 @@ def test_every_queue_has_its_own_exchange_and_routing_key(settings: Settings) ->
     # Queues sharing a binding would let the Redis transport deliver a task to either of them.
     queues = make_celery(settings).amqp.queues
     assert {name: (q.exchange.name, q.routing_key) for name, q in queues.items()} == {
-        q.value: (q.value, q.value) for q in Queue}
+        q.value: (q.value, q.value) for q in Queue
+    }

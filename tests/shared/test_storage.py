@@ -11,8 +11,13 @@ from shared.storage import PART_SIZE, ObjectStore, ObjectTooLarge
 
 def test_streamed_object_round_trips_with_its_hash(store: ObjectStore) -> None:
     data = os.urandom(PART_SIZE + 12345)  # more than one multipart part
-    stored = store.put_stream("a/b", io.BytesIO(data[10:]), content_type="application/dicom",
-                              limit=len(data), prefix=data[:10])
+    stored = store.put_stream(
+        "a/b",
+        io.BytesIO(data[10:]),
+        content_type="application/dicom",
+        limit=len(data),
+        prefix=data[:10],
+    )
     assert stored.size == len(data)
     assert stored.sha256 == hashlib.sha256(data).hexdigest()
     assert store.get_bytes("a/b") == data

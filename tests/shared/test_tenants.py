@@ -35,7 +35,10 @@ def test_only_a_hash_of_the_key_is_stored(session: Session) -> None:
 
 def test_wrong_malformed_and_revoked_keys_are_refused(session: Session) -> None:
     _, secret = make_tenant(session)
-    assert authenticate(session=session, secret=secret[:-1] + ("A" if secret[-1] != "A" else "B")) is None
+    assert (
+        authenticate(session=session, secret=secret[:-1] + ("A" if secret[-1] != "A" else "B"))
+        is None
+    )
     assert authenticate(session=session, secret="not-a-key") is None
     assert authenticate(session=session, secret="") is None
     key = session.scalars(select(ApiKey)).one()

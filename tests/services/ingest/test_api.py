@@ -50,8 +50,7 @@ def test_invalid_batch_spec_gets_422_with_the_common_error_shape(
     ingest: TestClient, session: Session
 ) -> None:
     _, key = make_tenant(session)
-    response = ingest.post("/v1/batches", json={"name": "", "priority": "asap"},
-                           headers=auth(key))
+    response = ingest.post("/v1/batches", json={"name": "", "priority": "asap"}, headers=auth(key))
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["code"] == "invalid_request"
@@ -59,19 +58,29 @@ def test_invalid_batch_spec_gets_422_with_the_common_error_shape(
 
 
 def test_upload_streams_hashes_records_and_queues_after_commit(
-    ingest: TestClient, session: Session, settings: Settings, store: ObjectStore,
+    ingest: TestClient,
+    session: Session,
+    settings: Settings,
+    store: ObjectStore,
     exam: list[SynthImage],
 ) -> None:
     tenant, key = make_tenant(session)
     batch = _batch(ingest, key)
-    response = ingest.post(f"/v1/batches/{batch['id']}/images",
-                           files=files_field([i.path for i in exam]), headers=auth(key))
+    response = ingest.post(
+        f"/v1/batches/{batch['id']}/images",
+        files=files_field([i.path for i in exam]),
+        headers=auth(key),
+    )
     assert response.status_code == 202, response.text
     body = response.json()
     assert body["rejected"] == []
     assert len(body["accepted"]) == 4
     assert {(a["laterality"], a["view"]) for a in body["accepted"]} == {
-        ("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")}
+        ("L", "CC"),
+        ("L", "MLO"),
+        ("R", "CC"),
+        ("R", "MLO"),
+    }
 
     rows = session.scalars(select(Image).where(Image.batch_id == uuid.UUID(batch["id"]))).all()
     assert len(rows) == 4
@@ -107,8 +116,11 @@ def test_mixed_upload_accepts_images_and_rejects_the_rest_with_codes(
     (png,) = body["accepted"]
     assert (png["media_type"], png["laterality"], png["view"]) == ("image/png", "R", "MLO")
     codes = {r["filename"]: r["code"] for r in body["rejected"]}
-    assert codes == {"report.pdf": "unsupported_media_type",
-                     "lying.dcm": "unsupported_media_type", "empty.dcm": "empty_file"}
+    assert codes == {
+        "report.pdf": "unsupported_media_type",
+        "lying.dcm": "unsupported_media_type",
+        "empty.dcm": "empty_file",
+    }
     assert all(r["message"] for r in body["rejected"])
 
 
@@ -117,9 +129,11 @@ def test_all_files_rejected_is_a_422_and_nothing_is_stored(
 ) -> None:
     _, key = make_tenant(session)
     batch = _batch(ingest, key)
-    response = ingest.post(f"/v1/batches/{batch['id']}/images",
-                           files=[("files", ("a.txt", b"hello", "text/plain"))],
-                           headers=auth(key))
+    response = ingest.post(
+        f"/v1/batches/{batch['id']}/images",
+        files=[("files", ("a.txt", b"hello", "text/plain"))],
+        headers=auth(key),
+    )
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["code"] == "no_acceptable_files"
@@ -129,7 +143,10 @@ def test_all_files_rejected_is_a_422_and_nothing_is_stored(
 
 
 def test_oversized_file_is_rejected_while_streaming(
-    infra: object, session: Session, exam: list[SynthImage], settings: Settings,
+    infra: object,
+    session: Session,
+    exam: list[SynthImage],
+    settings: Settings,
     store: ObjectStore,
 ) -> None:
     from services.ingest.app import create_app
@@ -138,8 +155,11 @@ def test_oversized_file_is_rejected_while_streaming(
     with TestClient(create_app(small_limit)) as ingest:
         _, key = make_tenant(session)
         batch = _batch(ingest, key)
-        response = ingest.post(f"/v1/batches/{batch['id']}/images",
-                               files=files_field([exam[0].path]), headers=auth(key))
+        response = ingest.post(
+            f"/v1/batches/{batch['id']}/images",
+            files=files_field([exam[0].path]),
+            headers=auth(key),
+        )
     assert response.status_code == 422
     assert response.json()["error"]["detail"]["rejected"][0]["code"] == "file_too_large"
     assert list(store.client.list_objects(store.bucket, recursive=True)) == []
@@ -160,8 +180,11 @@ def test_another_tenants_batch_is_404_and_a_closed_batch_409(
     closed = ingest.post(f"/v1/batches/{batch['id']}/close", headers=auth(owner_key))
     assert closed.status_code == 200
     assert closed.json()["status"] == "completed"  # closed with no images: nothing left
-    late = ingest.post(f"/v1/batches/{batch['id']}/images", files=files_field([exam[0].path]),
-                       headers=auth(owner_key))
+    late = ingest.post(
+        f"/v1/batches/{batch['id']}/images",
+        files=files_field([exam[0].path]),
+        headers=auth(owner_key),
+    )
     assert late.status_code == 409
     assert late.json()["error"]["code"] == "batch_not_open"
 
@@ -203,8 +226,11 @@ def test_queue_outage_gets_503_and_nothing_half_written(
     with TestClient(create_app(no_broker)) as ingest:
         _, key = make_tenant(session)
         batch = _batch(ingest, key)
-        response = ingest.post(f"/v1/batches/{batch['id']}/images",
-                               files=files_field([exam[0].path]), headers=auth(key))
+        response = ingest.post(
+            f"/v1/batches/{batch['id']}/images",
+            files=files_field([exam[0].path]),
+            headers=auth(key),
+        )
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "queue_unavailable"
     assert int(response.headers["Retry-After"]) > 0

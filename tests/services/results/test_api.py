@@ -12,8 +12,9 @@ from tests.services.conftest import auth
 
 
 def _model(session: Session, *, trained: bool = False) -> ModelVersion:
-    version = ModelVersion(name=f"m-{uuid.uuid4().hex[:6]}", architecture={},
-                           checkpoint_key="k", trained=trained)
+    version = ModelVersion(
+        name=f"m-{uuid.uuid4().hex[:6]}", architecture={}, checkpoint_key="k", trained=trained
+    )
     session.add(version)
     session.commit()
     return version
@@ -28,8 +29,9 @@ def test_results_page_through_every_image_exactly_once(
     version = _model(session)
     claimed = claim_images(session=session, image_ids=[i.id for i in images[:6]])
     for index, image in enumerate(claimed):
-        record_prediction(session=session, image=image, model_version_id=version.id,
-                          score=index / 10)
+        record_prediction(
+            session=session, image=image, model_version_id=version.id, score=index / 10
+        )
     session.commit()
 
     seen, cursor, pages = [], None, 0
@@ -50,8 +52,17 @@ def test_results_page_through_every_image_exactly_once(
     assert {item["model_version"]["name"] for item in scored} == {version.name}
     assert all(item["status"] == "done" for item in scored)
     assert {item["status"] for item in seen[6:]} == {"queued"}
-    required = {"id", "study_id", "laterality", "view", "status", "score", "error_code",
-                "error_message", "model_version"}
+    required = {
+        "id",
+        "study_id",
+        "laterality",
+        "view",
+        "status",
+        "score",
+        "error_code",
+        "error_message",
+        "model_version",
+    }
     assert required <= set(seen[0])
 
 
@@ -74,15 +85,19 @@ def test_batch_detail_counts_and_untrained_warning(results: TestClient, session:
 
     failed = results.get(f"/v1/images/{second.id}", headers=auth(key)).json()
     assert (failed["status"], failed["error_code"], failed["score"]) == (
-        "failed", "decode_failed", None)
+        "failed",
+        "decode_failed",
+        None,
+    )
 
 
 def test_trained_model_carries_no_untrained_warning(results: TestClient, session: Session) -> None:
     tenant, key = make_tenant(session)
     batch = make_batch(session, tenant)
     (image,) = claim_images(session=session, image_ids=[make_image(session, batch).id])
-    record_prediction(session=session, image=image,
-                      model_version_id=_model(session, trained=True).id, score=0.1)
+    record_prediction(
+        session=session, image=image, model_version_id=_model(session, trained=True).id, score=0.1
+    )
     session.commit()
     assert results.get(f"/v1/batches/{batch.id}", headers=auth(key)).json()["warnings"] == []
 
@@ -93,8 +108,9 @@ def test_batches_list_is_newest_first_and_paginated(results: TestClient, session
         make_batch(session, tenant, name=f"b{i}")
     first = results.get("/v1/batches", params={"limit": 2}, headers=auth(key)).json()
     assert [b["name"] for b in first["items"]] == ["b2", "b1"]
-    rest = results.get("/v1/batches", params={"limit": 2, "cursor": first["next_cursor"]},
-                       headers=auth(key)).json()
+    rest = results.get(
+        "/v1/batches", params={"limit": 2, "cursor": first["next_cursor"]}, headers=auth(key)
+    ).json()
     assert [b["name"] for b in rest["items"]] == ["b0"]
     assert rest["next_cursor"] is None
 
@@ -104,9 +120,11 @@ def test_every_route_hides_another_tenants_rows(results: TestClient, session: Se
     _, other_key = make_tenant(session)
     batch = make_batch(session, owner)
     image = make_image(session, batch)
-    for path, code in ((f"/v1/batches/{batch.id}", "batch_not_found"),
-                       (f"/v1/batches/{batch.id}/results", "batch_not_found"),
-                       (f"/v1/images/{image.id}", "image_not_found")):
+    for path, code in (
+        (f"/v1/batches/{batch.id}", "batch_not_found"),
+        (f"/v1/batches/{batch.id}/results", "batch_not_found"),
+        (f"/v1/images/{image.id}", "image_not_found"),
+    ):
         response = results.get(path, headers=auth(other_key))
         assert response.status_code == 404, path
         assert response.json()["error"]["code"] == code
@@ -118,10 +136,12 @@ def test_no_key_is_401_and_bad_cursor_is_422(results: TestClient, session: Sessi
     batch = make_batch(session, tenant)
     assert results.get(f"/v1/batches/{batch.id}").status_code == 401
     for cursor in ("garbage", "WyJub3QtYS11dWlkIl0"):
-        response = results.get(f"/v1/batches/{batch.id}/results", params={"cursor": cursor},
-                               headers=auth(key))
+        response = results.get(
+            f"/v1/batches/{batch.id}/results", params={"cursor": cursor}, headers=auth(key)
+        )
         assert response.status_code == 422
         assert response.json()["error"]["code"] == "invalid_cursor"
-    too_big = results.get(f"/v1/batches/{batch.id}/results", params={"limit": 10_000},
-                          headers=auth(key))
+    too_big = results.get(
+        f"/v1/batches/{batch.id}/results", params={"limit": 10_000}, headers=auth(key)
+    )
     assert too_big.status_code == 422

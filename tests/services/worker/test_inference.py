@@ -20,8 +20,12 @@ def ctx(settings: Settings, store: ObjectStore) -> WorkerContext:
     return WorkerContext(settings, store, ModelCache(settings, store))
 
 
-def _stored_exam(session: Session, store: ObjectStore, exam: list[SynthImage], batch: object,
-                 ) -> list[Image]:
+def _stored_exam(
+    session: Session,
+    store: ObjectStore,
+    exam: list[SynthImage],
+    batch: object,
+) -> list[Image]:
     images = []
     for synth in exam:
         data = synth.path.read_bytes()
@@ -61,8 +65,9 @@ def test_bad_images_fail_with_codes_and_the_rest_are_screened(
     tenant, _ = make_tenant(session)
     batch = make_batch(session, tenant)
     good = _stored_exam(session, store, exam[:2], batch)
-    store.put_bytes("test/garbage", b"\x00" * 128 + b"DICM" + b"\xff" * 64,
-                    content_type="application/dicom")
+    store.put_bytes(
+        "test/garbage", b"\x00" * 128 + b"DICM" + b"\xff" * 64, content_type="application/dicom"
+    )
     corrupt = make_image(session, batch, object_key="test/garbage")
     missing = make_image(session, batch, object_key="test/never-uploaded")
 
@@ -70,8 +75,9 @@ def test_bad_images_fail_with_codes_and_the_rest_are_screened(
 
     assert outcome == {"done": 2, "failed": 2}
     session.expire_all()
-    failed = {i.id: i for i in session.scalars(select(Image).where(
-        Image.status == ImageStatus.FAILED))}
+    failed = {
+        i.id: i for i in session.scalars(select(Image).where(Image.status == ImageStatus.FAILED))
+    }
     assert failed[corrupt.id].error_code == "decode_failed"
     assert failed[missing.id].error_code == "object_missing"
     assert all(i.error_message for i in failed.values())
@@ -90,7 +96,10 @@ def test_redelivered_chunk_changes_nothing(
 
 
 def test_storage_outage_is_transient_and_a_later_attempt_completes(
-    ctx: WorkerContext, settings: Settings, session: Session, store: ObjectStore,
+    ctx: WorkerContext,
+    settings: Settings,
+    session: Session,
+    store: ObjectStore,
     exam: list[SynthImage],
 ) -> None:
     tenant, _ = make_tenant(session)

@@ -16,8 +16,9 @@ from shared.imaging.synth import SynthOptions, generate_exams
 @pytest.fixture(scope="module")
 def dicom_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dicom")
-    return generate_exams(out, exams=1, seed=1,
-                          options=SynthOptions(height=256, width=208, pixel_spacing_mm=0.8))[0].path
+    return generate_exams(
+        out, exams=1, seed=1, options=SynthOptions(height=256, width=208, pixel_spacing_mm=0.8)
+    )[0].path
 
 
 def _png(array: np.ndarray) -> bytes:

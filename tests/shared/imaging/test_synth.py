@@ -9,8 +9,9 @@ import pytest
 
 from shared.imaging.synth import Finding, SynthOptions, _power_law_texture, generate_exams
 
-SMALL = SynthOptions(height=512, width=416, pixel_spacing_mm=0.4, malignant_prevalence=0.5,
-                     benign_prevalence=0.5)
+SMALL = SynthOptions(
+    height=512, width=416, pixel_spacing_mm=0.4, malignant_prevalence=0.5, benign_prevalence=0.5
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,8 @@ def test_labels_csv_has_a_row_per_image_and_boxes_in_both_views(exams: Path) -> 
     assert lesion_rows, "prevalence 1.0 must place lesions"
     by_breast: dict[tuple[str, str], set[str]] = {}
     for row in lesion_rows:
-        assert row["box_x0"] and int(row["box_x1"]) > int(row["box_x0"])
+        assert row["box_x0"]
+        assert int(row["box_x1"]) > int(row["box_x0"])
         by_breast.setdefault((row["study"], row["laterality"]), set()).add(row["view"])
     assert all(v == {"CC", "MLO"} for v in by_breast.values())
 
