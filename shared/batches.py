@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import distinct_on, insert
@@ -185,17 +185,19 @@ def results_page(
     return list(session.scalars(query.order_by(Image.id).limit(limit)))
 
 
-def claim_images(*, session: Session, image_ids: Sequence[uuid.UUID]) -> list[Image]:
-    """Move queued (or re-delivered running) images to running; done/failed ones are skipped.
+def claim_images(
+    *, session: Session, image_ids: Sequence[uuid.UUID], lease_s: float
+) -> list[Image]:
+    """Move queued images to running under a lease; any other state is skipped.
 
-    Rows are locked with SKIP LOCKED, so two deliveries of one chunk never work an image at once.
+    Rows are locked with SKIP LOCKED, so two deliveries of one chunk never claim an image
+    twice; an image whose worker died is returned to `queued` by the sweeper once its lease
+    has expired, never taken over while the lease holds.
     """
     images = list(
         session.scalars(
             select(Image)
-            .where(
-                Image.id.in_(image_ids), Image.status.in_([ImageStatus.QUEUED, ImageStatus.RUNNING])
-            )
+            .where(Image.id.in_(image_ids), Image.status == ImageStatus.QUEUED)
             .order_by(Image.id)
             .with_for_update(skip_locked=True)
         )
@@ -205,7 +207,29 @@ def claim_images(*, session: Session, image_ids: Sequence[uuid.UUID]) -> list[Im
         image.status = ImageStatus.RUNNING
         image.attempts += 1
         image.started_at = now
+        image.lease_expires_at = now + timedelta(seconds=lease_s)
     return images
+
+
+def release_images(*, session: Session, image_ids: Sequence[uuid.UUID]) -> int:
+    """Hand running images back to the queue (their worker hit a transient failure)."""
+    result = session.execute(
+        update(Image)
+        .where(Image.id.in_(image_ids), Image.status == ImageStatus.RUNNING)
+        .values(status=ImageStatus.QUEUED, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def mark_enqueued(*, session: Session, image_ids: Sequence[uuid.UUID]) -> None:
+    """Record that the broker accepted these images' work (the outbox's "sent" mark)."""
+    session.execute(
+        update(Image)
+        .where(Image.id.in_(image_ids))
+        .values(enqueued_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
 
 
 def record_prediction(
@@ -254,7 +278,13 @@ def _finish(
     result = session.execute(
         update(Image)
         .where(Image.id == image_id, Image.status == ImageStatus.RUNNING)
-        .values(status=status, error_code=code, error_message=message, finished_at=utcnow())
+        .values(
+            status=status,
+            error_code=code,
+            error_message=message,
+            finished_at=utcnow(),
+            lease_expires_at=None,
+        )
         .execution_options(synchronize_session=False)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]

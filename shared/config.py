@@ -45,6 +45,17 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
     max_files_per_request: int = Field(default=256, gt=0)
 
+    # Reliability (see docs/reliability.md). A worker's claim on an image lasts lease_s; the
+    # sweeper (every sweep_interval_s, in each worker) returns expired claims to the queue,
+    # fails an image after max_attempts claims, re-sends queued work not sent or not picked up
+    # within requeue_after_s, and deletes objects left without a row for orphan_grace_s.
+    lease_s: float = Field(default=300, gt=0)
+    sweep_interval_s: float = Field(default=15, gt=0)
+    requeue_after_s: float = Field(default=900, gt=0)
+    max_attempts: int = Field(default=5, gt=0)
+    orphan_grace_s: float = Field(default=3600, ge=0)
+    orphan_sweep_every: int = Field(default=240, gt=0)  # sweeps between orphan scans
+
     # How many image ids one inference task carries (a chunk of a bulk batch).
     inference_chunk_size: int = Field(default=16, gt=0)
     # "auto" picks CUDA when torch sees a GPU, else the CPU.

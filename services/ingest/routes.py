@@ -9,7 +9,6 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 from kombu.exceptions import OperationalError as BrokerError
 from minio.error import S3Error
-from sqlalchemy import delete, exists
 from sqlalchemy.exc import OperationalError as DatabaseError
 from urllib3.exceptions import HTTPError as StorageConnectionError
 
@@ -18,8 +17,14 @@ from services.ingest.schemas import AcceptedImage, BatchCreate, RejectedFile, Up
 from services.ingest.uploads import StoredUpload, UploadHints, store_upload
 from shared.api.errors import ApiError
 from shared.api.schemas import BatchPublic
-from shared.batches import close_batch, create_batch, get_batch, get_or_create_study
-from shared.db.models import Batch, BatchStatus, Image, Laterality, Study, View
+from shared.batches import (
+    close_batch,
+    create_batch,
+    get_batch,
+    get_or_create_study,
+    mark_enqueued,
+)
+from shared.db.models import Batch, BatchStatus, Image, Laterality, View
 from shared.imaging.formats import ImageRejected
 from shared.queue import enqueue_screening
 from shared.storage import ObjectStore
@@ -148,27 +153,21 @@ def post_images(
             headers={"Retry-After": RETRY_AFTER_S},
         ) from err
 
-    # Rows are committed; only now may workers hear of them.
+    # Rows are committed; only now may workers hear of them. The rows are the outbox: if the
+    # broker is down, they stay unsent and the sweeper sends them once it is back.
     image_ids = [image.id for image in accepted]
+    warnings: list[str] = []
     try:
         enqueue_screening(producer, image_ids, chunk_size=settings.inference_chunk_size)
-    except BrokerError as err:
-        # Undo rather than leave images nobody will ever screen.
-        study_ids = {image.study_id for image in accepted}
-        session.execute(delete(Image).where(Image.id.in_(image_ids)))
-        session.execute(
-            delete(Study).where(
-                Study.id.in_(study_ids), ~exists().where(Image.study_id == Study.id)
-            )
-        )
+        mark_enqueued(session=session, image_ids=image_ids)
         session.commit()
-        _discard(store, stored)
-        raise ApiError(
-            503,
-            "queue_unavailable",
-            "the job queue is unavailable; nothing was kept. Retry the upload.",
-            headers={"Retry-After": RETRY_AFTER_S},
-        ) from err
+    except (BrokerError, DatabaseError) as err:
+        session.rollback()
+        log.warning("images of batch %s stored but not yet queued: %s", batch_id, err)
+        warnings.append(
+            "the job queue is unavailable right now; the images are stored and will be queued "
+            "automatically when it is back"
+        )
 
     return UploadResult(
         batch_id=batch_id,
@@ -186,6 +185,7 @@ def post_images(
             for i in accepted
         ],
         rejected=rejected,
+        warnings=warnings,
     )
 
 

@@ -33,3 +33,4 @@ class UploadResult(BaseModel):
     batch_id: uuid.UUID
     accepted: list[AcceptedImage]
     rejected: list[RejectedFile]
+    warnings: list[str] = []

@@ -13,7 +13,9 @@ from celery import Celery
 from shared.config import get_settings
 from shared.queue import celery_config
 
-app = Celery("mammoscreen-worker", include=["services.worker.inference"])
+app = Celery(
+    "mammoscreen-worker", include=["services.worker.inference", "services.worker.sweeping"]
+)
 
 
 @app.on_configure.connect

@@ -18,10 +18,16 @@ from urllib3.exceptions import HTTPError as StorageConnectionError
 
 from services.worker.celery_app import app
 from services.worker.models import LoadedModel, ModelCache
-from shared.batches import claim_images, record_failure, record_prediction, refresh_batches
+from shared.batches import (
+    claim_images,
+    record_failure,
+    record_prediction,
+    refresh_batches,
+    release_images,
+)
 from shared.config import Settings, get_settings
 from shared.db.base import session_scope
-from shared.db.models import Image, ImageStatus, Laterality
+from shared.db.models import Image, ImageStatus, Laterality, ModelVersion
 from shared.imaging.decode import decode_image
 from shared.imaging.formats import ImageRejected, RejectCode
 from shared.imaging.preprocess import Preprocess
@@ -97,11 +103,27 @@ def screen_images(self: Task, image_ids: list[str]) -> dict[str, int]:
 
 def run_screening(image_ids: list[uuid.UUID], ctx: WorkerContext) -> dict[str, int]:
     with session_scope(ctx.settings.database_url) as session:
-        claimed = claim_images(session=session, image_ids=image_ids)
+        claimed = claim_images(session=session, image_ids=image_ids, lease_s=ctx.settings.lease_s)
         items = [WorkItem(i.id, i.object_key, i.media_type, i.laterality) for i in claimed]
         version = ensure_active_model(session=session, store=ctx.store)
     if not items:
         return {"done": 0, "failed": 0}
+    try:
+        return _screen_claimed(items, version, ctx)
+    except TRANSIENT_ERRORS:
+        # Hand the claims back at once so the retry (or another worker) can take them,
+        # rather than leaving them to wait for their lease to expire.
+        try:
+            with session_scope(ctx.settings.database_url) as session:
+                release_images(session=session, image_ids=[i.id for i in items])
+        except TRANSIENT_ERRORS:
+            log.warning("could not release %d images; their leases will expire", len(items))
+        raise
+
+
+def _screen_claimed(
+    items: list[WorkItem], version: ModelVersion, ctx: WorkerContext
+) -> dict[str, int]:
     loaded = ctx.models.get(version)
     config = loaded.model.config
     preprocess = Preprocess(config.input_height, config.input_width)
@@ -125,7 +147,8 @@ def run_screening(image_ids: list[uuid.UUID], ctx: WorkerContext) -> dict[str, i
 
     scores = predict(loaded, inputs) if inputs else []
     with session_scope(ctx.settings.database_url) as session:
-        rows = {i.id: i for i in session.scalars(select(Image).where(Image.id.in_(image_ids)))}
+        ids = [item.id for item in items]
+        rows = {i.id: i for i in session.scalars(select(Image).where(Image.id.in_(ids)))}
         for item, score in zip(ready, scores, strict=True):
             record_prediction(
                 session=session,

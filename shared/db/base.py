@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from functools import lru_cache
 
 from sqlalchemy import DateTime, MetaData, create_engine
 from sqlalchemy.engine import Engine
@@ -45,10 +45,26 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-@lru_cache(maxsize=8)
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
 def get_engine(database_url: str) -> Engine:
     """One pooled engine per database URL per process; pre-ping survives database restarts."""
-    return create_engine(database_url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    with _engines_lock:
+        engine = _engines.get(database_url)
+        if engine is None:
+            engine = create_engine(database_url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+            _engines[database_url] = engine
+        return engine
+
+
+def forget_engines_after_fork() -> None:
+    """In a forked child: drop the parent's pooled connections without closing them."""
+    with _engines_lock:
+        for engine in _engines.values():
+            engine.dispose(close=False)
+        _engines.clear()
 
 
 def session_factory(database_url: str) -> sessionmaker[Session]:

@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -131,6 +132,13 @@ class Image(Base):
     __table_args__ = (
         Index("ix_images_batch_id_id", "batch_id", "id"),
         Index("ix_images_batch_status", "batch_id", "status"),
+        # The sweeper's scans: unfinished images only.
+        Index(
+            "ix_images_unfinished",
+            "status",
+            "enqueued_at",
+            postgresql_where=text("status IN ('queued', 'running')"),
+        ),
         CheckConstraint("size_bytes >= 0", name="size_nonnegative"),
     )
 
@@ -149,6 +157,11 @@ class Image(Base):
         _enum(ImageStatus, "image_status"), default=ImageStatus.QUEUED
     )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Outbox: when this image's work was last handed to the broker (None: not yet).
+    enqueued_at: Mapped[datetime | None]
+    # While running: when the claiming worker's lease ends, after which the sweeper may
+    # return the image to the queue (the worker is presumed dead).
+    lease_expires_at: Mapped[datetime | None]
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -31,6 +31,7 @@ class RejectCode(enum.StrEnum):
     DECODE_FAILED = "decode_failed"
     OBJECT_MISSING = "object_missing"
     DEPENDENCY_UNAVAILABLE = "dependency_unavailable"
+    TOO_MANY_ATTEMPTS = "too_many_attempts"
 
 
 class ImageRejected(Exception):

@@ -41,7 +41,7 @@ def test_batch_lifecycle_open_processing_completed(session: Session) -> None:
     session.commit()
     assert locked.status == BatchStatus.PROCESSING
 
-    claimed = claim_images(session=session, image_ids=[i.id for i in images])
+    claimed = claim_images(session=session, image_ids=[i.id for i in images], lease_s=60)
     record_prediction(session=session, image=claimed[0], model_version_id=version.id, score=0.3)
     refresh_batches(session=session, batch_ids=[batch.id])
     session.commit()
@@ -75,7 +75,7 @@ def test_duplicate_delivery_creates_no_second_prediction_or_transition(session: 
     image = make_image(session, batch)
     version = _model(session)
     for score in (0.25, 0.75):  # the same chunk delivered twice
-        claimed = claim_images(session=session, image_ids=[image.id])
+        claimed = claim_images(session=session, image_ids=[image.id], lease_s=60)
         for row in claimed:
             record_prediction(session=session, image=row, model_version_id=version.id, score=score)
         session.commit()
@@ -91,7 +91,7 @@ def test_failed_image_is_not_flipped_to_done_by_a_late_result(session: Session) 
     tenant, _ = make_tenant(session)
     image = make_image(session, make_batch(session, tenant))
     version = _model(session)
-    (claimed,) = claim_images(session=session, image_ids=[image.id])
+    (claimed,) = claim_images(session=session, image_ids=[image.id], lease_s=60)
     record_failure(session=session, image=claimed, code="decode_failed", message="bad")
     session.commit()
     wrote = record_prediction(

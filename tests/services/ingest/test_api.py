@@ -217,10 +217,12 @@ def test_readiness_reports_an_unreachable_dependency(settings: Settings) -> None
     assert checks["redis"].startswith("unreachable")
 
 
-def test_queue_outage_gets_503_and_nothing_half_written(
+def test_queue_outage_keeps_the_upload_and_the_sweeper_queues_it_later(
     session: Session, settings: Settings, store: ObjectStore, exam: list[SynthImage]
 ) -> None:
     from services.ingest.app import create_app
+    from shared.queue import make_celery
+    from shared.sweeper import relay_queued
 
     no_broker = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
     with TestClient(create_app(no_broker)) as ingest:
@@ -228,12 +230,22 @@ def test_queue_outage_gets_503_and_nothing_half_written(
         batch = _batch(ingest, key)
         response = ingest.post(
             f"/v1/batches/{batch['id']}/images",
-            files=files_field([exam[0].path]),
+            files=files_field([i.path for i in exam]),
             headers=auth(key),
         )
-    assert response.status_code == 503
-    assert response.json()["error"]["code"] == "queue_unavailable"
-    assert int(response.headers["Retry-After"]) > 0
-    assert session.scalars(select(Image)).all() == []
-    assert session.scalars(select(Study)).all() == []
-    assert list(store.client.list_objects(store.bucket, recursive=True)) == []
+    assert response.status_code == 202, response.text
+    assert "queued automatically" in response.json()["warnings"][0]
+    rows = session.scalars(select(Image)).all()
+    assert len(rows) == 4
+    assert all(r.enqueued_at is None and r.status == ImageStatus.QUEUED for r in rows)
+    assert all(store.exists(r.object_key) for r in rows)
+    assert queued_task_args(settings) == []
+
+    # The broker is back: the sweeper's relay sends exactly these images.
+    sent = relay_queued(session=session, producer=make_celery(settings), chunk_size=16,
+                        requeue_after_s=900)
+    session.commit()
+    assert sent == 4
+    assert sorted(queued_task_args(settings)[0]) == sorted(str(r.id) for r in rows)
+    session.expire_all()
+    assert all(r.enqueued_at is not None for r in session.scalars(select(Image)))

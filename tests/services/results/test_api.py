@@ -27,7 +27,7 @@ def test_results_page_through_every_image_exactly_once(
     batch = make_batch(session, tenant)
     images = [make_image(session, batch, study_key=f"s{i // 4}") for i in range(11)]
     version = _model(session)
-    claimed = claim_images(session=session, image_ids=[i.id for i in images[:6]])
+    claimed = claim_images(session=session, image_ids=[i.id for i in images[:6]], lease_s=60)
     for index, image in enumerate(claimed):
         record_prediction(
             session=session, image=image, model_version_id=version.id, score=index / 10
@@ -71,7 +71,7 @@ def test_batch_detail_counts_and_untrained_warning(results: TestClient, session:
     batch = make_batch(session, tenant)
     images = [make_image(session, batch) for _ in range(3)]
     version = _model(session, trained=False)
-    first, second, _ = claim_images(session=session, image_ids=[i.id for i in images])
+    first, second, _ = claim_images(session=session, image_ids=[i.id for i in images], lease_s=60)
     record_prediction(session=session, image=first, model_version_id=version.id, score=0.5)
     record_failure(session=session, image=second, code="decode_failed", message="bad pixels")
     session.commit()
@@ -94,7 +94,7 @@ def test_batch_detail_counts_and_untrained_warning(results: TestClient, session:
 def test_trained_model_carries_no_untrained_warning(results: TestClient, session: Session) -> None:
     tenant, key = make_tenant(session)
     batch = make_batch(session, tenant)
-    (image,) = claim_images(session=session, image_ids=[make_image(session, batch).id])
+    (image,) = claim_images(session=session, image_ids=[make_image(session, batch).id], lease_s=60)
     record_prediction(
         session=session, image=image, model_version_id=_model(session, trained=True).id, score=0.1
     )

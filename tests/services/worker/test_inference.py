@@ -112,7 +112,9 @@ def test_storage_outage_is_transient_and_a_later_attempt_completes(
     with pytest.raises(TRANSIENT_ERRORS):
         run_screening(ids, WorkerContext(settings, down_store, ctx.models))
     session.expire_all()
-    assert session.get(Image, ids[0]).status == ImageStatus.RUNNING  # type: ignore[union-attr]
+    released = session.get(Image, ids[0])
+    assert released is not None
+    assert (released.status, released.lease_expires_at) == (ImageStatus.QUEUED, None)
 
     assert run_screening(ids, ctx) == {"done": 1, "failed": 0}
     session.expire_all()

@@ -1,0 +1,158 @@
+"""The sweeper: what makes a committed image always end `done` or `failed`.
+
+It runs in every worker process (a thread in Celery's main process) and may run in several
+at once: each step locks the rows it takes with FOR UPDATE SKIP LOCKED, so sweepers never
+wait on or double-handle each other's rows.
+
+1. Expired leases: a `running` image whose worker stopped renewing it (the worker died) goes
+   back to `queued`, or to `failed` with `too_many_attempts` once it has been claimed
+   `max_attempts` times (an image that kills its worker must not kill every worker).
+2. Outbox relay: a `queued` image never handed to the broker (the broker was down when it
+   was committed), or handed over longer than `requeue_after_s` ago and still not picked up
+   (the message was lost), is sent again. Sending happens while the rows are locked, and the
+   send is recorded only after the broker accepted it.
+3. Orphan objects: an object under `tenants/` older than `orphan_grace_s` with no image row
+   (an upload whose commit failed and whose clean-up also failed) is deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from celery import Celery
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from shared.batches import mark_enqueued, refresh_batches
+from shared.config import Settings
+from shared.db.base import session_scope, utcnow
+from shared.db.models import Image, ImageStatus
+from shared.imaging.formats import RejectCode
+from shared.queue import enqueue_screening
+from shared.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+SWEEP_LIMIT = 1000  # rows per step per sweep; the next sweep takes the rest
+IMAGE_PREFIX = "tenants/"
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    requeued: int = 0
+    failed: int = 0
+    sent: int = 0
+    orphans_deleted: int = 0
+
+
+def expire_leases(*, session: Session, max_attempts: int) -> tuple[int, int]:
+    """Return (requeued, failed) for running images whose lease has expired."""
+    expired = list(
+        session.scalars(
+            select(Image)
+            .where(Image.status == ImageStatus.RUNNING, Image.lease_expires_at < utcnow())
+            .order_by(Image.id)
+            .limit(SWEEP_LIMIT)
+            .with_for_update(skip_locked=True)
+        )
+    )
+    requeued = failed = 0
+    for image in expired:
+        image.lease_expires_at = None
+        if image.attempts >= max_attempts:
+            image.status = ImageStatus.FAILED
+            image.error_code = RejectCode.TOO_MANY_ATTEMPTS.value
+            image.error_message = (
+                f"the worker processing this image stopped {image.attempts} times; it was "
+                "not retried again"
+            )
+            image.finished_at = utcnow()
+            failed += 1
+        else:
+            image.status = ImageStatus.QUEUED
+            image.enqueued_at = None  # send again on this very sweep
+            requeued += 1
+    session.flush()
+    if failed:
+        refresh_batches(
+            session=session,
+            batch_ids=[i.batch_id for i in expired if i.status == ImageStatus.FAILED],
+        )
+    return requeued, failed
+
+
+def relay_queued(
+    *, session: Session, producer: Celery, chunk_size: int, requeue_after_s: float
+) -> int:
+    """Send queued images that were never sent or seem lost; returns how many were sent."""
+    stale = utcnow() - timedelta(seconds=requeue_after_s)
+    ids: list[uuid.UUID] = list(
+        session.scalars(
+            select(Image.id)
+            .where(
+                Image.status == ImageStatus.QUEUED,
+                or_(Image.enqueued_at.is_(None), Image.enqueued_at < stale),
+            )
+            .order_by(Image.id)
+            .limit(SWEEP_LIMIT)
+            .with_for_update(skip_locked=True)
+        )
+    )
+    if not ids:
+        return 0
+    enqueue_screening(producer, ids, chunk_size=chunk_size)
+    mark_enqueued(session=session, image_ids=ids)
+    return len(ids)
+
+
+def delete_orphans(*, session: Session, store: ObjectStore, grace_s: float) -> int:
+    """Delete image objects older than the grace period that no image row refers to."""
+    cutoff = utcnow() - timedelta(seconds=grace_s)
+    deleted = 0
+    page: list[str] = []
+
+    def flush() -> int:
+        known = set(session.scalars(select(Image.object_key).where(Image.object_key.in_(page))))
+        orphans = [key for key in page if key not in known]
+        for key in orphans:
+            store.delete(key)
+            log.warning("deleted orphaned object %s", key)
+        page.clear()
+        return len(orphans)
+
+    for obj in store.client.list_objects(store.bucket, prefix=IMAGE_PREFIX, recursive=True):
+        if obj.last_modified is not None and obj.last_modified > cutoff:
+            continue
+        page.append(str(obj.object_name))
+        if len(page) >= 500:
+            deleted += flush()
+    if page:
+        deleted += flush()
+    return deleted
+
+
+def sweep_once(
+    settings: Settings, *, store: ObjectStore, producer: Celery, orphans: bool = False
+) -> SweepReport:
+    with session_scope(settings.database_url) as session:
+        requeued, failed = expire_leases(session=session, max_attempts=settings.max_attempts)
+    with session_scope(settings.database_url) as session:
+        sent = relay_queued(
+            session=session,
+            producer=producer,
+            chunk_size=settings.inference_chunk_size,
+            requeue_after_s=settings.requeue_after_s,
+        )
+    orphans_deleted = 0
+    if orphans:
+        with session_scope(settings.database_url) as session:
+            orphans_deleted = delete_orphans(
+                session=session, store=store, grace_s=settings.orphan_grace_s
+            )
+    report = SweepReport(requeued, failed, sent, orphans_deleted)
+    if report != SweepReport():
+        log.info("sweep: %s", report)
+    return report

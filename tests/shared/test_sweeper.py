@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+import redis
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.batches import claim_images, close_batch, mark_enqueued
+from shared.config import Settings
+from shared.db.base import session_factory, utcnow
+from shared.db.models import BatchStatus, Image, ImageStatus
+from shared.queue import make_celery
+from shared.storage import ObjectStore
+from shared.sweeper import delete_orphans, expire_leases, relay_queued, sweep_once
+from tests.factories import make_batch, make_image, make_tenant
+
+
+def _queue_length(settings: Settings) -> int:
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        return int(client.llen("inference"))
+    finally:
+        client.close()
+
+
+def _expire(session: Session, image: Image) -> None:
+    image.lease_expires_at = utcnow() - timedelta(seconds=1)
+    session.commit()
+
+
+def test_expired_lease_is_requeued_and_sent_again(settings: Settings, store: ObjectStore) -> None:
+    with session_factory(settings.database_url)() as session:
+        tenant, _ = make_tenant(session)
+        image = make_image(session, make_batch(session, tenant))
+        claim_images(session=session, image_ids=[image.id], lease_s=60)
+        session.commit()
+        # A live lease is left alone.
+        assert sweep_once(settings, store=store, producer=make_celery(settings)).requeued == 0
+        _expire(session, image)
+
+        report = sweep_once(settings, store=store, producer=make_celery(settings))
+
+        assert (report.requeued, report.sent) == (1, 1)
+        session.refresh(image)
+        assert image.status == ImageStatus.QUEUED
+        assert image.lease_expires_at is None
+        assert image.enqueued_at is not None
+    assert _queue_length(settings) == 1
+
+
+def test_image_that_keeps_killing_workers_fails_after_max_attempts(session: Session) -> None:
+    tenant, _ = make_tenant(session)
+    batch = make_batch(session, tenant)
+    image = make_image(session, batch)
+    close_batch(session=session, batch=batch)
+    session.commit()
+    for attempt in range(1, 4):
+        claim_images(session=session, image_ids=[image.id], lease_s=60)
+        session.commit()
+        _expire(session, image)
+        requeued, failed = expire_leases(session=session, max_attempts=3)
+        session.commit()
+        assert (requeued, failed) == ((1, 0) if attempt < 3 else (0, 1))
+    session.refresh(image)
+    assert (image.status, image.error_code, image.attempts) == (
+        ImageStatus.FAILED, "too_many_attempts", 3)
+    session.refresh(batch)
+    assert batch.status == BatchStatus.COMPLETED
+
+
+def test_relay_sends_unsent_and_lost_work_but_not_fresh_work(
+    session: Session, settings: Settings
+) -> None:
+    tenant, _ = make_tenant(session)
+    batch = make_batch(session, tenant)
+    unsent, fresh, lost = (make_image(session, batch) for _ in range(3))
+    mark_enqueued(session=session, image_ids=[fresh.id, lost.id])
+    lost.enqueued_at = utcnow() - timedelta(hours=1)
+    session.commit()
+
+    sent = relay_queued(session=session, producer=make_celery(settings), chunk_size=10,
+                        requeue_after_s=900)
+    session.commit()
+
+    assert sent == 2
+    session.expire_all()
+    assert all(i.enqueued_at is not None for i in session.scalars(select(Image)))
+    assert _queue_length(settings) == 1  # one task carrying both ids
+
+
+def test_concurrent_sweepers_skip_rows_another_holds(settings: Settings) -> None:
+    make = session_factory(settings.database_url)
+    with make() as setup:
+        tenant, _ = make_tenant(setup)
+        batch = make_batch(setup, tenant)
+        held, free = make_image(setup, batch), make_image(setup, batch)
+    with make() as first, make() as second:
+        # The first sweeper holds one row; the second must neither wait nor take it.
+        first.execute(select(Image).where(Image.id == held.id).with_for_update())
+        sent = relay_queued(session=second, producer=make_celery(settings), chunk_size=10,
+                            requeue_after_s=900)
+        second.commit()
+        first.rollback()
+    assert sent == 1
+    with make() as check:
+        assert check.get(Image, held.id).enqueued_at is None  # type: ignore[union-attr]
+        assert check.get(Image, free.id).enqueued_at is not None  # type: ignore[union-attr]
+
+
+def test_orphaned_objects_are_deleted_and_everything_else_kept(
+    session: Session, store: ObjectStore
+) -> None:
+    tenant, _ = make_tenant(session)
+    batch = make_batch(session, tenant)
+    kept = f"tenants/{tenant.id}/batches/{batch.id}/images/kept"
+    orphan = f"tenants/{tenant.id}/batches/{batch.id}/images/orphan"
+    for key in (kept, orphan, "models/some-model/checkpoint.pt"):
+        store.put_bytes(key, b"data", content_type="application/octet-stream")
+    make_image(session, batch, object_key=kept)
+
+    assert delete_orphans(session=session, store=store, grace_s=3600) == 0  # too recent
+    assert delete_orphans(session=session, store=store, grace_s=0) == 1
+
+    assert not store.exists(orphan)
+    assert store.exists(kept)
+    assert store.exists("models/some-model/checkpoint.pt")
