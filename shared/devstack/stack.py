@@ -44,6 +44,9 @@ class StackState:
     env: dict[str, str]
     servers: list[RunningServer] = field(default_factory=list)
     services: dict[str, int] = field(default_factory=dict)  # name -> pid (= process group)
+    commands: dict[str, list[str]] = field(default_factory=dict)
+    # Every SCREENING_* variable the services were started with, so a restart matches.
+    service_env: dict[str, str] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         path.write_text(
@@ -52,6 +55,8 @@ class StackState:
                     "env": self.env,
                     "servers": [s.to_json() for s in self.servers],
                     "services": self.services,
+                    "commands": self.commands,
+                    "service_env": self.service_env,
                 },
                 indent=2,
             )
@@ -63,10 +68,16 @@ class StackState:
             return None
         data = json.loads(path.read_text())
         servers = [
-            RunningServer(s["name"], s["pid"], s["url"], Path(s["data_dir"]))
+            RunningServer(s["name"], s["pid"], s["url"], Path(s["data_dir"]), s.get("ports", {}))
             for s in data["servers"]
         ]
-        return cls(env=data["env"], servers=servers, services=data["services"])
+        return cls(
+            env=data["env"],
+            servers=servers,
+            services=data["services"],
+            commands=data.get("commands", {}),
+            service_env=data.get("service_env", {}),
+        )
 
     def pids(self) -> list[int]:
         return [*self.services.values(), *(s.pid for s in self.servers)]
@@ -137,13 +148,19 @@ def start_service(name: str, command: list[str], env: Mapping[str, str], log_dir
     return proc.pid
 
 
-def stop_service(pid: int, *, timeout: float = 30.0) -> None:
-    """SIGTERM the service's process group (Celery's warm shutdown), SIGKILL what remains."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    stop_pid(pid, timeout=timeout)
+def stop_service(pid: int, *, sig: signal.Signals = signal.SIGTERM, timeout: float = 60.0) -> None:
+    """Signal a service and wait until it is gone, then SIGKILL anything of its group left.
+
+    A graceful signal goes to the leader alone, as `docker stop` does: Celery's main process
+    then lets its pool child finish the running chunk (a SIGTERM to the whole group would
+    kill the child mid-chunk). SIGKILL goes to the whole group.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        if sig == signal.SIGKILL:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    stop_pid(pid, timeout=timeout)  # escalates to SIGKILL only if `sig` did not end it
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)  # any child the leader left behind
 
@@ -153,10 +170,6 @@ def _http_ok(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def _log_says(path: Path, marker: str) -> bool:
-    return path.exists() and marker in path.read_text(errors="replace")
 
 
 def prepare_infrastructure(settings: Settings) -> str:
@@ -245,33 +258,60 @@ def up(
             "SCREENING_S3_SECRET_KEY": settings.s3_secret_key,
             "SCREENING_S3_BUCKET": settings.s3_bucket,
         }
-        service_env = {**environ, **state.env, "PYTHONUNBUFFERED": "1"}
+        state.service_env = {
+            **{k: v for k, v in environ.items() if k.startswith("SCREENING_")},
+            **state.env,
+        }
+        service_env = {**environ, **state.service_env, "PYTHONUNBUFFERED": "1"}
         logs = stack_dir / "logs"
         for name, template in service_commands(python).items():
             (logs / f"{name}.log").unlink(missing_ok=True)
-            command = [part.format(**ports) for part in template]
-            state.services[name] = start_service(name, command, service_env, logs)
+            state.commands[name] = [part.format(**ports) for part in template]
+            state.services[name] = start_service(name, state.commands[name], service_env, logs)
         state.save(state_path)
-        for name in ("ingest", "results"):
-            health_url = f"{state.env[f'SCREENING_{name.upper()}_URL']}/healthz"
-            wait_until(
-                partial(_http_ok, health_url),
-                timeout=60,
-                what=f"{name} service",
-                log=logs / f"{name}.log",
-            )
-        wait_until(
-            lambda: _log_says(logs / "worker.log", " ready."),
-            timeout=120,
-            what="worker",
-            log=logs / "worker.log",
-        )
+        for name in state.services:
+            wait_ready(state, name, logs, ready_lines_before=0)
     except BaseException:
         state.save(state_path)
         down(stack_dir)
         raise
     write_env_file(stack_dir / "env", state.env)
     return state
+
+
+def _ready_lines(log: Path) -> int:
+    return log.read_text(errors="replace").count(" ready.") if log.exists() else 0
+
+
+def wait_ready(state: StackState, name: str, logs: Path, *, ready_lines_before: int) -> None:
+    """Wait for a service: /healthz for the web services, a new "ready." line for a worker."""
+    log = logs / f"{name}.log"
+    if name == "worker":
+        wait_until(lambda: _ready_lines(log) > ready_lines_before, timeout=120, what=name, log=log)
+    else:
+        health_url = f"{state.env[f'SCREENING_{name.upper()}_URL']}/healthz"
+        wait_until(partial(_http_ok, health_url), timeout=60, what=f"{name} service", log=log)
+
+
+def kill_service(stack_dir: Path, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
+    """Send `sig` to a service's whole process group and wait until its leader is gone."""
+    state = StackState.load(stack_dir.resolve() / "state.json")
+    assert state is not None, "no stack running"
+    stop_service(state.services[name], sig=sig, timeout=120)
+
+
+def start_service_again(stack_dir: Path, name: str) -> int:
+    """Start a stopped service with its recorded command; returns the new pid once ready."""
+    stack_dir = stack_dir.resolve()
+    state = StackState.load(stack_dir / "state.json")
+    assert state is not None, "no stack running"
+    logs = stack_dir / "logs"
+    before = _ready_lines(logs / f"{name}.log")
+    env = {**os.environ, **state.service_env, "PYTHONUNBUFFERED": "1"}
+    state.services[name] = start_service(name, state.commands[name], env, logs)
+    state.save(stack_dir / "state.json")
+    wait_ready(state, name, logs, ready_lines_before=before)
+    return state.services[name]
 
 
 def write_env_file(path: Path, env: Mapping[str, str]) -> None:

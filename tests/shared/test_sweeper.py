@@ -64,7 +64,10 @@ def test_image_that_keeps_killing_workers_fails_after_max_attempts(session: Sess
         assert (requeued, failed) == ((1, 0) if attempt < 3 else (0, 1))
     session.refresh(image)
     assert (image.status, image.error_code, image.attempts) == (
-        ImageStatus.FAILED, "too_many_attempts", 3)
+        ImageStatus.FAILED,
+        "too_many_attempts",
+        3,
+    )
     session.refresh(batch)
     assert batch.status == BatchStatus.COMPLETED
 
@@ -74,13 +77,14 @@ def test_relay_sends_unsent_and_lost_work_but_not_fresh_work(
 ) -> None:
     tenant, _ = make_tenant(session)
     batch = make_batch(session, tenant)
-    unsent, fresh, lost = (make_image(session, batch) for _ in range(3))
+    _unsent, fresh, lost = (make_image(session, batch) for _ in range(3))
     mark_enqueued(session=session, image_ids=[fresh.id, lost.id])
     lost.enqueued_at = utcnow() - timedelta(hours=1)
     session.commit()
 
-    sent = relay_queued(session=session, producer=make_celery(settings), chunk_size=10,
-                        requeue_after_s=900)
+    sent = relay_queued(
+        session=session, producer=make_celery(settings), chunk_size=10, requeue_after_s=900
+    )
     session.commit()
 
     assert sent == 2
@@ -98,8 +102,9 @@ def test_concurrent_sweepers_skip_rows_another_holds(settings: Settings) -> None
     with make() as first, make() as second:
         # The first sweeper holds one row; the second must neither wait nor take it.
         first.execute(select(Image).where(Image.id == held.id).with_for_update())
-        sent = relay_queued(session=second, producer=make_celery(settings), chunk_size=10,
-                            requeue_after_s=900)
+        sent = relay_queued(
+            session=second, producer=make_celery(settings), chunk_size=10, requeue_after_s=900
+        )
         second.commit()
         first.rollback()
     assert sent == 1

@@ -242,8 +242,9 @@ def test_queue_outage_keeps_the_upload_and_the_sweeper_queues_it_later(
     assert queued_task_args(settings) == []
 
     # The broker is back: the sweeper's relay sends exactly these images.
-    sent = relay_queued(session=session, producer=make_celery(settings), chunk_size=16,
-                        requeue_after_s=900)
+    sent = relay_queued(
+        session=session, producer=make_celery(settings), chunk_size=16, requeue_after_s=900
+    )
     session.commit()
     assert sent == 4
     assert sorted(queued_task_args(settings)[0]) == sorted(str(r.id) for r in rows)

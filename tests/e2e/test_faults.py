@@ -1,0 +1,267 @@
+"""Fault tests: real servers and real service processes, killed and cut off mid-batch.
+
+Each test ends by counting, in Postgres, what every guarantee in docs/reliability.md promises:
+no image lost (all `done`), none screened twice (one prediction each), none stuck.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from shared.client import ApiClientError, Client
+from shared.db.base import get_engine, session_factory
+from shared.db.models import Image, ImageStatus, Prediction
+from shared.devstack.servers import (
+    RunningServer,
+    restart_server,
+    start_postgres,
+    start_redis,
+    start_s3,
+    stop_server,
+)
+from shared.devstack.stack import StackState, down, kill_service, start_service_again, up
+from shared.imaging.synth import SynthOptions, generate_exams
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
+
+S3_KEYS = {"access_key": "fault-access", "secret_key": "fault-secret-key"}
+FAST_RECOVERY = {
+    "SCREENING_LEASE_S": "6",
+    "SCREENING_SWEEP_INTERVAL_S": "1",
+    "SCREENING_REQUEUE_AFTER_S": "30",
+    "SCREENING_INFERENCE_CHUNK_SIZE": "8",
+}
+
+
+@dataclass
+class FaultStack:
+    dir: Path
+    state: StackState
+    servers: dict[str, RunningServer]
+    images: list[Path]
+
+    @property
+    def database_url(self) -> str:
+        return self.state.env["SCREENING_DATABASE_URL"]
+
+    def client(self) -> Client:
+        env = self.state.env
+        return Client(
+            ingest_url=env["SCREENING_INGEST_URL"],
+            results_url=env["SCREENING_RESULTS_URL"],
+            api_key=env["SCREENING_API_KEY"],
+        )
+
+    def restart(self, name: str) -> None:
+        credentials = S3_KEYS if name == "s3" else {}
+        self.servers[name] = restart_server(self.servers[name], **credentials)
+
+
+@pytest.fixture(scope="module")
+def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
+    root = tmp_path_factory.mktemp("faults")
+    servers = {
+        "postgres": start_postgres(root / "postgres"),
+        "redis": start_redis(root / "redis"),
+        "s3": start_s3(root / "s3", **S3_KEYS),
+    }
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SCREENING_")}
+    environ.update(FAST_RECOVERY)
+    environ.update(
+        {
+            "SCREENING_ENV": "test",
+            "SCREENING_DATABASE_URL": servers["postgres"].url,
+            "SCREENING_REDIS_URL": servers["redis"].url,
+            "SCREENING_S3_ENDPOINT": servers["s3"].url,
+            "SCREENING_S3_ACCESS_KEY": S3_KEYS["access_key"],
+            "SCREENING_S3_SECRET_KEY": S3_KEYS["secret_key"],
+        }
+    )
+    small = SynthOptions(height=256, width=208, pixel_spacing_mm=0.8)
+    images = [i.path for i in generate_exams(root / "exams", exams=75, seed=31, options=small)]
+    stack = FaultStack(root / "stack", StackState(env={}), servers, images)
+    try:
+        stack.state = up(stack.dir, environ=environ)
+        yield stack
+    finally:
+        assert down(stack.dir) == [], "service processes left running"
+        for server in stack.servers.values():
+            stop_server(server)
+
+
+def submit(stack: FaultStack, paths: list[Path], *, close: bool = True) -> str:
+    with stack.client() as client:
+        batch_id: str = client.create_batch(f"fault-{uuid.uuid4().hex[:6]}")["id"]
+        for start in range(0, len(paths), 25):
+            client.upload(batch_id, paths[start : start + 25])
+        if close:
+            client.close_batch(batch_id)
+    return batch_id
+
+
+def counts(stack: FaultStack, batch_id: str) -> dict[str, int]:
+    """Image statuses, predictions and the most predictions any one image has, from Postgres."""
+    with session_factory(stack.database_url)() as session:
+        batch = uuid.UUID(batch_id)
+        by_status = dict(
+            session.execute(
+                select(Image.status, func.count())
+                .where(Image.batch_id == batch)
+                .group_by(Image.status)
+            ).all()
+        )
+        per_image = (
+            select(func.count().label("n"))
+            .select_from(Prediction)
+            .join(Image, Image.id == Prediction.image_id)
+            .where(Image.batch_id == batch)
+            .group_by(Prediction.image_id)
+            .subquery()
+        )
+        predictions, most = session.execute(
+            select(
+                func.coalesce(func.sum(per_image.c.n), 0), func.coalesce(func.max(per_image.c.n), 0)
+            )
+        ).one()
+    return {
+        "done": by_status.get(ImageStatus.DONE, 0),
+        "failed": by_status.get(ImageStatus.FAILED, 0),
+        "stuck": by_status.get(ImageStatus.QUEUED, 0) + by_status.get(ImageStatus.RUNNING, 0),
+        "predictions": int(predictions),
+        "most_predictions_per_image": int(most),
+    }
+
+
+def wait_for(condition: Callable[[], bool], *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.25)
+
+
+def assert_exactly_once(stack: FaultStack, batch_id: str, total: int) -> None:
+    wait_for(
+        lambda: counts(stack, batch_id)["stuck"] == 0,
+        timeout=240,
+        what=f"batch {batch_id} to finish: {counts(stack, batch_id)}",
+    )
+    final = counts(stack, batch_id)
+    lost = total - final["done"]
+    duplicates = final["predictions"] - final["done"]
+    assert (lost, duplicates, final["stuck"], final["failed"]) == (0, 0, 0, 0), final
+    assert final["most_predictions_per_image"] == 1
+    with stack.client() as client:
+        assert client.batch(batch_id)["status"] == "completed"
+
+
+def test_worker_sigkilled_three_times_mid_batch(fault_stack: FaultStack) -> None:
+    batch_id = submit(fault_stack, fault_stack.images)  # 300 images
+    for kill in range(3):
+        target = 40 * (kill + 1)
+        wait_for(
+            lambda t=target: counts(fault_stack, batch_id)["done"] >= t,
+            timeout=120,
+            what=f"{target} images done before kill {kill + 1}",
+        )
+        kill_service(fault_stack.dir, "worker", signal.SIGKILL)
+        assert counts(fault_stack, batch_id)["done"] < 300, "batch finished before the kill"
+        start_service_again(fault_stack.dir, "worker")
+    assert_exactly_once(fault_stack, batch_id, total=300)
+
+
+def test_redis_stopped_and_restarted_mid_batch(fault_stack: FaultStack) -> None:
+    paths = fault_stack.images[:120]
+    batch_id = submit(fault_stack, paths)
+    wait_for(
+        lambda: counts(fault_stack, batch_id)["done"] >= 8, timeout=120, what="screening to start"
+    )
+    stop_server(fault_stack.servers["redis"])
+    time.sleep(2)
+    fault_stack.restart("redis")
+    assert_exactly_once(fault_stack, batch_id, total=len(paths))
+
+
+def test_object_storage_outage_during_upload_and_inference(fault_stack: FaultStack) -> None:
+    paths = fault_stack.images[:40]
+    kill_service(fault_stack.dir, "worker", signal.SIGTERM)  # graceful: nothing in flight
+    batch_id = submit(fault_stack, paths)
+    assert counts(fault_stack, batch_id)["done"] == 0
+    stop_server(fault_stack.servers["s3"])
+
+    # Upload while storage is down: 503 with Retry-After, and no row written.
+    with fault_stack.client() as client:
+        other = client.create_batch("during-outage")["id"]
+        with pytest.raises(ApiClientError) as caught:
+            client.upload(other, paths[:2])
+    assert (caught.value.status, caught.value.code) == (503, "storage_unavailable")
+    assert counts(fault_stack, other) == {
+        "done": 0,
+        "failed": 0,
+        "stuck": 0,
+        "predictions": 0,
+        "most_predictions_per_image": 0,
+    }
+
+    # Inference while storage is down: transient failures are retried, not failed.
+    start_service_again(fault_stack.dir, "worker")
+    worker_log = fault_stack.dir / "logs" / "worker.log"
+    wait_for(
+        lambda: "transient failure" in worker_log.read_text(errors="replace"),
+        timeout=60,
+        what="the worker to meet the outage",
+    )
+    assert counts(fault_stack, batch_id)["failed"] == 0
+    fault_stack.restart("s3")
+    assert_exactly_once(fault_stack, batch_id, total=len(paths))
+
+
+def test_services_reconnect_after_a_postgres_restart(fault_stack: FaultStack) -> None:
+    results_url = fault_stack.state.env["SCREENING_RESULTS_URL"]
+    headers = {"Authorization": f"Bearer {fault_stack.state.env['SCREENING_API_KEY']}"}
+    assert httpx.get(f"{results_url}/v1/batches", headers=headers).status_code == 200
+
+    stop_server(fault_stack.servers["postgres"])
+    during = httpx.get(f"{results_url}/v1/batches", headers=headers)
+    assert during.status_code == 503
+    assert during.json()["error"]["code"] == "database_unavailable"
+    fault_stack.restart("postgres")
+    get_engine(fault_stack.database_url).dispose()  # this test process's own pool
+
+    wait_for(
+        lambda: httpx.get(f"{results_url}/v1/batches", headers=headers).status_code == 200,
+        timeout=30,
+        what="the results service to reconnect",
+    )
+    paths = fault_stack.images[:8]
+    batch_id = submit(fault_stack, paths)  # ingest and the worker reconnected too
+    assert_exactly_once(fault_stack, batch_id, total=len(paths))
+
+
+def test_sigterm_lets_the_worker_finish_its_chunk(fault_stack: FaultStack) -> None:
+    paths = fault_stack.images[:120]
+    batch_id = submit(fault_stack, paths)
+    wait_for(
+        lambda: counts(fault_stack, batch_id)["done"] >= 16, timeout=120, what="screening to start"
+    )
+    kill_service(fault_stack.dir, "worker", signal.SIGTERM)  # returns once the worker exited
+    with session_factory(fault_stack.database_url)() as session:
+        running = session.scalar(
+            select(func.count()).where(
+                Image.batch_id == uuid.UUID(batch_id), Image.status == ImageStatus.RUNNING
+            )
+        )
+    assert running == 0, "a warm shutdown must finish (or hand back) the chunk in flight"
+    assert counts(fault_stack, batch_id)["done"] < len(paths), "stopped too late to tell"
+    start_service_again(fault_stack.dir, "worker")
+    assert_exactly_once(fault_stack, batch_id, total=len(paths))
