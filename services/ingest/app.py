@@ -21,10 +21,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Submit mammograms for asynchronous screening.",
     )
-    app.state.settings = settings
-    app.state.store = ObjectStore(settings)
-    app.state.producer = producer(settings)
+    bind(app, settings)
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(router)
     return app
+
+
+def bind(app: FastAPI, settings: Settings) -> None:
+    """Point the app at the servers `settings` names (no connection is opened here)."""
+    app.state.settings = settings
+    app.state.store = ObjectStore(settings)
+    app.state.producer = producer(settings)

@@ -16,7 +16,12 @@ from services.ingest.deps import ProducerDep, SessionDep, SettingsDep, StoreDep,
 from services.ingest.schemas import AcceptedImage, BatchCreate, RejectedFile, UploadResult
 from services.ingest.uploads import StoredUpload, UploadHints, store_upload
 from shared.api.errors import ApiError
-from shared.api.schemas import BatchPublic
+from shared.api.schemas import (
+    COMMON_ERRORS,
+    PLAIN_TEXT_PATTERN,
+    BatchPublic,
+    error_responses,
+)
 from shared.batches import (
     close_batch,
     create_batch,
@@ -30,7 +35,9 @@ from shared.queue import enqueue_screening
 from shared.storage import ObjectStore
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1", tags=["batches"])
+router = APIRouter(
+    prefix="/v1", tags=["batches"], responses={**COMMON_ERRORS, **error_responses(409, 413)}
+)
 
 RETRY_AFTER_S = "5"
 
@@ -74,8 +81,8 @@ def post_images(
     settings: SettingsDep,
     store: StoreDep,
     producer: ProducerDep,
-    study_key: Annotated[str | None, Form(max_length=128)] = None,
-    patient_id: Annotated[str | None, Form(max_length=128)] = None,
+    study_key: Annotated[str | None, Form(max_length=128, pattern=PLAIN_TEXT_PATTERN)] = None,
+    patient_id: Annotated[str | None, Form(max_length=128, pattern=PLAIN_TEXT_PATTERN)] = None,
     laterality: Annotated[Laterality | None, Form()] = None,
     view: Annotated[View | None, Form()] = None,
 ) -> UploadResult:

@@ -4,11 +4,12 @@ import uuid
 
 from pydantic import BaseModel, Field
 
+from shared.api.schemas import PlainText
 from shared.db.models import BatchPriority, Laterality, View
 
 
 class BatchCreate(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
+    name: PlainText = Field(min_length=1, max_length=200)
     priority: BatchPriority = BatchPriority.NORMAL
 
 

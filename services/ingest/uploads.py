@@ -60,8 +60,10 @@ def patient_key(secret: str, patient_id: str) -> str:
 
 
 def safe_filename(name: str | None) -> str:
+    """The base name only (no folders), without control characters, at most 255 characters."""
     base = PurePosixPath((name or "").replace("\\", "/")).name
-    return base[:255] or "unnamed"
+    printable = "".join(ch for ch in base if ch.isprintable())
+    return printable[:255] or "unnamed"
 
 
 def _raster_metadata(filename: str, hints: UploadHints) -> ImageMetadata:

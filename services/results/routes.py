@@ -18,7 +18,7 @@ from services.results.schemas import (
     ResultsPage,
 )
 from shared.api.errors import ApiError
-from shared.api.schemas import BatchPublic
+from shared.api.schemas import COMMON_ERRORS, BatchPublic
 from shared.batches import (
     get_batch,
     get_image,
@@ -30,7 +30,7 @@ from shared.batches import (
 )
 from shared.db.models import Image, Prediction
 
-router = APIRouter(prefix="/v1", tags=["results"])
+router = APIRouter(prefix="/v1", tags=["results"], responses=COMMON_ERRORS)
 
 UNTRAINED_WARNING = (
     "scores in this batch come from an untrained (randomly initialised) model and carry no "

@@ -39,6 +39,7 @@ def error_body(code: str, message: str, detail: dict[str, Any] | None = None) ->
 
 
 _HTTP_CODES = {
+    400: "malformed_request",
     401: "unauthorized",
     403: "forbidden",
     404: "not_found",
@@ -73,8 +74,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
+        message = str(exc.detail)
+        if exc.status_code == 400:
+            message += ": send a JSON body, or multipart/form-data with files in 'files'"
         return JSONResponse(
-            error_body(code, str(exc.detail)),
+            error_body(code, message),
             exc.status_code,
             headers=getattr(exc, "headers", None),
         )

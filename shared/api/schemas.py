@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from shared.db.models import BatchPriority, BatchStatus
+
+# User-supplied text: no control characters (Postgres refuses NUL; the rest are never
+# meaningful in a name and confuse logs and terminals).
+PLAIN_TEXT_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+PlainText = Annotated[str, StringConstraints(pattern=PLAIN_TEXT_PATTERN)]
 
 
 class BatchPublic(BaseModel):
@@ -20,3 +26,24 @@ class BatchPublic(BaseModel):
     created_at: datetime
     closed_at: datetime | None
     completed_at: datetime | None
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    detail: dict[str, Any]
+
+
+class ErrorResponse(BaseModel):
+    """The one error shape of every service."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI declarations of the error statuses a router may answer with."""
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+# Every authenticated /v1 route may answer these.
+COMMON_ERRORS = error_responses(400, 401, 404, 422, 503)

@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import func, select
 
 from shared.client import ApiClientError, Client
+from shared.config import settings_from_environ
 from shared.db.base import get_engine, session_factory
 from shared.db.models import Image, ImageStatus, Prediction
 from shared.devstack.servers import (
@@ -31,6 +32,7 @@ from shared.devstack.servers import (
 )
 from shared.devstack.stack import StackState, down, kill_service, start_service_again, up
 from shared.imaging.synth import SynthOptions, generate_exams
+from shared.storage import ObjectStore
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
@@ -231,10 +233,17 @@ def test_services_reconnect_after_a_postgres_restart(fault_stack: FaultStack) ->
     headers = {"Authorization": f"Bearer {fault_stack.state.env['SCREENING_API_KEY']}"}
     assert httpx.get(f"{results_url}/v1/batches", headers=headers).status_code == 200
 
+    store = ObjectStore(settings_from_environ(fault_stack.state.env))
+    objects_before = len(list(store.client.list_objects(store.bucket, recursive=True)))
     stop_server(fault_stack.servers["postgres"])
     during = httpx.get(f"{results_url}/v1/batches", headers=headers)
     assert during.status_code == 503
     assert during.json()["error"]["code"] == "database_unavailable"
+    assert int(during.headers["Retry-After"]) > 0
+    with fault_stack.client() as client, pytest.raises(ApiClientError) as caught:
+        client.upload(str(uuid.uuid4()), fault_stack.images[:2])
+    assert (caught.value.status, caught.value.code) == (503, "database_unavailable")
+    assert len(list(store.client.list_objects(store.bucket, recursive=True))) == objects_before
     fault_stack.restart("postgres")
     get_engine(fault_stack.database_url).dispose()  # this test process's own pool
 

@@ -5,6 +5,7 @@ import io
 import uuid
 
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 from PIL import Image as PILImage
 from sqlalchemy import select
@@ -250,3 +251,55 @@ def test_queue_outage_keeps_the_upload_and_the_sweeper_queues_it_later(
     assert sorted(queued_task_args(settings)[0]) == sorted(str(r.id) for r in rows)
     session.expire_all()
     assert all(r.enqueued_at is not None for r in session.scalars(select(Image)))
+
+
+def test_control_characters_are_refused_in_text_and_stripped_from_file_names(
+    ingest: TestClient, session: Session
+) -> None:
+    # Found by the fuzzer: a NUL byte reached Postgres and answered 500.
+    _, key = make_tenant(session)
+    refused = ingest.post("/v1/batches", json={"name": "bad\x00name"}, headers=auth(key))
+    assert refused.status_code == 422
+    assert refused.json()["error"]["code"] == "invalid_request"
+    batch = _batch(ingest, key)
+    files = [("files", ("scan\x00\x07_L_CC.png", _png_bytes(), "image/png"))]
+    accepted = ingest.post(
+        f"/v1/batches/{batch['id']}/images",
+        files=files,
+        data={"study_key": "s\x00"},
+        headers=auth(key),
+    )
+    assert accepted.status_code == 422  # the study key has a NUL byte
+    accepted = ingest.post(f"/v1/batches/{batch['id']}/images", files=files, headers=auth(key))
+    assert accepted.status_code == 202, accepted.text
+    stored_name = accepted.json()["accepted"][0]["filename"]
+    assert stored_name.endswith("_L_CC.png")
+    assert all(ch.isprintable() for ch in stored_name)
+
+
+@pytest.mark.parametrize(
+    ("raw", "safe"),
+    [
+        ("scan\x00\x07_L_CC.png", "scan_L_CC.png"),
+        ("../../etc/passwd", "passwd"),
+        ("C:\\scans\\a.dcm", "a.dcm"),
+        ("", "unnamed"),
+        (None, "unnamed"),
+        ("\x00", "unnamed"),
+    ],
+)
+def test_safe_filename(raw: str | None, safe: str) -> None:
+    from services.ingest.uploads import safe_filename
+
+    assert safe_filename(raw) == safe
+
+
+def test_unparsable_body_is_a_400_with_a_stable_code(ingest: TestClient, session: Session) -> None:
+    _, key = make_tenant(session)
+    response = ingest.post(
+        "/v1/batches",
+        content=b"\xff\xfe{",
+        headers={**auth(key), "Content-Type": "application/json"},
+    )
+    assert response.status_code in (400, 422)
+    assert response.json()["error"]["code"] in ("malformed_request", "invalid_request")
