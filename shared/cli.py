@@ -60,6 +60,38 @@ def _cmd_tenant_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_key(args: argparse.Namespace) -> int:
+    from shared.config import get_settings
+    from shared.db.base import session_scope
+    from shared.tenants import find_tenant, issue_api_key, list_api_keys, revoke_api_key
+
+    with session_scope(get_settings().database_url) as session:
+        tenant = find_tenant(session=session, name_or_id=args.tenant)
+        if tenant is None:
+            print(f"error: no tenant named or with id {args.tenant!r}", file=sys.stderr)
+            return 2
+        if args.key_command == "create":
+            issued = issue_api_key(session=session, tenant=tenant)
+            print(
+                f"api key for {tenant.name} (shown once, only its hash is stored): {issued.secret}"
+            )
+        elif args.key_command == "revoke":
+            revoked = revoke_api_key(session=session, tenant=tenant, prefix=args.prefix)
+            if revoked is None:
+                print(
+                    f"error: {tenant.name} has no key {args.prefix!r}; see "
+                    f"'screening admin key list {args.tenant}'",
+                    file=sys.stderr,
+                )
+                return 2
+            print(f"revoked {args.prefix}")
+        else:
+            for key in list_api_keys(session=session, tenant=tenant):
+                state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
+                print(f"{key.prefix}  created {key.created_at:%Y-%m-%d %H:%M}  {state}")
+    return 0
+
+
 def _cmd_db_upgrade(_: argparse.Namespace) -> int:
     from alembic import command
     from alembic.config import Config
@@ -216,6 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--json", action="store_true", help="print one JSON object")
     create.set_defaults(func=_cmd_tenant_create)
+
+    key = admin.add_parser("key", help="API keys of a tenant").add_subparsers(
+        dest="key_command", required=True
+    )
+    for name, text in (
+        ("create", "issue a new key (shown once)"),
+        ("list", "list keys by prefix"),
+        ("revoke", "revoke a key by prefix"),
+    ):
+        sub = key.add_parser(name, help=text)
+        sub.add_argument("tenant", help="tenant name or id")
+        if name == "revoke":
+            sub.add_argument("prefix", help="the key's visible prefix, e.g. msk_1a2b3c4d")
+        sub.set_defaults(func=_cmd_key)
 
     db = commands.add_parser("db", help="database").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="apply migrations up to head").set_defaults(func=_cmd_db_upgrade)

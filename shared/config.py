@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     orphan_grace_s: float = Field(default=3600, ge=0)
     orphan_sweep_every: int = Field(default=240, gt=0)  # sweeps between orphan scans
 
+    # Requests per API key per minute, counted in Redis across every service process;
+    # 0 turns the limit off.
+    rate_limit_per_minute: int = Field(default=600, ge=0)
+
     # How many image ids one inference task carries (a chunk of a bulk batch).
     inference_chunk_size: int = Field(default=16, gt=0)
     # "auto" picks CUDA when torch sees a GPU, else the CPU.

@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from shared.db.base import utcnow
 from shared.db.models import ApiKey, Tenant
 
 KEY_SCHEME = "msk"
@@ -51,8 +53,8 @@ def issue_api_key(*, session: Session, tenant: Tenant) -> IssuedKey:
     return IssuedKey(api_key=api_key, secret=secret)
 
 
-def authenticate(*, session: Session, secret: str) -> Tenant | None:
-    """The tenant owning a live key, or None; compares hashes in constant time."""
+def authenticate_key(*, session: Session, secret: str) -> ApiKey | None:
+    """The live key matching `secret`, or None; compares hashes in constant time."""
     prefix = _split_key(secret)
     if prefix is None:
         return None
@@ -61,4 +63,37 @@ def authenticate(*, session: Session, secret: str) -> Tenant | None:
     )
     if api_key is None or not hmac.compare_digest(api_key.key_hash, hash_key(secret)):
         return None
-    return session.get(Tenant, api_key.tenant_id)
+    return api_key
+
+
+def authenticate(*, session: Session, secret: str) -> Tenant | None:
+    """The tenant owning a live key, or None."""
+    api_key = authenticate_key(session=session, secret=secret)
+    return None if api_key is None else session.get(Tenant, api_key.tenant_id)
+
+
+def find_tenant(*, session: Session, name_or_id: str) -> Tenant | None:
+    """A tenant by its name or its id."""
+    try:
+        by_id = session.get(Tenant, uuid.UUID(name_or_id))
+    except ValueError:
+        by_id = None
+    return by_id or session.scalar(select(Tenant).where(Tenant.name == name_or_id))
+
+
+def list_api_keys(*, session: Session, tenant: Tenant) -> list[ApiKey]:
+    return list(
+        session.scalars(
+            select(ApiKey).where(ApiKey.tenant_id == tenant.id).order_by(ApiKey.created_at)
+        )
+    )
+
+
+def revoke_api_key(*, session: Session, tenant: Tenant, prefix: str) -> ApiKey | None:
+    """Revoke the tenant's key with this prefix; it stops working on the next request."""
+    api_key = session.scalar(
+        select(ApiKey).where(ApiKey.tenant_id == tenant.id, ApiKey.prefix == prefix)
+    )
+    if api_key is not None and api_key.revoked_at is None:
+        api_key.revoked_at = utcnow()
+    return api_key

@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from services.ingest.routes import router
 from shared.api.errors import install_error_handlers
 from shared.api.health import router as health_router
+from shared.api.ratelimit import rate_limit_client
 from shared.config import Settings, get_settings
 from shared.logs import configure_logging
 from shared.queue import producer
@@ -33,3 +34,4 @@ def bind(app: FastAPI, settings: Settings) -> None:
     app.state.settings = settings
     app.state.store = ObjectStore(settings)
     app.state.producer = producer(settings)
+    app.state.redis = rate_limit_client(settings)

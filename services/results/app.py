@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from services.results.routes import router
 from shared.api.errors import install_error_handlers
 from shared.api.health import router as health_router
+from shared.api.ratelimit import rate_limit_client
 from shared.config import Settings, get_settings
 from shared.logs import configure_logging
 
@@ -29,3 +30,4 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def bind(app: FastAPI, settings: Settings) -> None:
     """Point the app at the servers `settings` names (no connection is opened here)."""
     app.state.settings = settings
+    app.state.redis = rate_limit_client(settings)

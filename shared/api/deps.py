@@ -10,10 +10,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from shared.api.errors import ApiError
+from shared.api.ratelimit import enforce_rate_limit
 from shared.config import Settings
 from shared.db.base import session_factory
 from shared.db.models import Tenant
-from shared.tenants import authenticate
+from shared.tenants import authenticate_key
 
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <api key>")
 
@@ -35,6 +36,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def current_tenant(
+    request: Request,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
@@ -45,15 +47,17 @@ def current_tenant(
             "send your API key as 'Authorization: Bearer <api key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    tenant = authenticate(session=session, secret=credentials.credentials)
-    if tenant is None:
+    api_key = authenticate_key(session=session, secret=credentials.credentials)
+    if api_key is None:
         raise ApiError(
             401,
             "invalid_api_key",
             "the API key is unknown or revoked",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    return tenant
+    enforce_rate_limit(request, api_key.prefix)
+    request.state.api_key_prefix = api_key.prefix
+    return api_key.tenant
 
 
 TenantDep = Annotated[Tenant, Depends(current_tenant)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
@@ -66,3 +67,32 @@ def test_every_route_with_an_id_hides_another_tenants_rows(
         assert response.json()["error"]["code"].endswith("_not_found")
         walked += 1
     assert walked >= 5
+
+
+def test_each_key_is_rate_limited_on_its_own_with_retry_after(
+    settings: Settings, session: Session
+) -> None:
+    limited = settings.model_copy(update={"rate_limit_per_minute": 5})
+    seconds_into_window = time.time() % 60
+    if seconds_into_window > 55:  # start in a fresh one-minute window, not at its edge
+        time.sleep(60 - seconds_into_window + 0.1)
+    _, busy_key = make_tenant(session)
+    _, quiet_key = make_tenant(session)
+    with (
+        TestClient(create_results(limited)) as results,
+        TestClient(create_ingest(limited)) as ingest,
+    ):
+        # The count is per key across services: 3 results reads and 2 ingest calls use it up.
+        statuses = [
+            results.get("/v1/batches", headers=auth(busy_key)).status_code for _ in range(3)
+        ]
+        statuses += [
+            ingest.post("/v1/batches", json={"name": "b"}, headers=auth(busy_key)).status_code
+            for _ in range(2)
+        ]
+        assert statuses == [200, 200, 200, 201, 201]
+        refused = results.get("/v1/batches", headers=auth(busy_key))
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(refused.headers["Retry-After"]) <= 61
+        assert results.get("/v1/batches", headers=auth(quiet_key)).status_code == 200
