@@ -91,6 +91,10 @@ def get_or_create_study(
     return study
 
 
+def image_count(*, session: Session, batch_id: uuid.UUID) -> int:
+    return int(session.scalar(select(func.count()).where(Image.batch_id == batch_id)) or 0)
+
+
 def image_counts(*, session: Session, batch_id: uuid.UUID) -> dict[str, int]:
     counts = {status.value: 0 for status in ImageStatus}
     rows = session.execute(

@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     # Ingest limits. Enforced while streaming, so an oversized file never lands whole.
     max_file_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
     max_files_per_request: int = Field(default=256, gt=0)
+    # A whole request body, counted as it arrives (the transport spools uploads to disk).
+    max_request_bytes: int = Field(default=4 * 1024**3, gt=0)
+    # Decompression bombs: pixels an image's header may declare (a mammogram is 10-30 M).
+    max_image_pixels: int = Field(default=64_000_000, gt=0)
+    max_zip_entries: int = Field(default=2000, gt=0)
+    max_zip_bytes: int = Field(default=4 * 1024**3, gt=0)  # total uncompressed
+    max_images_per_batch: int = Field(default=100_000, gt=0)
 
     # Reliability (see docs/reliability.md). A worker's claim on an image lasts lease_s; the
     # sweeper (every sweep_interval_s, in each worker) returns expired claims to the queue,

@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from services.ingest.routes import router
 from shared.api.errors import install_error_handlers
 from shared.api.health import router as health_router
+from shared.api.limits import BodySizeLimit
 from shared.api.ratelimit import rate_limit_client
 from shared.config import Settings, get_settings
 from shared.logs import configure_logging
@@ -24,6 +25,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     bind(app, settings)
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit)
     app.include_router(health_router)
     app.include_router(router)
     return app

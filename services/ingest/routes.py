@@ -27,10 +27,10 @@ from shared.batches import (
     create_batch,
     get_batch,
     get_or_create_study,
+    image_count,
     mark_enqueued,
 )
 from shared.db.models import Batch, BatchStatus, Image, Laterality, View
-from shared.imaging.formats import ImageRejected
 from shared.queue import enqueue_screening
 from shared.storage import ObjectStore
 
@@ -107,25 +107,19 @@ def post_images(
     rejected: list[RejectedFile] = []
     try:
         for upload in files:
-            try:
-                stored.append(
-                    store_upload(
-                        upload,
-                        settings=settings,
-                        store=store,
-                        tenant_id=tenant.id,
-                        batch_id=batch_id,
-                        hints=hints,
-                    )
-                )
-            except ImageRejected as err:
-                rejected.append(
-                    RejectedFile(
-                        filename=upload.filename or "unnamed",
-                        code=err.code.value,
-                        message=err.message,
-                    )
-                )
+            outcome = store_upload(
+                upload,
+                settings=settings,
+                store=store,
+                tenant_id=tenant.id,
+                batch_id=batch_id,
+                hints=hints,
+            )
+            stored.extend(outcome.stored)
+            rejected.extend(
+                RejectedFile(filename=name, code=err.code.value, message=err.message)
+                for name, err in outcome.rejected
+            )
     except (S3Error, StorageConnectionError) as err:
         _discard(store, stored)
         raise ApiError(
@@ -145,7 +139,11 @@ def post_images(
 
     try:
         accepted = _record_images(
-            session=session, tenant_id=tenant.id, batch_id=batch_id, uploads=stored
+            session=session,
+            tenant_id=tenant.id,
+            batch_id=batch_id,
+            uploads=stored,
+            max_images=settings.max_images_per_batch,
         )
     except ApiError:
         _discard(store, stored)
@@ -197,7 +195,12 @@ def post_images(
 
 
 def _record_images(
-    *, session: SessionDep, tenant_id: uuid.UUID, batch_id: uuid.UUID, uploads: list[StoredUpload]
+    *,
+    session: SessionDep,
+    tenant_id: uuid.UUID,
+    batch_id: uuid.UUID,
+    uploads: list[StoredUpload],
+    max_images: int,
 ) -> list[Image]:
     """Insert the image rows in one transaction, provided the batch is still open."""
     batch = get_batch(session=session, tenant_id=tenant_id, batch_id=batch_id)
@@ -208,6 +211,16 @@ def _record_images(
     if batch.status != BatchStatus.OPEN:
         session.rollback()
         raise _not_open(batch)
+    already = image_count(session=session, batch_id=batch_id)
+    if already + len(uploads) > max_images:
+        session.rollback()
+        raise ApiError(
+            413,
+            "batch_full",
+            f"batch {batch_id} holds {already} images and takes at most {max_images}; "
+            "start a new batch for the rest",
+            detail={"images": already, "limit": max_images},
+        )
     images = []
     for upload in uploads:
         study = get_or_create_study(

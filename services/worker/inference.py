@@ -140,7 +140,8 @@ def _screen_claimed(
             failures[item.id] = ImageRejected.missing_object(item.object_key)
             continue
         try:
-            inputs.append(preprocess(decode_image(data, item.media_type), item.laterality))
+            pixels = decode_image(data, item.media_type, max_pixels=ctx.settings.max_image_pixels)
+            inputs.append(preprocess(pixels, item.laterality))
             ready.append(item)
         except ImageRejected as rejection:
             failures[item.id] = rejection

@@ -129,7 +129,7 @@ def start_postgres(
     pgdata = data_dir / "pgdata"
     if not (pgdata / "PG_VERSION").exists():
         shutil.rmtree(pgdata, ignore_errors=True)
-        subprocess.run(
+        initialised = subprocess.run(
             [
                 pg_bin / "initdb",
                 "-D",
@@ -143,10 +143,14 @@ def start_postgres(
                 "--no-sync",
                 "--no-instructions",
             ],
-            check=True,
             capture_output=True,
+            text=True,
             **run_as,  # type: ignore[call-overload]
         )
+        if initialised.returncode != 0:
+            raise ServerStartError(
+                f"initdb failed in {pgdata}: {initialised.stderr.strip() or initialised.stdout}"
+            )
     port = port or free_port()
     log = data_dir / "postgres.log"
     # fsync off: this is a disposable local or test server, and durability costs seconds per

@@ -12,14 +12,22 @@ from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
 from shared.imaging.formats import ImageRejected, MediaType, RejectCode
 
+DEFAULT_MAX_PIXELS = 64_000_000
 
-def decode_image(data: bytes, media_type: str) -> NDArray[np.float32]:
-    """A 2-D float32 array in [0, 1], bright = dense tissue, whatever the source format."""
+
+def decode_image(
+    data: bytes, media_type: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> NDArray[np.float32]:
+    """A 2-D float32 array in [0, 1], bright = dense tissue, whatever the source format.
+
+    The pixel count an image declares is checked before its pixels are decoded, so a
+    decompression bomb is refused rather than expanded.
+    """
     try:
         if media_type == MediaType.DICOM:
-            pixels = _decode_dicom(data)
+            pixels = _decode_dicom(data, max_pixels)
         elif media_type in (MediaType.PNG, MediaType.JPEG):
-            pixels = _decode_raster(data)
+            pixels = _decode_raster(data, max_pixels)
         else:
             raise ImageRejected(RejectCode.UNSUPPORTED_MEDIA_TYPE, f"cannot decode {media_type}")
     except ImageRejected:
@@ -29,8 +37,17 @@ def decode_image(data: bytes, media_type: str) -> NDArray[np.float32]:
     return _to_unit_range(pixels)
 
 
-def _decode_dicom(data: bytes) -> NDArray[np.float64]:
+def _refuse_if_too_large(declared: int, max_pixels: int) -> None:
+    if declared > max_pixels:
+        raise ImageRejected(
+            RejectCode.IMAGE_TOO_LARGE,
+            f"the image declares {declared} pixels; the limit is {max_pixels}",
+        )
+
+
+def _decode_dicom(data: bytes, max_pixels: int) -> NDArray[np.float64]:
     ds = pydicom.dcmread(io.BytesIO(data))
+    _refuse_if_too_large(int(ds.Rows) * int(ds.Columns), max_pixels)
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise ImageRejected(RejectCode.DECODE_FAILED, "multi-frame images cannot be screened")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
@@ -44,8 +61,9 @@ def _decode_dicom(data: bytes) -> NDArray[np.float64]:
     return pixels
 
 
-def _decode_raster(data: bytes) -> NDArray[np.float64]:
-    with PILImage.open(io.BytesIO(data)) as img:
+def _decode_raster(data: bytes, max_pixels: int) -> NDArray[np.float64]:
+    with PILImage.open(io.BytesIO(data)) as img:  # reads the header only
+        _refuse_if_too_large(img.size[0] * img.size[1], max_pixels)
         grey = img if img.mode in ("L", "I", "I;16", "I;16B", "I;16L") else img.convert("L")
         return np.asarray(grey, dtype=np.float64)
 

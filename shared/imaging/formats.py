@@ -32,6 +32,13 @@ class RejectCode(enum.StrEnum):
     OBJECT_MISSING = "object_missing"
     DEPENDENCY_UNAVAILABLE = "dependency_unavailable"
     TOO_MANY_ATTEMPTS = "too_many_attempts"
+    IMAGE_TOO_LARGE = "image_too_large"
+    NOT_DICOM_IMAGE = "not_dicom_image"
+    INVALID_IMAGE = "invalid_image"
+    INVALID_ARCHIVE = "invalid_archive"
+    ARCHIVE_TOO_LARGE = "archive_too_large"
+    ARCHIVE_TOO_MANY_ENTRIES = "archive_too_many_entries"
+    UNSAFE_ARCHIVE_ENTRY = "unsafe_archive_entry"
 
 
 class ImageRejected(Exception):
@@ -64,6 +71,7 @@ class ImageMetadata:
     view: View | None = None
     patient_id: str | None = None
     study_uid: str | None = None
+    pixels: int | None = None  # as declared by the header, before any decoding
 
 
 _VIEW_ALIASES = {"CC": View.CC, "MLO": View.MLO}
@@ -101,4 +109,13 @@ def dicom_metadata(source: BinaryIO) -> ImageMetadata:
         view=parse_view(ds.get("ViewPosition")),
         patient_id=str(ds.get("PatientID") or "") or None,
         study_uid=str(ds.get("StudyInstanceUID") or "") or None,
+        pixels=_declared_pixels(ds),
     )
+
+
+def _declared_pixels(ds: pydicom.Dataset) -> int | None:
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        return int(ds.Rows) * int(ds.Columns) * max(1, frames)
+    except (AttributeError, TypeError, ValueError):
+        return None
