@@ -7,7 +7,7 @@ from typing import Annotated
 from celery import Celery
 from fastapi import Depends, Request
 
-from shared.api.deps import SessionDep, SettingsDep, TenantDep
+from shared.api.deps import CallerDep, SessionDep, SettingsDep, TenantDep
 from shared.storage import ObjectStore
 
 
@@ -24,4 +24,4 @@ def get_producer(request: Request) -> Celery:
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 ProducerDep = Annotated[Celery, Depends(get_producer)]
 
-__all__ = ["ProducerDep", "SessionDep", "SettingsDep", "StoreDep", "TenantDep"]
+__all__ = ["CallerDep", "ProducerDep", "SessionDep", "SettingsDep", "StoreDep", "TenantDep"]

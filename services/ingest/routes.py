@@ -12,9 +12,11 @@ from minio.error import S3Error
 from sqlalchemy.exc import OperationalError as DatabaseError
 from urllib3.exceptions import HTTPError as StorageConnectionError
 
-from services.ingest.deps import ProducerDep, SessionDep, SettingsDep, StoreDep, TenantDep
+from services.ingest.deps import CallerDep, ProducerDep, SessionDep, SettingsDep, StoreDep
 from services.ingest.schemas import AcceptedImage, BatchCreate, RejectedFile, UploadResult
 from services.ingest.uploads import StoredUpload, UploadHints, store_upload
+from shared import audit
+from shared.api.deps import Caller
 from shared.api.errors import ApiError
 from shared.api.schemas import (
     COMMON_ERRORS,
@@ -30,7 +32,7 @@ from shared.batches import (
     image_count,
     mark_enqueued,
 )
-from shared.db.models import Batch, BatchStatus, Image, Laterality, View
+from shared.db.models import AuditAction, Batch, BatchStatus, Image, Laterality, View
 from shared.queue import enqueue_screening
 from shared.storage import ObjectStore
 
@@ -64,9 +66,17 @@ def _discard(store: ObjectStore, uploads: list[StoredUpload]) -> None:
 
 
 @router.post("/batches", status_code=201, response_model=BatchPublic)
-def post_batch(spec: BatchCreate, session: SessionDep, tenant: TenantDep) -> Batch:
+def post_batch(spec: BatchCreate, session: SessionDep, caller: CallerDep) -> Batch:
     batch = create_batch(
-        session=session, tenant_id=tenant.id, name=spec.name, priority=spec.priority
+        session=session, tenant_id=caller.tenant.id, name=spec.name, priority=spec.priority
+    )
+    audit.record(
+        session=session,
+        tenant_id=caller.tenant.id,
+        key_prefix=caller.key_prefix,
+        action=AuditAction.CREATE,
+        resource_type="batch",
+        resource_id=batch.id,
     )
     session.commit()
     return batch
@@ -77,7 +87,7 @@ def post_images(
     batch_id: uuid.UUID,
     files: Annotated[list[UploadFile], File(description="DICOM, PNG or JPEG files")],
     session: SessionDep,
-    tenant: TenantDep,
+    caller: CallerDep,
     settings: SettingsDep,
     store: StoreDep,
     producer: ProducerDep,
@@ -86,6 +96,7 @@ def post_images(
     laterality: Annotated[Laterality | None, Form()] = None,
     view: Annotated[View | None, Form()] = None,
 ) -> UploadResult:
+    tenant = caller.tenant
     batch = get_batch(session=session, tenant_id=tenant.id, batch_id=batch_id)
     if batch is None:
         raise _batch_not_found(batch_id)
@@ -140,7 +151,7 @@ def post_images(
     try:
         accepted = _record_images(
             session=session,
-            tenant_id=tenant.id,
+            caller=caller,
             batch_id=batch_id,
             uploads=stored,
             max_images=settings.max_images_per_batch,
@@ -197,12 +208,13 @@ def post_images(
 def _record_images(
     *,
     session: SessionDep,
-    tenant_id: uuid.UUID,
+    caller: Caller,
     batch_id: uuid.UUID,
     uploads: list[StoredUpload],
     max_images: int,
 ) -> list[Image]:
     """Insert the image rows in one transaction, provided the batch is still open."""
+    tenant_id = caller.tenant.id
     batch = get_batch(session=session, tenant_id=tenant_id, batch_id=batch_id)
     if batch is None:
         raise _batch_not_found(batch_id)
@@ -245,15 +257,34 @@ def _record_images(
         )
         session.add(image)
         images.append(image)
+    audit.record(
+        session=session,
+        tenant_id=tenant_id,
+        key_prefix=caller.key_prefix,
+        action=AuditAction.UPLOAD,
+        resource_type="batch",
+        resource_id=batch_id,
+        detail={"image_ids": [str(i.id) for i in images]},
+    )
     session.commit()
     return images
 
 
 @router.post("/batches/{batch_id}/close", response_model=BatchPublic)
-def post_close(batch_id: uuid.UUID, session: SessionDep, tenant: TenantDep) -> Batch:
-    batch = get_batch(session=session, tenant_id=tenant.id, batch_id=batch_id, for_update=True)
+def post_close(batch_id: uuid.UUID, session: SessionDep, caller: CallerDep) -> Batch:
+    batch = get_batch(
+        session=session, tenant_id=caller.tenant.id, batch_id=batch_id, for_update=True
+    )
     if batch is None:
         raise _batch_not_found(batch_id)
     close_batch(session=session, batch=batch)
+    audit.record(
+        session=session,
+        tenant_id=caller.tenant.id,
+        key_prefix=caller.key_prefix,
+        action=AuditAction.CLOSE,
+        resource_type="batch",
+        resource_id=batch.id,
+    )
     session.commit()
     return batch

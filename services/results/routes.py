@@ -8,8 +8,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from services.results import cursors
-from services.results.deps import SessionDep, TenantDep
+from services.results.deps import CallerDep, SessionDep
 from services.results.schemas import (
+    AuditEventPublic,
+    AuditPage,
     BatchDetail,
     BatchPage,
     ImageCounts,
@@ -17,6 +19,8 @@ from services.results.schemas import (
     ModelVersionPublic,
     ResultsPage,
 )
+from shared import audit
+from shared.api.deps import Caller
 from shared.api.errors import ApiError
 from shared.api.schemas import COMMON_ERRORS, BatchPublic
 from shared.batches import (
@@ -28,7 +32,7 @@ from shared.batches import (
     model_versions_used,
     results_page,
 )
-from shared.db.models import Image, Prediction
+from shared.db.models import AuditAction, Image, Prediction
 
 router = APIRouter(prefix="/v1", tags=["results"], responses=COMMON_ERRORS)
 
@@ -63,12 +67,14 @@ def _image_result(image: Image, prediction: Prediction | None) -> ImageResult:
 @router.get("/batches", response_model=BatchPage)
 def get_batches(
     session: SessionDep,
-    tenant: TenantDep,
+    caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: str | None = None,
 ) -> BatchPage:
     before = cursors.decode_batch_cursor(cursor) if cursor else None
-    batches = list_batches(session=session, tenant_id=tenant.id, limit=limit + 1, before=before)
+    batches = list_batches(
+        session=session, tenant_id=caller.tenant.id, limit=limit + 1, before=before
+    )
     page, more = batches[:limit], len(batches) > limit
     next_cursor = (
         cursors.encode(page[-1].created_at.isoformat(), str(page[-1].id)) if more else None
@@ -77,13 +83,14 @@ def get_batches(
 
 
 @router.get("/batches/{batch_id}", response_model=BatchDetail)
-def get_batch_detail(batch_id: uuid.UUID, session: SessionDep, tenant: TenantDep) -> BatchDetail:
-    batch = get_batch(session=session, tenant_id=tenant.id, batch_id=batch_id)
+def get_batch_detail(batch_id: uuid.UUID, session: SessionDep, caller: CallerDep) -> BatchDetail:
+    batch = get_batch(session=session, tenant_id=caller.tenant.id, batch_id=batch_id)
     if batch is None:
         raise ApiError(404, "batch_not_found", f"no batch {batch_id} exists for this API key")
     counts = image_counts(session=session, batch_id=batch.id)
     versions = model_versions_used(session=session, batch_id=batch.id)
     warnings = [UNTRAINED_WARNING] if any(not v.trained for v in versions) else []
+    _audit_read(session, caller, "batch", batch.id)
     return BatchDetail(
         **BatchPublic.model_validate(batch).model_dump(),
         counts=ImageCounts(**counts),
@@ -97,18 +104,19 @@ def get_batch_detail(batch_id: uuid.UUID, session: SessionDep, tenant: TenantDep
 def get_batch_results(
     batch_id: uuid.UUID,
     session: SessionDep,
-    tenant: TenantDep,
+    caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     cursor: str | None = None,
 ) -> ResultsPage:
-    if get_batch(session=session, tenant_id=tenant.id, batch_id=batch_id) is None:
+    if get_batch(session=session, tenant_id=caller.tenant.id, batch_id=batch_id) is None:
         raise ApiError(404, "batch_not_found", f"no batch {batch_id} exists for this API key")
     after = cursors.decode_image_cursor(cursor) if cursor else None
     images = results_page(
-        session=session, tenant_id=tenant.id, batch_id=batch_id, limit=limit + 1, after=after
+        session=session, tenant_id=caller.tenant.id, batch_id=batch_id, limit=limit + 1, after=after
     )
     page, more = images[:limit], len(images) > limit
     predictions = latest_predictions(session=session, image_ids=[i.id for i in page])
+    _audit_read(session, caller, "batch_results", batch_id, images=len(page))
     return ResultsPage(
         items=[_image_result(i, predictions.get(i.id)) for i in page],
         next_cursor=cursors.encode(str(page[-1].id)) if more else None,
@@ -116,9 +124,48 @@ def get_batch_results(
 
 
 @router.get("/images/{image_id}", response_model=ImageResult)
-def get_image_result(image_id: uuid.UUID, session: SessionDep, tenant: TenantDep) -> ImageResult:
-    image = get_image(session=session, tenant_id=tenant.id, image_id=image_id)
+def get_image_result(image_id: uuid.UUID, session: SessionDep, caller: CallerDep) -> ImageResult:
+    image = get_image(session=session, tenant_id=caller.tenant.id, image_id=image_id)
     if image is None:
         raise ApiError(404, "image_not_found", f"no image {image_id} exists for this API key")
     prediction = latest_predictions(session=session, image_ids=[image.id]).get(image.id)
+    _audit_read(session, caller, "image", image.id)
     return _image_result(image, prediction)
+
+
+def _audit_read(
+    session: SessionDep,
+    caller: Caller,
+    resource_type: str,
+    resource_id: uuid.UUID | None,
+    **detail: object,
+) -> None:
+    audit.record(
+        session=session,
+        tenant_id=caller.tenant.id,
+        key_prefix=caller.key_prefix,
+        action=AuditAction.READ,
+        resource_type=resource_type,
+        resource_id=resource_id,
+        detail=dict(detail),
+    )
+    session.commit()
+
+
+@router.get("/audit", response_model=AuditPage)
+def get_audit(
+    session: SessionDep,
+    caller: CallerDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: str | None = None,
+) -> AuditPage:
+    """The tenant's audit log, newest first: who created, uploaded, closed or read what."""
+    before = cursors.decode_image_cursor(cursor) if cursor else None
+    events = audit.list_events(
+        session=session, tenant_id=caller.tenant.id, limit=limit + 1, before=before
+    )
+    page, more = events[:limit], len(events) > limit
+    return AuditPage(
+        items=[AuditEventPublic.model_validate(e) for e in page],
+        next_cursor=cursors.encode(str(page[-1].id)) if more else None,
+    )

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from shared.api.schemas import BatchPublic
-from shared.db.models import ImageStatus, Laterality, ModelStatus, View
+from shared.db.models import AuditAction, ImageStatus, Laterality, ModelStatus, View
 
 
 class ModelVersionPublic(BaseModel):
@@ -57,4 +58,21 @@ class ImageResult(BaseModel):
 
 class ResultsPage(BaseModel):
     items: list[ImageResult]
+    next_cursor: str | None
+
+
+class AuditEventPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    at: datetime
+    key_prefix: str
+    action: AuditAction
+    resource_type: str
+    resource_id: uuid.UUID | None
+    detail: dict[str, Any]
+
+
+class AuditPage(BaseModel):
+    items: list[AuditEventPublic]
     next_cursor: str | None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -61,3 +62,18 @@ def current_tenant(
 
 
 TenantDep = Annotated[Tenant, Depends(current_tenant)]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the tenant and the visible prefix of the key used (for the audit log)."""
+
+    tenant: Tenant
+    key_prefix: str
+
+
+def current_caller(request: Request, tenant: TenantDep) -> Caller:
+    return Caller(tenant=tenant, key_prefix=request.state.api_key_prefix)
+
+
+CallerDep = Annotated[Caller, Depends(current_caller)]

@@ -213,3 +213,30 @@ class Prediction(Base):
 
     image: Mapped[Image] = relationship(back_populates="predictions")
     model_version: Mapped[ModelVersion] = relationship()
+
+
+class AuditAction(enum.StrEnum):
+    CREATE = "create"
+    UPLOAD = "upload"
+    CLOSE = "close"
+    READ = "read"
+    EXPORT = "export"
+
+
+class AuditEvent(Base):
+    """Who (tenant, key prefix) did what to which batch, study or image, and when.
+
+    Append-only: a database trigger refuses UPDATE and DELETE on this table.
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_tenant_id_id", "tenant_id", "id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    key_prefix: Mapped[str] = mapped_column(String(32))
+    action: Mapped[AuditAction] = mapped_column(_enum(AuditAction, "audit_action"))
+    resource_type: Mapped[str] = mapped_column(String(32))
+    resource_id: Mapped[uuid.UUID | None]
+    detail: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,44 @@
+"""The audit log: who read or changed which batch, study or image, and when."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.db.models import AuditAction, AuditEvent
+
+
+def record(
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    key_prefix: str,
+    action: AuditAction,
+    resource_type: str,
+    resource_id: uuid.UUID | None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Add one event to the caller's transaction (it lands if and only if the work does)."""
+    session.add(
+        AuditEvent(
+            tenant_id=tenant_id,
+            key_prefix=key_prefix,
+            action=action,
+            resource_type=resource_type,
+            resource_id=resource_id,
+            detail=detail or {},
+        )
+    )
+
+
+def list_events(
+    *, session: Session, tenant_id: uuid.UUID, limit: int, before: uuid.UUID | None
+) -> list[AuditEvent]:
+    """The tenant's events, newest first, keyset-paginated on id (time-ordered)."""
+    query = select(AuditEvent).where(AuditEvent.tenant_id == tenant_id)
+    if before is not None:
+        query = query.where(AuditEvent.id < before)
+    return list(session.scalars(query.order_by(AuditEvent.id.desc()).limit(limit)))
