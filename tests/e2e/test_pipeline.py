@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -12,7 +10,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.client import ApiClientError, Client
-from shared.config import Settings
 from shared.db.models import Image, ImageStatus, Prediction
 from shared.devstack.servers import pid_alive
 from shared.devstack.stack import StackState, down, up
@@ -20,27 +17,6 @@ from shared.imaging.synth import SynthImage
 from tests.factories import make_tenant
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def stack(settings: Settings, tmp_path: Path) -> Iterator[StackState]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SCREENING_")}
-    environ.update(
-        {
-            "SCREENING_ENV": "test",
-            "SCREENING_DATABASE_URL": settings.database_url,
-            "SCREENING_REDIS_URL": settings.redis_url,
-            "SCREENING_S3_ENDPOINT": settings.s3_endpoint,
-            "SCREENING_S3_ACCESS_KEY": settings.s3_access_key,
-            "SCREENING_S3_SECRET_KEY": settings.s3_secret_key,
-            "SCREENING_S3_BUCKET": settings.s3_bucket,
-            "SCREENING_INFERENCE_CHUNK_SIZE": "3",  # several tasks for one exam
-        }
-    )
-    state = up(tmp_path / "stack", environ=environ)
-    yield state
-    survivors = down(tmp_path / "stack")
-    assert survivors == [], f"processes left running after down: {survivors}"
 
 
 def test_exam_uploaded_over_http_is_screened_and_scores_land_in_postgres(
