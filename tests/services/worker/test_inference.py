@@ -134,3 +134,23 @@ def _active_version(ctx: WorkerContext, session: Session) -> ModelVersion:
 def test_model_is_loaded_once_per_version(ctx: WorkerContext, session: Session) -> None:
     version = _active_version(ctx, session)
     assert ctx.models.get(version) is ctx.models.get(version)
+
+
+def test_truncated_pixel_data_fails_with_its_code_and_is_not_retried(
+    ctx: WorkerContext, session: Session, store: ObjectStore, exam: list[SynthImage]
+) -> None:
+    data = exam[0].path.read_bytes()
+    truncated = data[: len(data) // 2]  # header intact, half the pixel data gone
+    store.put_bytes("test/truncated", truncated, content_type="application/dicom")
+    tenant, _ = make_tenant(session)
+    image = make_image(session, make_batch(session, tenant), object_key="test/truncated")
+
+    assert run_screening([image.id], ctx) == {"done": 0, "failed": 1}
+    session.expire_all()
+    failed = session.get(Image, image.id)
+    assert failed is not None
+    assert (failed.status, failed.error_code, failed.attempts) == (
+        ImageStatus.FAILED,
+        "decode_failed",
+        1,
+    )
