@@ -192,11 +192,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         for image in images:
             by_exam[image.study].append(image.path)
         print(f"generated {len(images)} synthetic images of {len(by_exam)} exams")
-        with Client(
-            ingest_url=state.env["SCREENING_INGEST_URL"],
-            results_url=state.env["SCREENING_RESULTS_URL"],
-            api_key=state.env["SCREENING_API_KEY"],
-        ) as client:
+        with Client.from_env(state.env) as client:
             batch = client.create_batch("demo batch")
             study_names: dict[str, str] = {}
             for index, paths in enumerate(by_exam.values()):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,16 @@ class Client:
         headers = {"Authorization": f"Bearer {api_key}"}
         self._ingest = httpx.Client(base_url=ingest_url, headers=headers, timeout=timeout)
         self._results = httpx.Client(base_url=results_url, headers=headers, timeout=timeout)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **options: float) -> Client:
+        """A client from SCREENING_INGEST_URL, SCREENING_RESULTS_URL and SCREENING_API_KEY."""
+        return cls(
+            ingest_url=env["SCREENING_INGEST_URL"],
+            results_url=env["SCREENING_RESULTS_URL"],
+            api_key=env["SCREENING_API_KEY"],
+            **options,
+        )
 
     def __enter__(self) -> Client:
         return self

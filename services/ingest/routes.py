@@ -15,7 +15,6 @@ from urllib3.exceptions import HTTPError as StorageConnectionError
 from services.ingest.deps import CallerDep, ProducerDep, SessionDep, SettingsDep, StoreDep
 from services.ingest.schemas import AcceptedImage, BatchCreate, RejectedFile, UploadResult
 from services.ingest.uploads import StoredUpload, UploadHints, store_upload
-from shared import audit
 from shared.api.deps import Caller
 from shared.api.errors import ApiError
 from shared.api.schemas import (
@@ -70,14 +69,7 @@ def post_batch(spec: BatchCreate, session: SessionDep, caller: CallerDep) -> Bat
     batch = create_batch(
         session=session, tenant_id=caller.tenant.id, name=spec.name, priority=spec.priority
     )
-    audit.record(
-        session=session,
-        tenant_id=caller.tenant.id,
-        key_prefix=caller.key_prefix,
-        action=AuditAction.CREATE,
-        resource_type="batch",
-        resource_id=batch.id,
-    )
+    caller.audit(session, AuditAction.CREATE, "batch", batch.id)
     session.commit()
     return batch
 
@@ -257,14 +249,8 @@ def _record_images(
         )
         session.add(image)
         images.append(image)
-    audit.record(
-        session=session,
-        tenant_id=tenant_id,
-        key_prefix=caller.key_prefix,
-        action=AuditAction.UPLOAD,
-        resource_type="batch",
-        resource_id=batch_id,
-        detail={"image_ids": [str(i.id) for i in images]},
+    caller.audit(
+        session, AuditAction.UPLOAD, "batch", batch_id, image_ids=[str(i.id) for i in images]
     )
     session.commit()
     return images
@@ -278,13 +264,6 @@ def post_close(batch_id: uuid.UUID, session: SessionDep, caller: CallerDep) -> B
     if batch is None:
         raise _batch_not_found(batch_id)
     close_batch(session=session, batch=batch)
-    audit.record(
-        session=session,
-        tenant_id=caller.tenant.id,
-        key_prefix=caller.key_prefix,
-        action=AuditAction.CLOSE,
-        resource_type="batch",
-        resource_id=batch.id,
-    )
+    caller.audit(session, AuditAction.CLOSE, "batch", batch.id)
     session.commit()
     return batch

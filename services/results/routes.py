@@ -20,7 +20,6 @@ from services.results.schemas import (
     ResultsPage,
 )
 from shared import audit
-from shared.api.deps import Caller
 from shared.api.errors import ApiError
 from shared.api.schemas import COMMON_ERRORS, BatchPublic
 from shared.batches import (
@@ -90,7 +89,8 @@ def get_batch_detail(batch_id: uuid.UUID, session: SessionDep, caller: CallerDep
     counts = image_counts(session=session, batch_id=batch.id)
     versions = model_versions_used(session=session, batch_id=batch.id)
     warnings = [UNTRAINED_WARNING] if any(not v.trained for v in versions) else []
-    _audit_read(session, caller, "batch", batch.id)
+    caller.audit(session, AuditAction.READ, "batch", batch.id)
+    session.commit()
     return BatchDetail(
         **BatchPublic.model_validate(batch).model_dump(),
         counts=ImageCounts(**counts),
@@ -116,7 +116,8 @@ def get_batch_results(
     )
     page, more = images[:limit], len(images) > limit
     predictions = latest_predictions(session=session, image_ids=[i.id for i in page])
-    _audit_read(session, caller, "batch_results", batch_id, images=len(page))
+    caller.audit(session, AuditAction.READ, "batch_results", batch_id, images=len(page))
+    session.commit()
     return ResultsPage(
         items=[_image_result(i, predictions.get(i.id)) for i in page],
         next_cursor=cursors.encode(str(page[-1].id)) if more else None,
@@ -129,27 +130,9 @@ def get_image_result(image_id: uuid.UUID, session: SessionDep, caller: CallerDep
     if image is None:
         raise ApiError(404, "image_not_found", f"no image {image_id} exists for this API key")
     prediction = latest_predictions(session=session, image_ids=[image.id]).get(image.id)
-    _audit_read(session, caller, "image", image.id)
-    return _image_result(image, prediction)
-
-
-def _audit_read(
-    session: SessionDep,
-    caller: Caller,
-    resource_type: str,
-    resource_id: uuid.UUID | None,
-    **detail: object,
-) -> None:
-    audit.record(
-        session=session,
-        tenant_id=caller.tenant.id,
-        key_prefix=caller.key_prefix,
-        action=AuditAction.READ,
-        resource_type=resource_type,
-        resource_id=resource_id,
-        detail=dict(detail),
-    )
+    caller.audit(session, AuditAction.READ, "image", image.id)
     session.commit()
+    return _image_result(image, prediction)
 
 
 @router.get("/audit", response_model=AuditPage)

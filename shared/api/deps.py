@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from shared import audit
 from shared.api.errors import ApiError
 from shared.api.ratelimit import enforce_rate_limit
 from shared.config import Settings
 from shared.db.base import session_factory
-from shared.db.models import Tenant
+from shared.db.models import AuditAction, Tenant
 from shared.tenants import authenticate_key
 
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <api key>")
@@ -70,6 +72,25 @@ class Caller:
 
     tenant: Tenant
     key_prefix: str
+
+    def audit(
+        self,
+        session: Session,
+        action: AuditAction,
+        resource_type: str,
+        resource_id: uuid.UUID | None,
+        **detail: Any,
+    ) -> None:
+        """Record what this caller did in the session's transaction (see shared/audit.py)."""
+        audit.record(
+            session=session,
+            tenant_id=self.tenant.id,
+            key_prefix=self.key_prefix,
+            action=action,
+            resource_type=resource_type,
+            resource_id=resource_id,
+            detail=detail,
+        )
 
 
 def current_caller(request: Request, tenant: TenantDep) -> Caller:

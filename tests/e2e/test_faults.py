@@ -58,11 +58,7 @@ class FaultStack:
 
     def client(self) -> Client:
         env = self.state.env
-        return Client(
-            ingest_url=env["SCREENING_INGEST_URL"],
-            results_url=env["SCREENING_RESULTS_URL"],
-            api_key=env["SCREENING_API_KEY"],
-        )
+        return Client.from_env(env)
 
     def restart(self, name: str) -> None:
         credentials = S3_KEYS if name == "s3" else {}

@@ -50,12 +50,7 @@ def test_hostile_uploads_keep_memory_bounded_and_leave_no_orphans(
     tmp_path: Path,
 ) -> None:
     env = stack.env
-    client = Client(
-        ingest_url=env["SCREENING_INGEST_URL"],
-        results_url=env["SCREENING_RESULTS_URL"],
-        api_key=env["SCREENING_API_KEY"],
-        timeout=300,
-    )
+    client = Client.from_env(env, timeout=300)
     ingest_pid = stack.services["ingest"]
     batch = client.create_batch("hostile")["id"]
     client.upload(batch, [exam[0].path])  # warm up: imports, pools, first request
@@ -112,11 +107,7 @@ def test_the_bucket_refuses_anonymous_reads(
     stack: StackState, store: ObjectStore, exam: list[SynthImage]
 ) -> None:
     env = stack.env
-    with Client(
-        ingest_url=env["SCREENING_INGEST_URL"],
-        results_url=env["SCREENING_RESULTS_URL"],
-        api_key=env["SCREENING_API_KEY"],
-    ) as client:
+    with Client.from_env(env) as client:
         batch = client.create_batch("private")["id"]
         client.upload(batch, [exam[0].path])
     (key,) = [

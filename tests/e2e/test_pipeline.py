@@ -23,11 +23,7 @@ def test_exam_uploaded_over_http_is_screened_and_scores_land_in_postgres(
     stack: StackState, session: Session, exam: list[SynthImage], tmp_path: Path
 ) -> None:
     env = stack.env
-    with Client(
-        ingest_url=env["SCREENING_INGEST_URL"],
-        results_url=env["SCREENING_RESULTS_URL"],
-        api_key=env["SCREENING_API_KEY"],
-    ) as client:
+    with Client.from_env(env) as client:
         batch = client.create_batch("e2e")
         upload = client.upload(batch["id"], [i.path for i in exam])
         assert len(upload["accepted"]) == 4
