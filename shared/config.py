@@ -112,6 +112,23 @@ def settings_from_environ(environ: Mapping[str, str]) -> Settings:
     return Settings.model_validate(values)
 
 
+# What a process needs to reach Postgres, Redis and object storage.
+CONNECTION_FIELDS = (
+    "env",
+    "database_url",
+    "redis_url",
+    "s3_endpoint",
+    "s3_access_key",
+    "s3_secret_key",
+    "s3_bucket",
+)
+
+
+def settings_to_environ(settings: Settings, fields: tuple[str, ...]) -> dict[str, str]:
+    """The SCREENING_* variables that reproduce these fields of `settings` in another process."""
+    return {f"SCREENING_{name.upper()}": str(getattr(settings, name)) for name in fields}
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """Settings from the environment, built once per process on first use."""

@@ -21,7 +21,12 @@ from pathlib import Path
 
 import httpx
 
-from shared.config import Settings, settings_from_environ
+from shared.config import (
+    CONNECTION_FIELDS,
+    Settings,
+    settings_from_environ,
+    settings_to_environ,
+)
 from shared.devstack.servers import (
     RunningServer,
     ServerStartError,
@@ -247,16 +252,9 @@ def up(
         )
         api_key = prepare_infrastructure(settings)
         state.env = {
-            "SCREENING_ENV": settings.env,
-            "SCREENING_INGEST_URL": settings.ingest_url,
-            "SCREENING_RESULTS_URL": settings.results_url,
+            **settings_to_environ(settings, ("ingest_url", "results_url")),
             "SCREENING_API_KEY": api_key,
-            "SCREENING_DATABASE_URL": settings.database_url,
-            "SCREENING_REDIS_URL": settings.redis_url,
-            "SCREENING_S3_ENDPOINT": settings.s3_endpoint,
-            "SCREENING_S3_ACCESS_KEY": settings.s3_access_key,
-            "SCREENING_S3_SECRET_KEY": settings.s3_secret_key,
-            "SCREENING_S3_BUCKET": settings.s3_bucket,
+            **settings_to_environ(settings, CONNECTION_FIELDS),
         }
         state.service_env = {
             **{k: v for k, v in environ.items() if k.startswith("SCREENING_")},
