@@ -15,7 +15,7 @@ DEFAULT_STACK_DIR = Path(".stack")
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from shared.imaging.synth import SynthOptions, generate_exams
+    from shared.imaging.synth import SynthOptions, generate_exams, variant_mix
 
     options = SynthOptions(
         height=args.height,
@@ -23,7 +23,13 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         malignant_prevalence=args.malignant_prevalence,
         benign_prevalence=args.benign_prevalence,
     )
-    images = generate_exams(Path(args.out), exams=args.exams, seed=args.seed, options=options)
+    images = generate_exams(
+        Path(args.out),
+        exams=args.exams,
+        seed=args.seed,
+        options=options,
+        variants=variant_mix(args.encodings),
+    )
     counts: dict[str, int] = defaultdict(int)
     for image in images:
         counts[image.label.value] += 1
@@ -180,18 +186,22 @@ def format_results_table(rows: Sequence[dict[str, Any]], study_names: dict[str, 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from shared.client import Client
     from shared.devstack.stack import StackState, down, up
-    from shared.imaging.synth import generate_exams
+    from shared.imaging.synth import DEMO_VARIANTS, generate_exams
 
     stack_dir = Path(args.dir)
     started_here = StackState.load(stack_dir / "state.json") is None
     state = up(stack_dir)
     try:
         data_dir = stack_dir / "demo-data"
-        images = generate_exams(data_dir, exams=args.exams, seed=args.seed)
+        images = generate_exams(data_dir, exams=args.exams, seed=args.seed, variants=DEMO_VARIANTS)
         by_exam: dict[str, list[Path]] = defaultdict(list)
         for image in images:
             by_exam[image.study].append(image.path)
-        print(f"generated {len(images)} synthetic images of {len(by_exam)} exams")
+        encodings = sorted({image.encoding for image in images})
+        print(
+            f"generated {len(images)} synthetic DICOM images of {len(by_exam)} exams, "
+            f"encoded as: {', '.join(encodings)}"
+        )
         with Client.from_env(state.env) as client:
             batch = client.create_batch("demo batch")
             study_names: dict[str, str] = {}
@@ -232,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--width", type=int, default=832, help="columns per image")
     synth.add_argument("--malignant-prevalence", type=float, default=0.25)
     synth.add_argument("--benign-prevalence", type=float, default=0.25)
+    synth.add_argument(
+        "--encodings",
+        choices=["plain", "demo", "all"],
+        default="plain",
+        help="plain: explicit VR little endian; demo: MONOCHROME1, JPEG 2000, grey background "
+        "and burnt-in label mixed in; all: every transfer syntax, MONOCHROME1 and 2",
+    )
     synth.set_defaults(func=_cmd_synth)
 
     admin = commands.add_parser("admin", help="administration").add_subparsers(

@@ -13,6 +13,11 @@ Physical scale (default pixel spacing 0.2 mm, 1024 x 832 pixels, about 205 x 166
   ones scattered and coarse (3-8 specks, 0.5-1 mm, over 20-40 mm).
 A lesion sits at the same depth from the nipple in both views of its breast (the MLO's
 vertical position is correlated with, not equal to, the CC's), as a reader would expect.
+
+How each exam is *encoded* is a `DicomVariant`: transfer syntax (every one the decoder
+supports, compressed ones included), MONOCHROME1, a non-zero background, a burnt-in label,
+and the VOI LUT function. `generate_exams(variants=...)` cycles through them exam by exam,
+so one call produces the mix of vendor quirks the decoder and preprocessing must survive.
 """
 
 from __future__ import annotations
@@ -26,7 +31,23 @@ import numpy as np
 import pydicom
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    generate_uid,
+)
 
 # Digital Mammography X-Ray Image Storage - For Presentation.
 MAMMO_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.2")
@@ -44,6 +65,7 @@ LABEL_FIELDS = [
     "box_y0",
     "box_x1",
     "box_y1",
+    "encoding",
 ]
 
 
@@ -61,6 +83,75 @@ class SynthOptions:
     malignant_prevalence: float = 0.25  # share of exams with a malignant lesion
     benign_prevalence: float = 0.25  # share of exams with a benign lesion (and no malignant)
     texture_beta: float = 3.0
+
+
+# Every transfer syntax the generator can write; the decoder is tested against each.
+UNCOMPRESSED_SYNTAXES = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+)
+COMPRESSED_SYNTAXES = (
+    RLELossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+)
+LOSSY_SYNTAXES = (JPEG2000, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless)
+
+
+@dataclass(frozen=True)
+class DicomVariant:
+    """How one exam is encoded: the quirks real vendors' files have."""
+
+    transfer_syntax: str = ExplicitVRLittleEndian
+    monochrome1: bool = False  # high stored values are dark (Fujifilm, some Planmed)
+    background: float = 0.03  # grey level outside the breast, 0..1 of the detector range
+    burnt_in_label: bool = False  # a bright "R MLO"-style marker block beside the breast
+    voi_lut_function: str = "LINEAR"  # or "SIGMOID"
+
+    @property
+    def name(self) -> str:
+        parts = [UID(self.transfer_syntax).keyword or self.transfer_syntax]
+        if self.monochrome1:
+            parts.append("MONOCHROME1")
+        if self.background > 0.1:
+            parts.append("background")
+        if self.burnt_in_label:
+            parts.append("label")
+        if self.voi_lut_function != "LINEAR":
+            parts.append(self.voi_lut_function)
+        return "+".join(parts)
+
+
+# The mix `make demo` and the end-to-end tests use: plain, MONOCHROME1, JPEG 2000, and
+# a vendor-style file with a grey background and a burnt-in label.
+DEMO_VARIANTS = (
+    DicomVariant(),
+    DicomVariant(monochrome1=True),
+    DicomVariant(transfer_syntax=JPEG2000Lossless),
+    DicomVariant(background=0.18, burnt_in_label=True, voi_lut_function="SIGMOID"),
+)
+
+
+def variant_mix(name: str) -> tuple[DicomVariant, ...]:
+    """Named mixes for the CLI: "plain", "demo" or "all" (every syntax, both photometrics)."""
+    if name == "plain":
+        return (DicomVariant(),)
+    if name == "demo":
+        return DEMO_VARIANTS
+    if name == "all":
+        return tuple(
+            DicomVariant(transfer_syntax=syntax, monochrome1=mono1)
+            for syntax in UNCOMPRESSED_SYNTAXES + COMPRESSED_SYNTAXES
+            for mono1 in (False, True)
+        )
+    raise ValueError(f"unknown encoding mix {name!r}: plain, demo or all")
 
 
 @dataclass(frozen=True)
@@ -84,6 +175,7 @@ class SynthImage:
     label: Finding
     lesion_type: str
     box: tuple[int, int, int, int] | None  # x0, y0, x1, y1 in pixels of the written image
+    encoding: str = DicomVariant().name
 
 
 def _power_law_texture(rng: np.random.Generator, shape: tuple[int, int], beta: float) -> NDArray:
@@ -198,7 +290,11 @@ def _draw_lesion(
 
 
 def _render_view(
-    view: str, lesion: Lesion | None, options: SynthOptions, rng: np.random.Generator
+    view: str,
+    lesion: Lesion | None,
+    options: SynthOptions,
+    rng: np.random.Generator,
+    variant: DicomVariant,
 ) -> tuple[NDArray, tuple[int, int, int, int] | None]:
     shape = (options.height, options.width)
     breast, pectoral, geometry = _breast_geometry(view, shape, rng)
@@ -209,14 +305,33 @@ def _render_view(
     thickness = np.clip(1.0 - radial**4, 0, 1)
     texture = _power_law_texture(rng, shape, options.texture_beta)
     density = 0.32 + 0.16 * thickness + 0.07 * texture * thickness
-    image = np.where(breast, density, 0.03)
+    image = np.where(breast, density, variant.background)
     image = np.where(pectoral, 0.62 + 0.05 * texture, image)
+    if variant.burnt_in_label:
+        _burn_in_label(image)
     box = None
     if lesion is not None:
         centre = _lesion_centre(lesion, view, geometry, rng)
         box = _draw_lesion(image, lesion, centre, options.pixel_spacing_mm)
     image = image + rng.normal(0, 0.004, shape)  # quantum noise
     return np.clip(image, 0, 1), box
+
+
+def _burn_in_label(image: NDArray) -> None:
+    """A saturated marker block ("R MLO" and the like) in the corner away from the chest wall.
+
+    Drawn at the chest-wall-free edge, as vendors do; it is smaller than the breast and
+    separate from it, so a crop that takes the largest bright region ignores it.
+    """
+    h, w = image.shape
+    bh, bw = max(6, h // 24), max(12, w // 8)
+    top = h // 25
+    left = w - bw - max(2, w // 40)
+    image[top : top + bh, left : left + bw] = 1.0
+    # "Letters": darker strokes inside the block, so it is not a uniform rectangle.
+    for stroke in range(3):
+        col = left + (stroke + 1) * bw // 4
+        image[top + 2 : top + bh - 2, col : col + max(1, bw // 20)] = 0.6
 
 
 def _draw_lesion_spec(rng: np.random.Generator, finding: Finding) -> Lesion:
@@ -250,13 +365,14 @@ def _write_dicom(
     view: str,
     options: SynthOptions,
     seed_parts: list[str],
+    variant: DicomVariant,
 ) -> None:
     stored = np.round(pixels * MAX_VALUE).astype(np.uint16)
     sop_uid = generate_uid(entropy_srcs=[*seed_parts, "sop"])
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MAMMO_FOR_PRESENTATION
     meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = UID(variant.transfer_syntax)
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID = MAMMO_FOR_PRESENTATION
@@ -267,30 +383,88 @@ def _write_dicom(
     ds.PresentationIntentType = "FOR PRESENTATION"
     ds.PatientID = patient
     ds.PatientName = f"SYNTHETIC^{patient}"
+    ds.PatientBirthDate = "19650101"
+    ds.InstitutionName = "Synthetic Screening Centre"
+    ds.ReferringPhysicianName = "SYNTHETIC^REFERRER"
+    ds.AccessionNumber = f"ACC{seed_parts[1]}"
     ds.StudyDescription = "Synthetic screening mammogram (mammoscreen generator)"
     ds.ImageLaterality = laterality
     ds.Laterality = laterality
     ds.ViewPosition = view
     ds.Rows, ds.Columns = stored.shape
     ds.PixelSpacing = [options.pixel_spacing_mm, options.pixel_spacing_mm]
+    ds.BurnedInAnnotation = "YES" if variant.burnt_in_label else "NO"
     ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = BITS_STORED
-    ds.HighBit = BITS_STORED - 1
     ds.PixelRepresentation = 0
-    ds.WindowCenter = MAX_VALUE // 2
-    ds.WindowWidth = MAX_VALUE
     ds.RescaleIntercept = 0
     ds.RescaleSlope = 1
-    ds.PixelData = stored.tobytes()
+    ds.VOILUTFunction = variant.voi_lut_function
+    _encode_pixels(ds, stored, variant)
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
 
 
+def _encode_pixels(ds: Dataset, stored: NDArray, variant: DicomVariant) -> None:
+    """Set the pixel module and Pixel Data for `variant`'s photometric and transfer syntax."""
+    syntax = UID(variant.transfer_syntax)
+    bits = {JPEGBaseline8Bit: 8, JPEGExtended12Bit: 12}.get(syntax, BITS_STORED)
+    values = stored >> (BITS_STORED - bits) if bits < BITS_STORED else stored
+    top = (1 << bits) - 1
+    if variant.monochrome1:
+        values = top - values
+    ds.PhotometricInterpretation = "MONOCHROME1" if variant.monochrome1 else "MONOCHROME2"
+    ds.BitsAllocated = 8 if bits == 8 else 16
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.WindowCenter = top // 2
+    ds.WindowWidth = top
+    values = values.astype(np.uint8 if bits == 8 else np.uint16)
+    if syntax in UNCOMPRESSED_SYNTAXES:
+        ds.PixelData = values.astype(">u2" if syntax == ExplicitVRBigEndian else "<u2").tobytes()
+        return
+    if syntax in LOSSY_SYNTAXES:
+        ds.LossyImageCompression = "01"
+    if syntax in (RLELossless, JPEG2000Lossless, JPEG2000):
+        if syntax == JPEG2000:  # lossy: a high PSNR, as vendors' "visually lossless"
+            ds.compress(syntax, values, encoding_plugin="pylibjpeg", j2k_psnr=[80.0])
+        else:
+            ds.compress(syntax, values, encoding_plugin="pylibjpeg")
+        return
+    ds.PixelData = encapsulate([_imagecodecs_frame(values, syntax, bits)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = syntax
+
+
+def _imagecodecs_frame(values: NDArray, syntax: UID, bits: int) -> bytes:
+    """JPEG family frames pydicom cannot encode itself (libjpeg-turbo and CharLS)."""
+    import imagecodecs
+
+    if syntax == JPEGBaseline8Bit:
+        return bytes(imagecodecs.jpeg8_encode(values, level=92))
+    if syntax == JPEGExtended12Bit:
+        return bytes(imagecodecs.jpeg8_encode(values, level=92, bitspersample=12))
+    if syntax == JPEGLosslessSV1:
+        return bytes(
+            imagecodecs.jpeg8_encode(values, lossless=True, predictor=1, bitspersample=bits)
+        )
+    if syntax == JPEGLSLossless:
+        return bytes(imagecodecs.jpegls_encode(values))
+    if syntax == JPEGLSNearLossless:
+        return bytes(imagecodecs.jpegls_encode(values, level=2))
+    raise ValueError(f"the generator cannot encode {syntax}")
+
+
 def generate_exams(
-    out_dir: Path, *, exams: int, seed: int, options: SynthOptions | None = None
+    out_dir: Path,
+    *,
+    exams: int,
+    seed: int,
+    options: SynthOptions | None = None,
+    variants: tuple[DicomVariant, ...] = (DicomVariant(),),
 ) -> list[SynthImage]:
-    """Write `exams` four-view exams and `labels.csv` into `out_dir`; deterministic per seed."""
+    """Write `exams` four-view exams and `labels.csv` into `out_dir`; deterministic per seed.
+
+    Exam i is encoded as `variants[i % len(variants)]`.
+    """
     options = options or SynthOptions()
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[SynthImage] = []
@@ -308,11 +482,12 @@ def generate_exams(
         )
         lesion_side = "L" if rng.random() < 0.5 else "R"
         lesion = _draw_lesion_spec(rng, finding) if finding != Finding.NORMAL else None
+        variant = variants[index % len(variants)]
         for laterality in ("L", "R"):
             series_uid = generate_uid(entropy_srcs=[str(seed), str(index), laterality])
             for view in ("CC", "MLO"):
                 side_lesion = lesion if laterality == lesion_side else None
-                pixels, box = _render_view(view, side_lesion, options, rng)
+                pixels, box = _render_view(view, side_lesion, options, rng, variant)
                 if laterality == "R":
                     # Right breasts are imaged with the chest wall on the image's right.
                     pixels = pixels[:, ::-1]
@@ -330,6 +505,7 @@ def generate_exams(
                     view=view,
                     options=options,
                     seed_parts=[str(seed), str(index), laterality, view],
+                    variant=variant,
                 )
                 label = side_lesion.finding if side_lesion else Finding.NORMAL
                 written.append(
@@ -342,6 +518,7 @@ def generate_exams(
                         label,
                         side_lesion.kind if side_lesion else "",
                         box,
+                        variant.name,
                     )
                 )
     write_labels(out_dir / "labels.csv", written)
@@ -364,5 +541,6 @@ def write_labels(path: Path, images: list[SynthImage]) -> None:
                     image.label.value,
                     image.lesion_type,
                     *box,
+                    image.encoding,
                 ]
             )

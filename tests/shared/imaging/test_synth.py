@@ -84,3 +84,23 @@ def test_mlo_shows_a_bright_pectoral_corner_and_cc_does_not(exams: Path) -> None
 def test_right_breast_chest_wall_is_on_the_right(exams: Path) -> None:
     px = pydicom.dcmread(next(exams.glob("*_R_CC.dcm"))).pixel_array.astype(float)
     assert px[:, -20:].mean() > 3 * px[:, :20].mean()
+
+
+def test_variants_cycle_per_exam_and_are_recorded_in_the_labels(tmp_path: Path) -> None:
+    from shared.imaging.synth import DEMO_VARIANTS, variant_mix
+
+    images = generate_exams(tmp_path, exams=4, seed=2, options=SMALL, variants=DEMO_VARIANTS)
+    by_exam: dict[str, set[str]] = {}
+    for image in images:
+        by_exam.setdefault(image.study, set()).add(image.encoding)
+    assert [len(e) for e in by_exam.values()] == [1, 1, 1, 1]  # one encoding per exam
+    assert {next(iter(e)) for e in by_exam.values()} == {v.name for v in DEMO_VARIANTS}
+    photometrics = {pydicom.dcmread(i.path).PhotometricInterpretation for i in images}
+    syntaxes = {pydicom.dcmread(i.path).file_meta.TransferSyntaxUID.keyword for i in images}
+    assert photometrics == {"MONOCHROME1", "MONOCHROME2"}
+    assert "JPEG2000Lossless" in syntaxes
+    with open(tmp_path / "labels.csv") as handle:
+        assert {r["encoding"] for r in csv.DictReader(handle)} == set().union(*by_exam.values())
+    everything = variant_mix("all")
+    assert len({v.transfer_syntax for v in everything}) == 12
+    assert {v.monochrome1 for v in everything} == {True, False}
