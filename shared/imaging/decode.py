@@ -46,12 +46,23 @@ def _refuse_if_too_large(declared: int, max_pixels: int) -> None:
 
 
 def _decode_dicom(data: bytes, max_pixels: int) -> NDArray[np.float64]:
+    """Stored values -> modality LUT (rescale) -> VOI LUT or window (LINEAR, SIGMOID) ->
+    MONOCHROME2. Ingest's header gate refuses the same cases first; this is the backstop for
+    objects stored before a rule existed or altered since."""
     ds = pydicom.dcmread(io.BytesIO(data))
     _refuse_if_too_large(int(ds.Rows) * int(ds.Columns), max_pixels)
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise ImageRejected(RejectCode.DECODE_FAILED, "multi-frame images cannot be screened")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise ImageRejected(
+            RejectCode.MULTI_FRAME, f"{frames} frames; only 2-D single-frame images are screened"
+        )
     if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise ImageRejected(RejectCode.DECODE_FAILED, "colour images cannot be screened")
+        raise ImageRejected(RejectCode.NOT_GREYSCALE, "colour images cannot be screened")
+    bits = int(ds.get("BitsStored", 0) or 0)
+    if not 8 <= bits <= 16:
+        raise ImageRejected(
+            RejectCode.UNSUPPORTED_BIT_DEPTH, f"{bits} bits stored; 8 to 16 are supported"
+        )
     pixels = apply_modality_lut(ds.pixel_array, ds)
     if "VOILUTSequence" in ds or "WindowCenter" in ds:
         pixels = apply_voi_lut(pixels, ds)

@@ -38,14 +38,19 @@ class BreastCrop:
     """
 
     threshold_above_background: float = 0.08
+    min_area_fraction: float = 0.01  # a "breast" smaller than this is a marker or noise
 
     def __call__(self, pixels: Array) -> Array:
         background = float(np.percentile(pixels, 10))
         mask = pixels > background + self.threshold_above_background
         labels, count = ndimage.label(mask)
-        if count == 0:
-            raise ImageRejected(RejectCode.DECODE_FAILED, "no breast region found in the image")
         sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
+        if count == 0 or float(np.max(sizes)) < self.min_area_fraction * pixels.size:
+            raise ImageRejected(
+                RejectCode.EMPTY_BREAST_REGION,
+                "no breast region stands out from the background; check the image is a "
+                "mammogram for presentation and not blank or inverted",
+            )
         largest = int(np.argmax(sizes)) + 1
         rows, cols = ndimage.find_objects((labels == largest).astype(np.int32))[0]
         cropped: Array = pixels[rows, cols]
