@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import BinaryIO
-
-import pydicom
-from pydicom.errors import InvalidDicomError
 
 from shared.db.models import Laterality, View
 
@@ -22,7 +18,11 @@ class MediaType(enum.StrEnum):
 
 
 class RejectCode(enum.StrEnum):
-    """Stable codes for refused uploads and failed images; users switch on these."""
+    """Stable codes for refused uploads and failed images; users switch on these.
+
+    docs/imaging.md lists every code with what it means and what to do about it (a test
+    keeps the two in step).
+    """
 
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     EMPTY_FILE = "empty_file"
@@ -39,6 +39,17 @@ class RejectCode(enum.StrEnum):
     ARCHIVE_TOO_LARGE = "archive_too_large"
     ARCHIVE_TOO_MANY_ENTRIES = "archive_too_many_entries"
     UNSAFE_ARCHIVE_ENTRY = "unsafe_archive_entry"
+    INVALID_MANIFEST = "invalid_manifest"
+    MANIFEST_FILE_MISSING = "manifest_file_missing"
+    NOT_MAMMOGRAPHY = "not_mammography"
+    UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"
+    MULTI_FRAME = "multi_frame"
+    NOT_GREYSCALE = "not_greyscale"
+    UNSUPPORTED_BIT_DEPTH = "unsupported_bit_depth"
+    NOT_FOR_PRESENTATION = "not_for_presentation"
+    UNKNOWN_LATERALITY = "unknown_laterality"
+    UNKNOWN_VIEW = "unknown_view"
+    EMPTY_BREAST_REGION = "empty_breast_region"
 
 
 class ImageRejected(Exception):
@@ -74,48 +85,28 @@ class ImageMetadata:
     pixels: int | None = None  # as declared by the header, before any decoding
 
 
-_VIEW_ALIASES = {"CC": View.CC, "MLO": View.MLO}
-
-
 def parse_laterality(value: object) -> Laterality | None:
     text = str(value or "").strip().upper()
     return {"L": Laterality.LEFT, "R": Laterality.RIGHT}.get(text)
 
 
 def parse_view(value: object) -> View | None:
-    return _VIEW_ALIASES.get(str(value or "").strip().upper())
+    return {"CC": View.CC, "MLO": View.MLO}.get(str(value or "").strip().upper())
 
 
-def dicom_metadata(source: BinaryIO) -> ImageMetadata:
-    """Laterality, view and identity from a DICOM header; pixel data is not read.
-
-    `source` is left at the position it had on entry.
-    """
-    position = source.tell()
-    try:
-        ds = pydicom.dcmread(source, stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as err:
+def require_laterality_and_view(metadata: ImageMetadata, filename: str) -> None:
+    """Every screened image must say which breast and which view it shows."""
+    if metadata.laterality is None:
         raise ImageRejected(
-            RejectCode.INVALID_DICOM,
-            f"the DICOM header cannot be read ({err}); send a valid DICOM Part 10 file",
-        ) from err
-    finally:
-        source.seek(position)
-    laterality = parse_laterality(ds.get("ImageLaterality")) or parse_laterality(
-        ds.get("Laterality")
-    )
-    return ImageMetadata(
-        laterality=laterality,
-        view=parse_view(ds.get("ViewPosition")),
-        patient_id=str(ds.get("PatientID") or "") or None,
-        study_uid=str(ds.get("StudyInstanceUID") or "") or None,
-        pixels=_declared_pixels(ds),
-    )
-
-
-def _declared_pixels(ds: pydicom.Dataset) -> int | None:
-    try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        return int(ds.Rows) * int(ds.Columns) * max(1, frames)
-    except (AttributeError, TypeError, ValueError):
-        return None
+            RejectCode.UNKNOWN_LATERALITY,
+            f"{filename}: which breast it shows is not known; DICOM needs ImageLaterality "
+            "(or Laterality) L or R, PNG/JPEG a `laterality` form field, a manifest row or a "
+            "name like exam1_L_CC.png",
+        )
+    if metadata.view is None:
+        raise ImageRejected(
+            RejectCode.UNKNOWN_VIEW,
+            f"{filename}: the view is not known or not CC/MLO; DICOM needs ViewPosition (or "
+            "ViewCodeSequence) CC or MLO, PNG/JPEG a `view` form field, a manifest row or a "
+            "name like exam1_L_CC.png",
+        )

@@ -116,4 +116,6 @@ def test_the_bucket_refuses_anonymous_reads(
     ]
     anonymous = httpx.get(f"{env['SCREENING_S3_ENDPOINT']}/{env['SCREENING_S3_BUCKET']}/{key}")
     assert anonymous.status_code in (401, 403)
-    assert store.get_bytes(key) == exam[0].path.read_bytes()  # while the service can read it
+    # ... while the service can read it (the de-identified copy: same pixels).
+    stored = pydicom.dcmread(io.BytesIO(store.get_bytes(key)))
+    assert stored.PixelData == pydicom.dcmread(exam[0].path).PixelData

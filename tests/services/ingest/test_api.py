@@ -5,6 +5,7 @@ import io
 import uuid
 
 import numpy as np
+import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image as PILImage
@@ -87,11 +88,15 @@ def test_upload_streams_hashes_records_and_queues_after_commit(
     assert len(rows) == 4
     assert {r.status for r in rows} == {ImageStatus.QUEUED}
     assert all(r.tenant_id == tenant.id for r in rows)
-    by_name = {i.path.name: i.path.read_bytes() for i in exam}
+    by_name = {i.path.name: pydicom.dcmread(i.path) for i in exam}
     for row in rows:
         stored = store.get_bytes(row.object_key)
-        assert stored == by_name[row.filename]
+        # What is stored is the de-identified copy: same pixels, no patient identity.
+        original = by_name[row.filename]
+        assert pydicom.dcmread(io.BytesIO(stored)).PixelData == original.PixelData
+        assert str(original.PatientID).encode() not in stored
         assert row.sha256 == hashlib.sha256(stored).hexdigest()
+        assert row.size_bytes == len(stored)
     # The four views of one exam are one study, keyed by a hash, not the patient id.
     studies = session.scalars(select(Study)).all()
     assert len(studies) == 1

@@ -1,0 +1,279 @@
+"""DICOM uploads: read the header, check it can be screened, store a de-identified copy.
+
+Only the header is parsed; the pixel data element is copied byte for byte from the upload to
+the de-identified output in chunks, so a 70 MB mammogram never sits in memory and its
+compressed frames are never re-encoded.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import BinaryIO
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.uid import UID
+
+from shared.db.models import Laterality, View
+from shared.imaging.deid import Deidentifier
+from shared.imaging.formats import (
+    ImageMetadata,
+    ImageRejected,
+    RejectCode,
+    parse_laterality,
+    parse_view,
+)
+
+# Header values longer than this are read only if something asks for them (a private blob
+# before the pixels is dropped unread).
+HEADER_DEFER_BYTES = 1024 * 1024
+COPY_CHUNK_BYTES = 1024 * 1024
+PIXEL_DATA = (0x7FE0, 0x0010)
+ITEM, SEQUENCE_DELIMITER = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+# Digital Mammography X-Ray Image Storage - For Processing: raw detector data, not an image
+# meant for reading (nor for a model trained on images for presentation).
+MAMMO_FOR_PROCESSING = UID("1.2.840.10008.5.1.4.1.1.1.2.1")
+# Older systems export mammograms as CR or DX; BodyPartExamined tells those apart.
+GENERAL_XRAY_MODALITIES = ("CR", "DX")
+# ViewCodeSequence codes (PS3.16 CID 4014), SNOMED CT and the legacy SRT codes.
+VIEW_CODES = {
+    "399162004": View.CC,
+    "R-10242": View.CC,
+    "399368009": View.MLO,
+    "R-10226": View.MLO,
+}
+
+
+def read_header(source: BinaryIO, filename: str) -> Dataset:
+    """Everything before the pixel data; `source` is left at the Pixel Data element."""
+    try:
+        return pydicom.dcmread(source, stop_before_pixels=True, defer_size=HEADER_DEFER_BYTES)
+    except Exception as err:  # untrusted bytes: pydicom fails in many ways (KeyError,
+        # struct.error, ...); every one of them is a property of this file
+        raise ImageRejected(
+            RejectCode.INVALID_DICOM,
+            f"{filename}: the DICOM header cannot be read ({err}); send a valid DICOM Part 10 file",
+        ) from err
+
+
+def transfer_syntax_decodable(syntax: UID | None) -> bool:
+    if not syntax:
+        return False
+    try:
+        return bool(get_decoder(syntax).is_available)
+    except NotImplementedError:
+        return False
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    return str(ds.get(keyword, "") or "").strip().upper()
+
+
+def laterality_of(ds: Dataset) -> Laterality | None:
+    """ImageLaterality, then Laterality, then a laterality prefix in ViewPosition ("RMLO")."""
+    for keyword in ("ImageLaterality", "Laterality"):
+        found = parse_laterality(ds.get(keyword))
+        if found is not None:
+            return found
+    position = _text(ds, "ViewPosition").replace(" ", "")
+    if position[:1] in ("L", "R") and parse_view(position[1:]) is not None:
+        return parse_laterality(position[:1])
+    return None
+
+
+def view_of(ds: Dataset) -> View | None:
+    """ViewPosition (CC, MLO, also "L CC"/"RMLO"), then ViewCodeSequence."""
+    position = _text(ds, "ViewPosition").replace(" ", "")
+    found = parse_view(position) or (
+        parse_view(position[1:]) if position[:1] in ("L", "R") else None
+    )
+    if found is not None:
+        return found
+    for item in ds.get("ViewCodeSequence", None) or []:
+        code = str(item.get("CodeValue", "") or item.get("LongCodeValue", "") or "")
+        if code in VIEW_CODES:
+            return VIEW_CODES[code]
+        meaning = str(item.get("CodeMeaning", "")).lower().replace("-", "")
+        if meaning in ("craniocaudal", "cranio caudal"):
+            return View.CC
+        if meaning in ("mediolateral oblique", "medio lateral oblique"):
+            return View.MLO
+    return None
+
+
+def screenable_metadata(ds: Dataset, filename: str) -> ImageMetadata:
+    """The header half of the quality gate: raises ImageRejected with the first reason found.
+
+    Order matters only for which reason a user sees first: what the object is, then whether
+    its pixels can be decoded, then whether it is an image for reading, then which breast and
+    view it shows.
+    """
+    if "Rows" not in ds or "Columns" not in ds:
+        raise ImageRejected(
+            RejectCode.NOT_DICOM_IMAGE,
+            f"{filename} is DICOM but not an image (no Rows and Columns); send the image "
+            "objects of the study",
+        )
+    modality = _text(ds, "Modality")
+    if modality != "MG" and not (
+        modality in GENERAL_XRAY_MODALITIES and _text(ds, "BodyPartExamined") == "BREAST"
+    ):
+        raise ImageRejected(
+            RejectCode.NOT_MAMMOGRAPHY,
+            f"{filename} has Modality {modality or 'missing'}; only mammograms (MG, or CR/DX "
+            "with BodyPartExamined BREAST) can be screened",
+        )
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if not transfer_syntax_decodable(syntax):
+        name = UID(syntax).name if syntax else "missing"
+        raise ImageRejected(
+            RejectCode.UNSUPPORTED_TRANSFER_SYNTAX,
+            f"{filename} uses transfer syntax {name}, which this service cannot decode; send "
+            "it uncompressed, JPEG, JPEG-LS, JPEG 2000 or RLE",
+        )
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 0)) or 0)
+        pixels = int(ds.Rows) * int(ds.Columns)
+    except (TypeError, ValueError) as err:
+        raise ImageRejected(
+            RejectCode.INVALID_DICOM, f"{filename}: the image pixel module is malformed ({err})"
+        ) from err
+    if frames > 1:
+        raise ImageRejected(
+            RejectCode.MULTI_FRAME,
+            f"{filename} holds {frames} frames (tomosynthesis or a cine?); send 2-D "
+            "mammograms, one frame per file",
+        )
+    if samples != 1:
+        raise ImageRejected(
+            RejectCode.NOT_GREYSCALE,
+            f"{filename} is a colour image ({samples} samples per pixel); mammograms are greyscale",
+        )
+    if not 8 <= bits <= 16:
+        raise ImageRejected(
+            RejectCode.UNSUPPORTED_BIT_DEPTH,
+            f"{filename} stores {bits} bits per pixel; 8 to 16 are supported",
+        )
+    if (
+        _text(ds, "PresentationIntentType") == "FOR PROCESSING"
+        or ds.get("SOPClassUID") == MAMMO_FOR_PROCESSING
+    ):
+        raise ImageRejected(
+            RejectCode.NOT_FOR_PRESENTATION,
+            f"{filename} is a FOR PROCESSING (raw detector) image; send the FOR PRESENTATION "
+            "image the modality produced for reading",
+        )
+    return ImageMetadata(
+        laterality=laterality_of(ds),
+        view=view_of(ds),
+        patient_id=str(ds.get("PatientID") or "") or None,
+        study_uid=str(ds.get("StudyInstanceUID") or "") or None,
+        pixels=pixels,
+    )
+
+
+def write_deidentified(
+    source: BinaryIO,
+    header: Dataset,
+    out: BinaryIO,
+    *,
+    deidentifier: Deidentifier,
+    patient_key: str,
+    filename: str,
+) -> None:
+    """Write the de-identified file to `out`: new header, then the original pixel element.
+
+    `source` must be positioned where read_header left it. Whatever follows the pixel data
+    (trailing padding, a digital signature, private groups) is dropped.
+    """
+    syntax = UID(header.file_meta.TransferSyntaxUID)
+    if syntax.is_deflated:
+        # One deflate stream covers header and pixels alike, so no byte range can be copied;
+        # deflated images are small and rare, and bounded by the per-file limit.
+        source.seek(0)
+        full = pydicom.dcmread(source)
+        deidentifier.apply(full, patient_key=patient_key)
+        pydicom.dcmwrite(out, full, enforce_file_format=True)
+        return
+    deidentifier.apply(header, patient_key=patient_key)
+    pydicom.dcmwrite(out, header, enforce_file_format=True)
+    _copy_pixel_element(
+        source,
+        out,
+        little_endian=syntax.is_little_endian,
+        implicit_vr=syntax.is_implicit_VR,
+        filename=filename,
+    )
+
+
+def _copy_pixel_element(
+    source: BinaryIO, out: BinaryIO, *, little_endian: bool, implicit_vr: bool, filename: str
+) -> None:
+    order = "<" if little_endian else ">"
+    head = _read_exact(source, 4, filename)
+    if struct.unpack(order + "HH", head) != PIXEL_DATA:
+        raise ImageRejected(
+            RejectCode.NOT_DICOM_IMAGE,
+            f"{filename} has no Pixel Data; send the image objects of the study",
+        )
+    if implicit_vr:
+        value_header = _read_exact(source, 4, filename)
+        length_bytes = value_header
+    else:
+        value_header = _read_exact(source, 8, filename)
+        if value_header[:2] not in (b"OB", b"OW", b"UN"):
+            raise ImageRejected(
+                RejectCode.INVALID_DICOM, f"{filename}: Pixel Data has VR {value_header[:2]!r}"
+            )
+        length_bytes = value_header[4:]
+    (length,) = struct.unpack(order + "I", length_bytes)
+    out.write(head + value_header)
+    if length != UNDEFINED_LENGTH:
+        _copy_exact(source, out, length, filename)
+        return
+    # Encapsulated (compressed) pixel data: items until the sequence delimiter; always
+    # little endian, the only byte order compressed transfer syntaxes allow.
+    while True:
+        item_head = _read_exact(source, 8, filename)
+        group, element, item_length = struct.unpack("<HHI", item_head)
+        out.write(item_head)
+        if (group, element) == SEQUENCE_DELIMITER:
+            return
+        if (group, element) != ITEM:
+            raise ImageRejected(
+                RejectCode.INVALID_DICOM,
+                f"{filename}: compressed Pixel Data holds a ({group:04X},{element:04X}) "
+                "element where a fragment item belongs",
+            )
+        _copy_exact(source, out, item_length, filename)
+
+
+def _read_exact(source: BinaryIO, count: int, filename: str) -> bytes:
+    data = source.read(count)
+    if len(data) != count:
+        raise _truncated(filename)
+    return data
+
+
+def _copy_exact(source: BinaryIO, out: BinaryIO, count: int, filename: str) -> None:
+    remaining = count
+    while remaining:
+        chunk = source.read(min(COPY_CHUNK_BYTES, remaining))
+        if not chunk:
+            raise _truncated(filename)
+        out.write(chunk)
+        remaining -= len(chunk)
+
+
+def _truncated(filename: str) -> ImageRejected:
+    return ImageRejected(
+        RejectCode.INVALID_DICOM,
+        f"{filename}: the pixel data ends before its declared length (a truncated transfer?); "
+        "send the complete file",
+    )
