@@ -23,6 +23,7 @@ from shared.db.models import (
     ImageStatus,
     ModelVersion,
     Prediction,
+    RejectedFile,
     Study,
 )
 
@@ -103,6 +104,66 @@ def image_counts(*, session: Session, batch_id: uuid.UUID) -> dict[str, int]:
     for status, count in rows:
         counts[ImageStatus(status).value] = int(count)
     return counts
+
+
+def record_rejections(
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    batch_id: uuid.UUID,
+    rejections: Sequence[tuple[str, str, str]],
+) -> None:
+    """Keep (filename, code, message) of refused uploads so results can show them."""
+    session.add_all(
+        RejectedFile(
+            tenant_id=tenant_id, batch_id=batch_id, filename=name[:600], code=code, message=msg
+        )
+        for name, code, msg in rejections
+    )
+
+
+def rejection_count(*, session: Session, batch_id: uuid.UUID) -> int:
+    count = session.scalar(select(func.count()).where(RejectedFile.batch_id == batch_id))
+    return int(count or 0)
+
+
+def rejections_page(
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    batch_id: uuid.UUID,
+    limit: int,
+    after: uuid.UUID | None,
+) -> list[RejectedFile]:
+    query = select(RejectedFile).where(
+        RejectedFile.batch_id == batch_id, RejectedFile.tenant_id == tenant_id
+    )
+    if after is not None:
+        query = query.where(RejectedFile.id > after)
+    return list(session.scalars(query.order_by(RejectedFile.id).limit(limit)))
+
+
+def exams_page(
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    batch_id: uuid.UUID,
+    limit: int,
+    after: uuid.UUID | None,
+) -> list[tuple[Study, list[Image]]]:
+    """A batch's studies (exams) in upload order, each with its images, keyset on study id."""
+    query = select(Study).where(Study.batch_id == batch_id, Study.tenant_id == tenant_id)
+    if after is not None:
+        query = query.where(Study.id > after)
+    studies = list(session.scalars(query.order_by(Study.id).limit(limit)))
+    images: dict[uuid.UUID, list[Image]] = {s.id: [] for s in studies}
+    if studies:
+        rows = session.scalars(
+            select(Image).where(Image.study_id.in_(list(images))).order_by(Image.id)
+        )
+        for image in rows:
+            images[image.study_id].append(image)
+    return [(study, images[study.id]) for study in studies]
 
 
 def complete_if_finished(*, session: Session, batch: Batch) -> bool:

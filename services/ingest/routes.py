@@ -30,6 +30,7 @@ from shared.batches import (
     get_or_create_study,
     image_count,
     mark_enqueued,
+    record_rejections,
 )
 from shared.db.models import AuditAction, Batch, BatchStatus, Image, Laterality, View
 from shared.queue import enqueue_screening
@@ -132,7 +133,9 @@ def post_images(
             headers={"Retry-After": RETRY_AFTER_S},
         ) from err
 
+    rejections = [(r.filename, r.code, r.message) for r in rejected]
     if not stored:
+        _keep_rejections(session, caller, batch_id, rejections)
         raise ApiError(
             422,
             "no_acceptable_files",
@@ -146,6 +149,7 @@ def post_images(
             caller=caller,
             batch_id=batch_id,
             uploads=stored,
+            rejections=rejections,
             max_images=settings.max_images_per_batch,
         )
     except ApiError:
@@ -203,9 +207,10 @@ def _record_images(
     caller: Caller,
     batch_id: uuid.UUID,
     uploads: list[StoredUpload],
+    rejections: list[tuple[str, str, str]],
     max_images: int,
 ) -> list[Image]:
-    """Insert the image rows in one transaction, provided the batch is still open."""
+    """Insert the image rows (and the refusals) in one transaction, if the batch is open."""
     tenant_id = caller.tenant.id
     batch = get_batch(session=session, tenant_id=tenant_id, batch_id=batch_id)
     if batch is None:
@@ -249,11 +254,28 @@ def _record_images(
         )
         session.add(image)
         images.append(image)
+    record_rejections(
+        session=session, tenant_id=tenant_id, batch_id=batch_id, rejections=rejections
+    )
     caller.audit(
         session, AuditAction.UPLOAD, "batch", batch_id, image_ids=[str(i.id) for i in images]
     )
     session.commit()
     return images
+
+
+def _keep_rejections(
+    session: SessionDep, caller: Caller, batch_id: uuid.UUID, rejections: list[tuple[str, str, str]]
+) -> None:
+    """Record refusals of an upload that stored nothing; best effort, the 422 says it all."""
+    try:
+        record_rejections(
+            session=session, tenant_id=caller.tenant.id, batch_id=batch_id, rejections=rejections
+        )
+        session.commit()
+    except DatabaseError:
+        session.rollback()
+        log.warning("could not record %d refused files of batch %s", len(rejections), batch_id)
 
 
 @router.post("/batches/{batch_id}/close", response_model=BatchPublic)

@@ -6,9 +6,13 @@ import base64
 import binascii
 import json
 import uuid
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import TypeVar
 
 from shared.api.errors import ApiError
+
+T = TypeVar("T")
 
 
 def encode(*parts: str) -> str:
@@ -32,7 +36,7 @@ def _invalid() -> ApiError:
     )
 
 
-def decode_image_cursor(cursor: str) -> uuid.UUID:
+def decode_id_cursor(cursor: str) -> uuid.UUID:
     (image_id,) = _decode(cursor, 1)
     try:
         return uuid.UUID(image_id)
@@ -46,3 +50,11 @@ def decode_batch_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         return datetime.fromisoformat(created), uuid.UUID(batch_id)
     except ValueError as err:
         raise _invalid() from err
+
+
+def id_page(
+    rows: Sequence[T], limit: int, id_of: Callable[[T], uuid.UUID]
+) -> tuple[list[T], str | None]:
+    """Split a fetch of limit + 1 rows into the page and the next page's cursor (None: last)."""
+    page = list(rows[:limit])
+    return page, (encode(str(id_of(page[-1]))) if len(rows) > limit else None)

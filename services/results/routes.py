@@ -14,27 +14,36 @@ from services.results.schemas import (
     AuditPage,
     BatchDetail,
     BatchPage,
+    Exam,
+    ExamImage,
+    ExamsPage,
     ImageCounts,
     ImageResult,
     ModelVersionPublic,
+    RejectedFilePublic,
+    RejectionsPage,
     ResultsPage,
 )
 from shared import audit
 from shared.api.errors import ApiError
 from shared.api.schemas import COMMON_ERRORS, BatchPublic
 from shared.batches import (
+    exams_page,
     get_batch,
     get_image,
     image_counts,
     latest_predictions,
     list_batches,
     model_versions_used,
+    rejection_count,
+    rejections_page,
     results_page,
 )
-from shared.db.models import AuditAction, Image, Prediction
+from shared.db.models import AuditAction, Image, Laterality, Prediction, Study, View
 
 router = APIRouter(prefix="/v1", tags=["results"], responses=COMMON_ERRORS)
 
+SCREENING_VIEWS = [f"{lat.value}-{view.value}" for lat in Laterality for view in View]
 UNTRAINED_WARNING = (
     "scores in this batch come from an untrained (randomly initialised) model and carry no "
     "diagnostic meaning"
@@ -95,6 +104,7 @@ def get_batch_detail(batch_id: uuid.UUID, session: SessionDep, caller: CallerDep
         **BatchPublic.model_validate(batch).model_dump(),
         counts=ImageCounts(**counts),
         total_images=sum(counts.values()),
+        rejected_files=rejection_count(session=session, batch_id=batch.id),
         model_versions=[ModelVersionPublic.model_validate(v) for v in versions],
         warnings=warnings,
     )
@@ -108,19 +118,92 @@ def get_batch_results(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     cursor: str | None = None,
 ) -> ResultsPage:
-    if get_batch(session=session, tenant_id=caller.tenant.id, batch_id=batch_id) is None:
-        raise ApiError(404, "batch_not_found", f"no batch {batch_id} exists for this API key")
-    after = cursors.decode_image_cursor(cursor) if cursor else None
+    _batch_or_404(session, caller, batch_id)
+    after = cursors.decode_id_cursor(cursor) if cursor else None
     images = results_page(
         session=session, tenant_id=caller.tenant.id, batch_id=batch_id, limit=limit + 1, after=after
     )
-    page, more = images[:limit], len(images) > limit
+    page, next_cursor = cursors.id_page(images, limit, lambda image: image.id)
     predictions = latest_predictions(session=session, image_ids=[i.id for i in page])
     caller.audit(session, AuditAction.READ, "batch_results", batch_id, images=len(page))
     session.commit()
     return ResultsPage(
         items=[_image_result(i, predictions.get(i.id)) for i in page],
-        next_cursor=cursors.encode(str(page[-1].id)) if more else None,
+        next_cursor=next_cursor,
+    )
+
+
+def _batch_or_404(session: SessionDep, caller: CallerDep, batch_id: uuid.UUID) -> None:
+    if get_batch(session=session, tenant_id=caller.tenant.id, batch_id=batch_id) is None:
+        raise ApiError(404, "batch_not_found", f"no batch {batch_id} exists for this API key")
+
+
+def _exam(study: Study, images: list[Image], predictions: dict[uuid.UUID, Prediction]) -> Exam:
+    present = sorted(
+        {f"{i.laterality.value}-{i.view.value}" for i in images if i.laterality and i.view}
+    )
+    return Exam(
+        id=study.id,
+        study_key=study.study_key,
+        patient_key=study.patient_key,
+        images=[
+            ExamImage(
+                id=i.id,
+                laterality=i.laterality,
+                view=i.view,
+                status=i.status,
+                score=predictions[i.id].malignancy_score if i.id in predictions else None,
+                error_code=i.error_code,
+            )
+            for i in images
+        ],
+        views_present=present,
+        missing_views=[v for v in SCREENING_VIEWS if v not in present],
+    )
+
+
+@router.get("/batches/{batch_id}/exams", response_model=ExamsPage)
+def get_batch_exams(
+    batch_id: uuid.UUID,
+    session: SessionDep,
+    caller: CallerDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: str | None = None,
+) -> ExamsPage:
+    """A batch's exams with their images; an exam may lack views and still be scored."""
+    _batch_or_404(session, caller, batch_id)
+    after = cursors.decode_id_cursor(cursor) if cursor else None
+    exams = exams_page(
+        session=session, tenant_id=caller.tenant.id, batch_id=batch_id, limit=limit + 1, after=after
+    )
+    page, next_cursor = cursors.id_page(exams, limit, lambda exam: exam[0].id)
+    image_ids = [image.id for _, images in page for image in images]
+    predictions = latest_predictions(session=session, image_ids=image_ids)
+    caller.audit(session, AuditAction.READ, "batch_exams", batch_id, exams=len(page))
+    session.commit()
+    return ExamsPage(
+        items=[_exam(study, images, predictions) for study, images in page],
+        next_cursor=next_cursor,
+    )
+
+
+@router.get("/batches/{batch_id}/rejections", response_model=RejectionsPage)
+def get_batch_rejections(
+    batch_id: uuid.UUID,
+    session: SessionDep,
+    caller: CallerDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: str | None = None,
+) -> RejectionsPage:
+    """Uploaded files the quality gate refused, with their codes (docs/imaging.md)."""
+    _batch_or_404(session, caller, batch_id)
+    after = cursors.decode_id_cursor(cursor) if cursor else None
+    rows = rejections_page(
+        session=session, tenant_id=caller.tenant.id, batch_id=batch_id, limit=limit + 1, after=after
+    )
+    page, next_cursor = cursors.id_page(rows, limit, lambda row: row.id)
+    return RejectionsPage(
+        items=[RejectedFilePublic.model_validate(r) for r in page], next_cursor=next_cursor
     )
 
 
@@ -143,12 +226,11 @@ def get_audit(
     cursor: str | None = None,
 ) -> AuditPage:
     """The tenant's audit log, newest first: who created, uploaded, closed or read what."""
-    before = cursors.decode_image_cursor(cursor) if cursor else None
+    before = cursors.decode_id_cursor(cursor) if cursor else None
     events = audit.list_events(
         session=session, tenant_id=caller.tenant.id, limit=limit + 1, before=before
     )
-    page, more = events[:limit], len(events) > limit
+    page, next_cursor = cursors.id_page(events, limit, lambda event: event.id)
     return AuditPage(
-        items=[AuditEventPublic.model_validate(e) for e in page],
-        next_cursor=cursors.encode(str(page[-1].id)) if more else None,
+        items=[AuditEventPublic.model_validate(e) for e in page], next_cursor=next_cursor
     )

@@ -29,6 +29,7 @@ class ImageCounts(BaseModel):
 class BatchDetail(BatchPublic):
     counts: ImageCounts
     total_images: int
+    rejected_files: int  # uploads the quality gate refused; listed at .../rejections
     model_versions: list[ModelVersionPublic]
     warnings: list[str]
 
@@ -75,4 +76,44 @@ class AuditEventPublic(BaseModel):
 
 class AuditPage(BaseModel):
     items: list[AuditEventPublic]
+    next_cursor: str | None
+
+
+class RejectedFilePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    filename: str
+    code: str
+    message: str
+    created_at: datetime
+
+
+class RejectionsPage(BaseModel):
+    items: list[RejectedFilePublic]
+    next_cursor: str | None
+
+
+class ExamImage(BaseModel):
+    id: uuid.UUID
+    laterality: Laterality | None
+    view: View | None
+    status: ImageStatus
+    score: float | None
+    error_code: str | None
+
+
+class Exam(BaseModel):
+    """One study: its images, and which of the four screening views it lacks."""
+
+    id: uuid.UUID
+    study_key: str  # pseudonymous: the remapped StudyInstanceUID, or the uploader's key
+    patient_key: str  # keyed hash; the same patient has the same key in every batch
+    images: list[ExamImage]
+    views_present: list[str]  # e.g. "L-CC"
+    missing_views: list[str]
+
+
+class ExamsPage(BaseModel):
+    items: list[Exam]
     next_cursor: str | None

@@ -172,6 +172,21 @@ class Image(Base):
     predictions: Mapped[list[Prediction]] = relationship(back_populates="image")
 
 
+class RejectedFile(Base):
+    """An uploaded file the quality gate refused: kept so results can show why, not what."""
+
+    __tablename__ = "rejected_files"
+    __table_args__ = (Index("ix_rejected_files_batch_id_id", "batch_id", "id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), index=True)
+    batch_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("batches.id"))
+    filename: Mapped[str] = mapped_column(String(600))
+    code: Mapped[str] = mapped_column(String(64))
+    message: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class ModelVersion(Base):
     """A registered model: its architecture config, checkpoint and lifecycle status."""
 
