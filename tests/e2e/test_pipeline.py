@@ -13,7 +13,7 @@ from shared.client import ApiClientError, Client
 from shared.db.models import Image, ImageStatus, Prediction
 from shared.devstack.servers import pid_alive
 from shared.devstack.stack import StackState, down, up
-from shared.imaging.synth import SynthImage
+from shared.imaging.synth import DEMO_VARIANTS, SynthImage, SynthOptions, generate_exams
 from tests.factories import make_tenant
 
 pytestmark = pytest.mark.e2e
@@ -67,3 +67,18 @@ def test_up_is_idempotent_and_down_stops_every_process(stack: StackState, tmp_pa
     assert down(tmp_path / "stack") == []
     assert not any(pid_alive(pid) for pid in stack.pids())
     assert not (tmp_path / "stack" / "state.json").exists()
+
+
+def test_the_demo_mix_of_vendor_encodings_is_screened_by_the_real_worker(
+    stack: StackState, tmp_path: Path
+) -> None:
+    """MONOCHROME1, JPEG 2000, grey background with a burnt-in label: as `make demo` sends."""
+    small = SynthOptions(height=256, width=208, pixel_spacing_mm=0.8)
+    images = generate_exams(tmp_path, exams=4, seed=12, options=small, variants=DEMO_VARIANTS)
+    with Client.from_env(stack.env) as client:
+        batch = client.create_batch("demo mix")
+        upload = client.upload(batch["id"], [i.path for i in images])
+        assert upload["rejected"] == []
+        client.close_batch(batch["id"])
+        status = client.wait(batch["id"], timeout=180, poll=0.5)
+    assert status["counts"] == {"queued": 0, "running": 0, "done": 16, "failed": 0}
