@@ -10,7 +10,12 @@ from numpy.typing import NDArray
 from PIL import Image as PILImage
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
-from shared.imaging.formats import ImageRejected, MediaType, RejectCode
+from shared.imaging.formats import (
+    GREYSCALE_PHOTOMETRICS,
+    ImageRejected,
+    MediaType,
+    RejectCode,
+)
 
 DEFAULT_MAX_PIXELS = 64_000_000
 
@@ -56,8 +61,11 @@ def _decode_dicom(data: bytes, max_pixels: int) -> NDArray[np.float64]:
         raise ImageRejected(
             RejectCode.MULTI_FRAME, f"{frames} frames; only 2-D single-frame images are screened"
         )
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise ImageRejected(RejectCode.NOT_GREYSCALE, "colour images cannot be screened")
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if int(ds.get("SamplesPerPixel", 1)) != 1 or photometric not in GREYSCALE_PHOTOMETRICS:
+        raise ImageRejected(
+            RejectCode.NOT_GREYSCALE, f"{photometric} images cannot be screened; send greyscale"
+        )
     bits = int(ds.get("BitsStored", 0) or 0)
     if not 8 <= bits <= 16:
         raise ImageRejected(

@@ -18,6 +18,7 @@ from pydicom.uid import UID
 from shared.db.models import Laterality, View
 from shared.imaging.deid import Deidentifier
 from shared.imaging.formats import (
+    GREYSCALE_PHOTOMETRICS,
     ImageMetadata,
     ImageRejected,
     RejectCode,
@@ -150,10 +151,12 @@ def screenable_metadata(ds: Dataset, filename: str) -> ImageMetadata:
             f"{filename} holds {frames} frames (tomosynthesis or a cine?); send 2-D "
             "mammograms, one frame per file",
         )
-    if samples != 1:
+    photometric = _text(ds, "PhotometricInterpretation")
+    if samples != 1 or photometric not in GREYSCALE_PHOTOMETRICS:
         raise ImageRejected(
             RejectCode.NOT_GREYSCALE,
-            f"{filename} is a colour image ({samples} samples per pixel); mammograms are greyscale",
+            f"{filename} is a colour image ({photometric or 'no'} photometric interpretation, "
+            f"{samples} samples per pixel); mammograms are MONOCHROME1 or MONOCHROME2",
         )
     if not 8 <= bits <= 16:
         raise ImageRejected(

@@ -11,6 +11,11 @@ from shared.db.models import Laterality, View
 SNIFF_BYTES = 132
 
 
+# The only DICOM photometric interpretations a mammogram has; PALETTE COLOR, RGB and YBR are
+# refused even with one sample per pixel (a palette index is not a grey level).
+GREYSCALE_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
+
+
 class MediaType(enum.StrEnum):
     DICOM = "application/dicom"
     PNG = "image/png"

@@ -252,6 +252,10 @@ def test_every_header_rejection_code_and_the_tag_fallbacks(
         "mpeg.dcm": (_unsupported_syntax(template), "unsupported_transfer_syntax"),
         "tomo.dcm": (_multi_frame(template), "multi_frame"),
         "rgb.dcm": (_colour(template), "not_greyscale"),
+        "palette.dcm": (
+            _variant(template, PhotometricInterpretation="PALETTE COLOR"),
+            "not_greyscale",
+        ),
         "float32.dcm": (_thirty_two_bit(template), "unsupported_bit_depth"),
         "raw.dcm": (
             _variant(template, PresentationIntentType="FOR PROCESSING"),

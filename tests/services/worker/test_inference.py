@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import io
+
+import numpy as np
+import pydicom
 import pytest
 import urllib3
 from sqlalchemy import func, select
@@ -154,3 +158,25 @@ def test_truncated_pixel_data_fails_with_its_code_and_is_not_retried(
         "decode_failed",
         1,
     )
+
+
+def test_a_mammogram_with_nothing_but_background_fails_as_empty_breast_region(
+    ctx: WorkerContext, session: Session, store: ObjectStore, exam: list[SynthImage]
+) -> None:
+    """Passes every header check, decodes fine, and has no breast: a code, not a crash."""
+    ds = pydicom.dcmread(exam[0].path)
+    rng = np.random.default_rng(0)
+    noise = rng.normal(2000, 30, (int(ds.Rows), int(ds.Columns)))
+    noise[3, 3] = 9000  # one hot pixel, so the image is not blank
+    ds.PixelData = np.clip(noise, 0, 16383).astype(np.uint16).tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    store.put_bytes("test/background", buffer.getvalue(), content_type="application/dicom")
+    tenant, _ = make_tenant(session)
+    image = make_image(session, make_batch(session, tenant), object_key="test/background")
+
+    assert run_screening([image.id], ctx) == {"done": 0, "failed": 1}
+    session.expire_all()
+    failed = session.get(Image, image.id)
+    assert failed is not None
+    assert (failed.status, failed.error_code) == (ImageStatus.FAILED, "empty_breast_region")

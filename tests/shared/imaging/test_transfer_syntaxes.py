@@ -110,6 +110,7 @@ def test_pydicom_compressed_files_match_pydicoms_own_decoding(name: str) -> None
     ("name", "code"),
     [
         ("SC_rgb_jpeg.dcm", RejectCode.NOT_GREYSCALE),  # JPEG baseline, colour
+        ("examples_palette.dcm", RejectCode.NOT_GREYSCALE),  # one sample, but a palette
         ("SC_rgb_rle_2frame.dcm", RejectCode.MULTI_FRAME),
         ("rtdose_1frame.dcm", RejectCode.UNSUPPORTED_BIT_DEPTH),  # 32 bit
         ("examples_ybr_color.dcm", RejectCode.MULTI_FRAME),
