@@ -267,13 +267,37 @@ def claim_images(
             .with_for_update(skip_locked=True)
         )
     )
+    _start_lease(images, lease_s)
+    return images
+
+
+def claim_next_images(*, session: Session, limit: int, lease_s: float) -> list[Image]:
+    """Claim the next queued images of any batch, urgent batches first, then oldest first.
+
+    This is the priority lane: a worker that has room in its pipeline takes urgent work ahead
+    of everything queued before it. SKIP LOCKED keeps concurrent workers off each other's rows.
+    """
+    images = list(
+        session.scalars(
+            select(Image)
+            .join(Batch, Batch.id == Image.batch_id)
+            .where(Image.status == ImageStatus.QUEUED)
+            .order_by((Batch.priority == BatchPriority.URGENT).desc(), Image.id)
+            .limit(limit)
+            .with_for_update(of=Image, skip_locked=True)
+        )
+    )
+    _start_lease(images, lease_s)
+    return images
+
+
+def _start_lease(images: Sequence[Image], lease_s: float) -> None:
     now = utcnow()
     for image in images:
         image.status = ImageStatus.RUNNING
         image.attempts += 1
         image.started_at = now
         image.lease_expires_at = now + timedelta(seconds=lease_s)
-    return images
 
 
 def release_images(*, session: Session, image_ids: Sequence[uuid.UUID]) -> int:

@@ -69,6 +69,18 @@ class Settings(BaseSettings):
 
     # How many image ids one inference task carries (a chunk of a bulk batch).
     inference_chunk_size: int = Field(default=16, gt=0)
+    # Dynamic batching (README "Throughput"): at most this many images per forward pass,
+    # waiting at most this long after the first ready image for more.
+    inference_batch_size: int = Field(default=16, gt=0)
+    inference_max_wait_s: float = Field(default=0.05, ge=0)
+    # Threads that read, decode and preprocess while the model runs.
+    worker_loader_threads: int = Field(default=2, gt=0)
+    # A running task claims further queued images (urgent batches first) for this long, so
+    # the model stays busy across tasks; False screens only each task's own images.
+    worker_claim_queued: bool = True
+    worker_max_task_s: float = Field(default=30, gt=0)
+    # torch.compile the model on first load (CUDA workers; slow to start).
+    worker_compile: bool = False
     # "auto" picks CUDA when torch sees a GPU, else the CPU.
     worker_device: str = "auto"
     # CPU threads for torch in a worker process; 0 leaves torch's own default.

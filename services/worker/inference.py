@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import random
+import time
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import torch
 from celery import Task
+from celery.signals import worker_shutting_down
 from minio.error import S3Error
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError as DatabaseError
@@ -18,8 +20,10 @@ from urllib3.exceptions import HTTPError as StorageConnectionError
 
 from services.worker.celery_app import app
 from services.worker.models import LoadedModel, ModelCache
+from services.worker.pipeline import BatchPolicy, Prefetcher
 from shared.batches import (
     claim_images,
+    claim_next_images,
     record_failure,
     record_prediction,
     refresh_batches,
@@ -27,7 +31,7 @@ from shared.batches import (
 )
 from shared.config import Settings, get_settings
 from shared.db.base import session_scope
-from shared.db.models import Image, ImageStatus, Laterality, ModelVersion
+from shared.db.models import Image, ImageStatus, Laterality
 from shared.imaging.decode import decode_image
 from shared.imaging.formats import ImageRejected, RejectCode
 from shared.imaging.preprocess import Preprocess
@@ -42,6 +46,15 @@ log = logging.getLogger(__name__)
 TRANSIENT_ERRORS = (StorageConnectionError, DatabaseError, ConnectionError, TimeoutError)
 MAX_RETRIES = 6
 OBJECT_MISSING_CODES = ("NoSuchKey", "NoSuchObject")
+
+# Set in the worker's main process when a warm shutdown begins; created at import, before the
+# pool forks, so the pool's children share it and stop claiming more work.
+SHUTTING_DOWN = multiprocessing.Event()
+
+
+@worker_shutting_down.connect
+def _stop_claiming(**_: object) -> None:
+    SHUTTING_DOWN.set()
 
 
 @dataclass(frozen=True)
@@ -104,77 +117,144 @@ def screen_images(self: Task, image_ids: list[str]) -> dict[str, int]:
 def run_screening(image_ids: list[uuid.UUID], ctx: WorkerContext) -> dict[str, int]:
     with session_scope(ctx.settings.database_url) as session:
         claimed = claim_images(session=session, image_ids=image_ids, lease_s=ctx.settings.lease_s)
-        items = [WorkItem(i.id, i.object_key, i.media_type, i.laterality) for i in claimed]
+        items = [_work_item(i) for i in claimed]
         version = ensure_active_model(session=session, store=ctx.store)
     if not items:
         return {"done": 0, "failed": 0}
+    run = ScreeningRun(ctx, ctx.models.get(version))
     try:
-        return _screen_claimed(items, version, ctx)
+        return run.screen(items)
     except TRANSIENT_ERRORS:
         # Hand the claims back at once so the retry (or another worker) can take them,
         # rather than leaving them to wait for their lease to expire.
         try:
             with session_scope(ctx.settings.database_url) as session:
-                release_images(session=session, image_ids=[i.id for i in items])
+                release_images(session=session, image_ids=list(run.unfinished))
         except TRANSIENT_ERRORS:
-            log.warning("could not release %d images; their leases will expire", len(items))
+            log.warning(
+                "could not release %d images; their leases will expire", len(run.unfinished)
+            )
         raise
 
 
-def _screen_claimed(
-    items: list[WorkItem], version: ModelVersion, ctx: WorkerContext
-) -> dict[str, int]:
-    loaded = ctx.models.get(version)
-    config = loaded.model.config
-    preprocess = Preprocess(config.input_height, config.input_width)
+def _work_item(image: Image) -> WorkItem:
+    return WorkItem(image.id, image.object_key, image.media_type, image.laterality)
 
-    inputs: list[np.ndarray] = []
-    ready: list[WorkItem] = []
-    failures: dict[uuid.UUID, ImageRejected] = {}
-    for item in items:
+
+class ScreeningRun:
+    """One task's work: its own images, then (while it may) more queued work, urgent first.
+
+    Images flow through loader threads into dynamic batches; each batch's results are written
+    in one transaction. When the loaders run low, the run claims the next queued images from
+    Postgres (urgent batches first, SKIP LOCKED), so one task keeps the model busy across the
+    many small tasks of a bulk batch, and an urgent exam submitted behind a bulk batch is
+    claimed by the running task within a batch or two. The images' own tasks, when they come,
+    find nothing left to claim.
+    """
+
+    def __init__(self, ctx: WorkerContext, loaded: LoadedModel) -> None:
+        self.ctx = ctx
+        self.loaded = loaded
+        config = loaded.model.config
+        self.preprocess = Preprocess(config.input_height, config.input_width)
+        self.policy = BatchPolicy(
+            max_batch=ctx.settings.inference_batch_size,
+            max_wait_s=ctx.settings.inference_max_wait_s,
+        )
+        self.unfinished: dict[uuid.UUID, WorkItem] = {}
+        self.started = time.monotonic()
+
+    def prepare(self, item: WorkItem) -> np.ndarray:
+        """Runs in a loader thread: read, decode, preprocess. ImageRejected fails the image."""
         try:
-            data = ctx.store.get_bytes(item.object_key)
+            data = self.ctx.store.get_bytes(item.object_key)
         except S3Error as err:
             if err.code not in OBJECT_MISSING_CODES:
                 raise StorageConnectionError(str(err)) from err
-            failures[item.id] = ImageRejected.missing_object(item.object_key)
-            continue
+            raise ImageRejected.missing_object(item.object_key) from err
+        pixels = decode_image(data, item.media_type, max_pixels=self.ctx.settings.max_image_pixels)
+        return self.preprocess(pixels, item.laterality)
+
+    def _may_claim_more(self) -> bool:
+        settings = self.ctx.settings
+        return (
+            settings.worker_claim_queued
+            and not SHUTTING_DOWN.is_set()
+            and time.monotonic() - self.started < settings.worker_max_task_s
+        )
+
+    def _claim_more(self) -> list[WorkItem]:
+        with session_scope(self.ctx.settings.database_url) as session:
+            claimed = claim_next_images(
+                session=session, limit=self.policy.max_batch, lease_s=self.ctx.settings.lease_s
+            )
+            return [_work_item(i) for i in claimed]
+
+    def screen(self, items: list[WorkItem]) -> dict[str, int]:
+        totals = {"done": 0, "failed": 0}
+        loaders = Prefetcher(self.prepare, threads=self.ctx.settings.worker_loader_threads)
         try:
-            pixels = decode_image(data, item.media_type, max_pixels=ctx.settings.max_image_pixels)
-            inputs.append(preprocess(pixels, item.laterality))
-            ready.append(item)
-        except ImageRejected as rejection:
-            failures[item.id] = rejection
+            self._feed(loaders, items)
+            while loaders.pending:
+                # Keep about two batches in the loaders, so the next is ready when the
+                # forward pass of this one ends.
+                if loaders.pending < 2 * self.policy.max_batch and self._may_claim_more():
+                    self._feed(loaders, self._claim_more())
+                done, failed = self._screen_batch(loaders.next_batch(self.policy))
+                totals["done"] += done
+                totals["failed"] += failed
+        finally:
+            loaders.close()
+        return totals
 
-    scores = predict(loaded, inputs) if inputs else []
-    with session_scope(ctx.settings.database_url) as session:
-        ids = [item.id for item in items]
-        rows = {i.id: i for i in session.scalars(select(Image).where(Image.id.in_(ids)))}
-        for item, score in zip(ready, scores, strict=True):
-            record_prediction(
-                session=session,
-                image=rows[item.id],
-                model_version_id=loaded.version_id,
-                score=score,
-            )
-        for image_id, failure in failures.items():
-            record_failure(
-                session=session,
-                image=rows[image_id],
-                code=failure.code.value,
-                message=failure.message,
-            )
-        refresh_batches(session=session, batch_ids=[r.batch_id for r in rows.values()])
-    log.info("screened %d images, %d failed, model %s", len(ready), len(failures), loaded.name)
-    return {"done": len(ready), "failed": len(failures)}
+    def _feed(self, loaders: Prefetcher[WorkItem], items: list[WorkItem]) -> None:
+        self.unfinished.update((item.id, item) for item in items)
+        loaders.submit(items)
 
-
-@torch.inference_mode()
-def predict(loaded: LoadedModel, inputs: list[np.ndarray]) -> list[float]:
-    """Malignancy probabilities for preprocessed (H, W) arrays, in one forward pass."""
-    batch = torch.from_numpy(np.stack(inputs)[:, None]).to(loaded.device)  # (B, 1, H, W)
-    logits = loaded.model(batch)  # (B,)
-    return [float(p) for p in torch.sigmoid(logits).cpu()]
+    def _screen_batch(
+        self, batch: list[tuple[WorkItem, np.ndarray | BaseException]]
+    ) -> tuple[int, int]:
+        ready: list[tuple[WorkItem, np.ndarray]] = []
+        failures: dict[uuid.UUID, ImageRejected] = {}
+        for item, outcome in batch:
+            if isinstance(outcome, ImageRejected):
+                failures[item.id] = outcome
+            elif isinstance(outcome, BaseException):
+                raise outcome  # a transient error: the caller hands back what is unfinished
+            else:
+                ready.append((item, outcome))
+        started = time.perf_counter()
+        scores = self.loaded.predictor([array for _, array in ready])
+        forward_s = time.perf_counter() - started
+        with session_scope(self.ctx.settings.database_url) as session:
+            ids = [item.id for item, _ in batch]
+            rows = {i.id: i for i in session.scalars(select(Image).where(Image.id.in_(ids)))}
+            for (item, _), score in zip(ready, scores, strict=True):
+                record_prediction(
+                    session=session,
+                    image=rows[item.id],
+                    model_version_id=self.loaded.version_id,
+                    score=score,
+                )
+            for image_id, failure in failures.items():
+                record_failure(
+                    session=session,
+                    image=rows[image_id],
+                    code=failure.code.value,
+                    message=failure.message,
+                )
+            refresh_batches(session=session, batch_ids=[r.batch_id for r in rows.values()])
+        for item, _ in batch:
+            self.unfinished.pop(item.id, None)
+        log.info(
+            "screened %d images (%d failed) in a batch of %d, forward %.3fs, model %s",
+            len(ready),
+            len(failures),
+            len(batch),
+            forward_s,
+            self.loaded.name,
+        )
+        return len(ready), len(failures)
 
 
 def fail_unfinished(

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from services.worker.pipeline import Predictor
 from shared.config import Settings
 from shared.db.models import ModelVersion
 from shared.ml.checkpoint import load_checkpoint
@@ -31,6 +32,7 @@ class LoadedModel:
     trained: bool
     model: ScreeningNet
     device: torch.device
+    predictor: Predictor
 
 
 class ModelCache:
@@ -39,6 +41,7 @@ class ModelCache:
         self._device = pick_device(settings.worker_device)
         self._models: dict[uuid.UUID, LoadedModel] = {}
         self._lock = threading.Lock()
+        self._compile = settings.worker_compile
         if self._device.type == "cpu" and settings.worker_torch_threads:
             torch.set_num_threads(settings.worker_torch_threads)
 
@@ -52,6 +55,9 @@ class ModelCache:
                 model = load_checkpoint(
                     self._store.get_bytes(version.checkpoint_key), device=self._device
                 )
-                cached = LoadedModel(version.id, version.name, version.trained, model, self._device)
+                predictor = Predictor(model, self._device, compile_model=self._compile)
+                cached = LoadedModel(
+                    version.id, version.name, version.trained, model, self._device, predictor
+                )
                 self._models[version.id] = cached
             return cached

@@ -1,0 +1,118 @@
+"""Dynamic batching, prefetching and the urgent lane of the inference worker."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from services.worker.inference import WorkerContext, run_screening
+from services.worker.models import ModelCache
+from services.worker.pipeline import BatchPolicy, Prefetcher
+from shared.config import Settings
+from shared.db.models import BatchPriority, Image, ImageStatus
+from shared.imaging.synth import SynthImage
+from shared.storage import ObjectStore
+from tests.factories import make_batch, make_image, make_tenant
+
+
+def test_batches_fill_up_to_the_maximum_when_items_are_ready() -> None:
+    loaders: Prefetcher[int] = Prefetcher(lambda i: np.full((2, 2), i), threads=2)
+    loaders.submit(range(10))
+    sizes = []
+    while loaders.pending:
+        batch = loaders.next_batch(BatchPolicy(max_batch=4, max_wait_s=5.0))
+        sizes.append(len(batch))
+    loaders.close()
+    assert sizes == [4, 4, 2]
+
+
+def test_a_batch_does_not_wait_longer_than_the_maximum_wait() -> None:
+    release = threading.Event()
+
+    def prepare(i: int) -> np.ndarray:
+        if i > 0:
+            release.wait(10)  # the others are slow
+        return np.zeros((2, 2))
+
+    loaders: Prefetcher[int] = Prefetcher(prepare, threads=4)
+    loaders.submit(range(4))
+    started = time.monotonic()
+    first = loaders.next_batch(BatchPolicy(max_batch=4, max_wait_s=0.2))
+    waited = time.monotonic() - started
+    release.set()
+    rest = loaders.next_batch(BatchPolicy(max_batch=4, max_wait_s=5.0))
+    loaders.close()
+    assert [item for item, _ in first] == [0]  # went alone instead of waiting for the rest
+    assert waited < 5.0
+    assert sorted(item for item, _ in rest) == [1, 2, 3]
+
+
+def test_loader_errors_come_back_as_outcomes_not_crashes() -> None:
+    def prepare(i: int) -> np.ndarray:
+        if i == 1:
+            raise ValueError("bad pixels")
+        return np.zeros((2, 2))
+
+    loaders: Prefetcher[int] = Prefetcher(prepare, threads=2)
+    loaders.submit([0, 1])
+    outcomes = dict(loaders.next_batch(BatchPolicy(max_batch=2, max_wait_s=5.0)))
+    loaders.close()
+    assert isinstance(outcomes[1], ValueError)
+    assert isinstance(outcomes[0], np.ndarray)
+
+
+@pytest.fixture
+def small_batches(settings: Settings) -> Settings:
+    return settings.model_copy(update={"inference_batch_size": 4, "worker_loader_threads": 2})
+
+
+def _stored(
+    session: Session, store: ObjectStore, batch: object, data: bytes, n: int
+) -> list[Image]:
+    images = []
+    for index in range(n):
+        key = f"test/{batch.id}/{index}"  # type: ignore[attr-defined]
+        store.put_bytes(key, data, content_type="application/dicom")
+        images.append(make_image(session, batch, object_key=key, data=data))  # type: ignore[arg-type]
+    return images
+
+
+def test_urgent_images_queued_behind_bulk_work_are_screened_first(
+    small_batches: Settings, session: Session, store: ObjectStore, exam: list[SynthImage]
+) -> None:
+    tenant, _ = make_tenant(session)
+    data = exam[0].path.read_bytes()
+    bulk = _stored(session, store, make_batch(session, tenant, name="bulk"), data, 40)
+    urgent_batch = make_batch(session, tenant, name="urgent", priority=BatchPriority.URGENT)
+    urgent = _stored(session, store, urgent_batch, data, 4)
+    ctx = WorkerContext(small_batches, store, ModelCache(small_batches, store))
+
+    # The first bulk task runs; everything else is still in the queue behind it.
+    outcome = run_screening([i.id for i in bulk[:8]], ctx)
+
+    assert outcome == {"done": 44, "failed": 0}  # it went on to claim the queued rest
+    session.expire_all()
+    finished = {i.id: i.finished_at for i in session.scalars(select(Image))}
+    assert all(finished.values())
+    last_urgent = max(finished[i.id] for i in urgent)  # type: ignore[type-var]
+    later_bulk = [finished[i.id] for i in bulk[8:]]
+    # Urgent images were claimed ahead of the 32 bulk images queued before them.
+    assert sum(t > last_urgent for t in later_bulk) >= 28  # type: ignore[operator]
+
+
+def test_a_task_screens_only_its_own_images_when_claiming_is_off(
+    settings: Settings, session: Session, store: ObjectStore, exam: list[SynthImage]
+) -> None:
+    own_only = settings.model_copy(update={"worker_claim_queued": False})
+    tenant, _ = make_tenant(session)
+    images = _stored(session, store, make_batch(session, tenant), exam[0].path.read_bytes(), 6)
+    ctx = WorkerContext(own_only, store, ModelCache(own_only, store))
+    assert run_screening([i.id for i in images[:2]], ctx) == {"done": 2, "failed": 0}
+    session.expire_all()
+    statuses = [session.get(Image, i.id).status for i in images]  # type: ignore[union-attr]
+    assert statuses == [ImageStatus.DONE] * 2 + [ImageStatus.QUEUED] * 4
