@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 STACK_DIR := .stack
 
 .DEFAULT_GOAL := help
-.PHONY: help install up down demo test test-fast lint format clean
+.PHONY: help install up down demo test test-fast lint format clean bench
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,10 +35,13 @@ demo: install ## start the stack, screen 8 synthetic exams end to end, print res
 test: install ## run the whole test suite against real servers
 	$(BIN)/python -m pytest
 
+bench: install ## throughput benchmark on the real stack: prints and writes bench/results.json
+	$(BIN)/python -m bench.throughput --out bench/results.json
+
 lint: install ## ruff (lint and format check) and mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy shared services
+	$(BIN)/mypy shared services bench
 
 format: install ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff format .

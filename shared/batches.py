@@ -271,24 +271,28 @@ def claim_images(
     return images
 
 
-def claim_next_images(*, session: Session, limit: int, lease_s: float) -> list[Image]:
-    """Claim the next queued images of any batch, urgent batches first, then oldest first.
+def claim_next_images(
+    *, session: Session, limit: int, lease_s: float, urgent_only: bool = False
+) -> list[tuple[Image, bool]]:
+    """Claim the next queued images of any batch, urgent batches first, then oldest first;
+    each with whether its batch is urgent.
 
-    This is the priority lane: a worker that has room in its pipeline takes urgent work ahead
-    of everything queued before it. SKIP LOCKED keeps concurrent workers off each other's rows.
+    This is the priority lane: a worker with room in its pipeline takes urgent work ahead of
+    everything queued before it, and a busy one still takes urgent work (`urgent_only`).
+    SKIP LOCKED keeps concurrent workers off each other's rows.
     """
-    images = list(
-        session.scalars(
-            select(Image)
-            .join(Batch, Batch.id == Image.batch_id)
-            .where(Image.status == ImageStatus.QUEUED)
-            .order_by((Batch.priority == BatchPriority.URGENT).desc(), Image.id)
-            .limit(limit)
-            .with_for_update(of=Image, skip_locked=True)
-        )
-    )
-    _start_lease(images, lease_s)
-    return images
+    is_urgent = Batch.priority == BatchPriority.URGENT
+    query = select(Image, is_urgent).join(Batch, Batch.id == Image.batch_id)
+    query = query.where(Image.status == ImageStatus.QUEUED)
+    if urgent_only:
+        query = query.where(is_urgent)
+    rows = session.execute(
+        query.order_by(is_urgent.desc(), Image.id)
+        .limit(limit)
+        .with_for_update(of=Image, skip_locked=True)
+    ).all()
+    _start_lease([image for image, _ in rows], lease_s)
+    return [(image, bool(urgent)) for image, urgent in rows]
 
 
 def _start_lease(images: Sequence[Image], lease_s: float) -> None:

@@ -183,12 +183,20 @@ class ScreeningRun:
             and time.monotonic() - self.started < settings.worker_max_task_s
         )
 
-    def _claim_more(self) -> list[WorkItem]:
+    def _claim_more(self, loaders: Prefetcher[WorkItem]) -> None:
+        """Top the loaders up: any queued work when they run low, else urgent work only."""
+        urgent_only = loaders.pending >= 2 * self.policy.max_batch
         with session_scope(self.ctx.settings.database_url) as session:
             claimed = claim_next_images(
-                session=session, limit=self.policy.max_batch, lease_s=self.ctx.settings.lease_s
+                session=session,
+                limit=self.policy.max_batch,
+                lease_s=self.ctx.settings.lease_s,
+                urgent_only=urgent_only,
             )
-            return [_work_item(i) for i in claimed]
+            urgent = [_work_item(i) for i, is_urgent in claimed if is_urgent]
+            normal = [_work_item(i) for i, is_urgent in claimed if not is_urgent]
+        self._feed(loaders, urgent, urgent=True)
+        self._feed(loaders, normal)
 
     def screen(self, items: list[WorkItem]) -> dict[str, int]:
         totals = {"done": 0, "failed": 0}
@@ -197,9 +205,9 @@ class ScreeningRun:
             self._feed(loaders, items)
             while loaders.pending:
                 # Keep about two batches in the loaders, so the next is ready when the
-                # forward pass of this one ends.
-                if loaders.pending < 2 * self.policy.max_batch and self._may_claim_more():
-                    self._feed(loaders, self._claim_more())
+                # forward pass of this one ends; urgent work is taken at every batch.
+                if self._may_claim_more():
+                    self._claim_more(loaders)
                 done, failed = self._screen_batch(loaders.next_batch(self.policy))
                 totals["done"] += done
                 totals["failed"] += failed
@@ -207,9 +215,11 @@ class ScreeningRun:
             loaders.close()
         return totals
 
-    def _feed(self, loaders: Prefetcher[WorkItem], items: list[WorkItem]) -> None:
+    def _feed(
+        self, loaders: Prefetcher[WorkItem], items: list[WorkItem], *, urgent: bool = False
+    ) -> None:
         self.unfinished.update((item.id, item) for item in items)
-        loaders.submit(items)
+        loaders.submit(items, urgent=urgent)
 
     def _screen_batch(
         self, batch: list[tuple[WorkItem, np.ndarray | BaseException]]

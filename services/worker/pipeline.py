@@ -9,10 +9,11 @@ for more, so a lone urgent image is not held back to fill a batch.
 
 from __future__ import annotations
 
+import itertools
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -23,6 +24,8 @@ from shared.ml.model import ScreeningNet
 
 T = TypeVar("T")
 Prepared = np.ndarray | BaseException
+# Queue ranks: lower goes first.
+STOP, URGENT, NORMAL = -1, 0, 1
 
 
 @dataclass(frozen=True)
@@ -32,30 +35,47 @@ class BatchPolicy:
 
 
 class Prefetcher(Generic[T]):
-    """Runs `prepare` on a thread pool; hands results back in the order they finish."""
+    """Runs `prepare` on loader threads; hands results back as they finish, urgent first.
+
+    Urgent items jump both queues: the unstarted work, and the prepared items waiting to be
+    batched. So an urgent image claimed while a bulk batch fills the loaders waits for the
+    images already being prepared, not for everything queued ahead of it.
+    """
 
     def __init__(self, prepare: Callable[[T], np.ndarray], *, threads: int) -> None:
         self._prepare = prepare
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="loader")
-        self._done: queue.Queue[tuple[T, Prepared]] = queue.Queue()
+        self._order = itertools.count()
+        self._work: queue.PriorityQueue[tuple[int, int, T | None]] = queue.PriorityQueue()
+        self._done: queue.PriorityQueue[tuple[int, int, T, Prepared]] = queue.PriorityQueue()
         self._pending = 0
+        self._threads = [
+            threading.Thread(target=self._run, name=f"loader-{n}", daemon=True)
+            for n in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def pending(self) -> int:
         """Submitted and not yet handed back by next_batch."""
         return self._pending
 
-    def submit(self, items: Iterable[T]) -> None:
+    def submit(self, items: Iterable[T], *, urgent: bool = False) -> None:
+        rank = URGENT if urgent else NORMAL
         for item in items:
             self._pending += 1
-            future = self._pool.submit(self._prepare, item)
-            future.add_done_callback(self._collector(item))
+            self._work.put((rank, next(self._order), item))
 
-    def _collector(self, item: T) -> Callable[[Future[np.ndarray]], None]:
-        def collect(future: Future[np.ndarray]) -> None:
-            self._done.put((item, _outcome(future)))
-
-        return collect
+    def _run(self) -> None:
+        while True:
+            rank, order, item = self._work.get()
+            if item is None:
+                return
+            try:
+                outcome: Prepared = self._prepare(item)
+            except BaseException as error:  # handed to the batch; the caller decides
+                outcome = error
+            self._done.put((rank, order, item, outcome))
 
     def next_batch(self, policy: BatchPolicy) -> list[tuple[T, Prepared]]:
         """Block for the first ready item, then take more until full or the wait is over."""
@@ -70,15 +90,15 @@ class Prefetcher(Generic[T]):
             except queue.Empty:
                 break
         self._pending -= len(batch)
-        return batch
+        return [(item, outcome) for _, _, item, outcome in batch]
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _outcome(future: Future[np.ndarray]) -> Prepared:
-    error = future.exception()
-    return error if error is not None else future.result()
+        """Stop the loaders; work not yet started is abandoned (its claims are released by
+        the caller or expire)."""
+        for _ in self._threads:
+            self._work.put((STOP, next(self._order), None))
+        for thread in self._threads:
+            thread.join()
 
 
 class Predictor:

@@ -298,14 +298,20 @@ def kill_service(stack_dir: Path, name: str, sig: signal.Signals = signal.SIGKIL
     stop_service(state.services[name], sig=sig, timeout=120)
 
 
-def start_service_again(stack_dir: Path, name: str) -> int:
-    """Start a stopped service with its recorded command; returns the new pid once ready."""
+def start_service_again(
+    stack_dir: Path, name: str, *, overrides: Mapping[str, str] | None = None
+) -> int:
+    """Start a stopped service with its recorded command; returns the new pid once ready.
+
+    `overrides` (SCREENING_* variables) apply to this start only, e.g. a worker at another
+    batch size for a benchmark.
+    """
     stack_dir = stack_dir.resolve()
     state = StackState.load(stack_dir / "state.json")
     assert state is not None, "no stack running"
     logs = stack_dir / "logs"
     before = _ready_lines(logs / f"{name}.log")
-    env = {**os.environ, **state.service_env, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **state.service_env, **(overrides or {}), "PYTHONUNBUFFERED": "1"}
     state.services[name] = start_service(name, state.commands[name], env, logs)
     state.save(stack_dir / "state.json")
     wait_ready(state, name, logs, ready_lines_before=before)

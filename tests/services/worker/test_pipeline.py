@@ -116,3 +116,24 @@ def test_a_task_screens_only_its_own_images_when_claiming_is_off(
     session.expire_all()
     statuses = [session.get(Image, i.id).status for i in images]  # type: ignore[union-attr]
     assert statuses == [ImageStatus.DONE] * 2 + [ImageStatus.QUEUED] * 4
+
+
+def test_urgent_items_jump_the_loaders_queue() -> None:
+    gate = threading.Event()
+
+    def prepare(i: int) -> np.ndarray:
+        gate.wait(10)  # hold the loader until everything is submitted
+        return np.zeros((2, 2))
+
+    loaders: Prefetcher[int] = Prefetcher(prepare, threads=1)
+    loaders.submit(range(6))
+    loaders.submit([99], urgent=True)
+    gate.set()
+    order = []
+    while loaders.pending:
+        order += [item for item, _ in loaders.next_batch(BatchPolicy(max_batch=1, max_wait_s=0))]
+    loaders.close()
+    # Item 0 was already being prepared; the urgent one is prepared next, ahead of 1-5, and
+    # handed out as soon as it is ready (it may even overtake 0 in the ready queue).
+    assert order.index(99) <= 1
+    assert [i for i in order if i != 99] == [0, 1, 2, 3, 4, 5]

@@ -1,0 +1,328 @@
+"""`make bench`: the pipeline's throughput against the model's own speed, in one run.
+
+Everything is measured on this machine, with the same model and input size, in this order
+(so no phase leaves work behind that a later one would count):
+
+1. model_images_per_s: the bare forward pass on preloaded tensors, at the worker's batch
+   size, in this process while the stack is idle: the limit the pipeline is compared with.
+2. pipeline_images_per_s: the real stack (ingest, S3, Postgres, Redis, a Celery worker),
+   from the first upload of a bulk batch to its last prediction row in Postgres.
+3. naive_images_per_s: the same, with the worker restarted at batch size 1.
+4. idle_latency_s / urgent_latency_s: one urgent four-view exam on an idle stack, then the
+   same exam submitted right after a bulk batch of `--bulk` images was uploaded.
+5. upload_mb_per_s / s3_put_mb_per_s: the same files through the ingest API, and straight
+   into the object store, with the same client concurrency (worker stopped).
+
+`--local` measures what can be measured without the servers (model, and the worker's
+loader/batching pipeline over files on local disk): for machines where the stack's servers
+cannot be installed, such as a lent GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from services.worker.pipeline import BatchPolicy, Predictor, Prefetcher
+from shared.config import Settings, settings_from_environ
+from shared.imaging.decode import decode_image
+from shared.imaging.preprocess import Preprocess
+from shared.imaging.synth import SynthOptions, generate_exams
+from shared.ml.model import ScreeningNet, ScreeningNetConfig
+
+MIB = 1024 * 1024
+FILES_PER_REQUEST = 8
+CLIENT_THREADS = 2
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return f"CPU: {platform.processor()} ({os.cpu_count()} cores)"
+
+
+def model_images_per_s(
+    model: ScreeningNet, device: torch.device, batch_size: int, seconds: float
+) -> float:
+    """The forward pass alone, on tensors already prepared, as the worker runs it."""
+    predictor = Predictor(model, device, compile_model=False)
+    config = model.config
+    rng = np.random.default_rng(0)
+    inputs = [
+        rng.standard_normal((config.input_height, config.input_width)).astype(np.float32)
+        for _ in range(batch_size)
+    ]
+    for _ in range(2):
+        predictor(inputs)
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or done < 3 * batch_size:
+        predictor(inputs)
+        done += batch_size
+    return done / (time.perf_counter() - started)
+
+
+def local_pipeline_images_per_s(
+    paths: Sequence[Path],
+    model: ScreeningNet,
+    device: torch.device,
+    policy: BatchPolicy,
+    threads: int,
+) -> float:
+    """The worker's loaders and dynamic batches over files on local disk (no servers)."""
+    config = model.config
+    preprocess = Preprocess(config.input_height, config.input_width)
+    predictor = Predictor(model, device, compile_model=False)
+
+    def prepare(path: Path) -> np.ndarray:
+        return preprocess(decode_image(path.read_bytes(), "application/dicom"), None)
+
+    predictor([prepare(paths[0])])  # warm-up
+    loaders: Prefetcher[Path] = Prefetcher(prepare, threads=threads)
+    started = time.perf_counter()
+    loaders.submit(paths)
+    while loaders.pending:
+        batch = loaders.next_batch(policy)
+        predictor([a for _, a in batch if isinstance(a, np.ndarray)])
+    elapsed = time.perf_counter() - started
+    loaders.close()
+    return len(paths) / elapsed
+
+
+def _synth(out: Path, images: int, seed: int, options: SynthOptions) -> list[Path]:
+    exams = max(1, images // 4)
+    return [i.path for i in generate_exams(out, exams=exams, seed=seed, options=options)]
+
+
+def _chunks(paths: Sequence[Path], size: int) -> list[list[Path]]:
+    return [list(paths[i : i + size]) for i in range(0, len(paths), size)]
+
+
+def _upload_all(client: Any, batch_id: str, paths: Sequence[Path]) -> None:
+    with ThreadPoolExecutor(CLIENT_THREADS) as pool:
+        for result in pool.map(
+            lambda chunk: client.upload(batch_id, chunk), _chunks(paths, FILES_PER_REQUEST)
+        ):
+            if result["rejected"]:
+                raise RuntimeError(f"benchmark images were rejected: {result['rejected']}")
+
+
+def _last_prediction_at(
+    settings: Settings, batch_id: str, expected: int, timeout: float
+) -> datetime:
+    """Wait until every image of the batch has its prediction row; the newest row's time."""
+    from sqlalchemy import func, select
+
+    from shared.db.base import session_scope
+    from shared.db.models import Image, Prediction
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with session_scope(settings.database_url) as session:
+            count, newest = session.execute(
+                select(func.count(Prediction.id), func.max(Prediction.created_at))
+                .join(Image, Image.id == Prediction.image_id)
+                .where(Image.batch_id == batch_id)
+            ).one()
+        if count >= expected and newest is not None:
+            return newest
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} of {expected} predictions after {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+def _screened_in(
+    client: Any, settings: Settings, paths: Sequence[Path], *, priority: str = "normal", name: str
+) -> float:
+    """Seconds from the first upload to the last prediction row of a new batch of `paths`."""
+    started = datetime.now().astimezone()
+    batch = client.create_batch(name, priority=priority)
+    _upload_all(client, batch["id"], paths)
+    client.close_batch(batch["id"])
+    finished = _last_prediction_at(settings, batch["id"], len(paths), timeout=3600)
+    return (finished - started).total_seconds()
+
+
+def _s3_put_mb_per_s(settings: Settings, paths: Sequence[Path]) -> float:
+    from shared.storage import ObjectStore
+
+    store = ObjectStore(settings)
+
+    def put(chunk: list[Path]) -> None:
+        for path in chunk:
+            with open(path, "rb") as handle:
+                store.put_stream(
+                    f"bench/{path.name}", handle, content_type="application/dicom", limit=1 << 31
+                )
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(CLIENT_THREADS) as pool:
+        list(pool.map(put, _chunks(paths, FILES_PER_REQUEST)))
+    return sum(p.stat().st_size for p in paths) / MIB / (time.perf_counter() - started)
+
+
+def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> dict[str, Any]:
+    from shared.client import Client
+    from shared.devstack.stack import down, kill_service, start_service_again, up
+
+    pipeline_paths = _synth(data / "pipeline", args.images, 101, options)
+    urgent_paths = _synth(data / "urgent", 4, 202, options)
+    bulk_paths = _synth(data / "bulk", args.bulk, 303, options)
+    stack_dir = Path(tempfile.mkdtemp(prefix="bench-stack-"))
+    environ = {**os.environ, "SCREENING_INFERENCE_BATCH_SIZE": str(args.batch_size)}
+    state = up(stack_dir, environ=environ)
+    try:
+        settings = settings_from_environ(state.service_env)
+        results: dict[str, Any] = {}
+        with Client.from_env(state.env, timeout=600) as client:
+            _screened_in(client, settings, urgent_paths, name="warm-up")  # loads the model
+
+            from shared.db.base import session_scope
+            from shared.ml.checkpoint import load_checkpoint
+            from shared.ml.registry import ensure_active_model
+            from shared.storage import ObjectStore
+
+            with session_scope(settings.database_url) as session:
+                version = ensure_active_model(session=session, store=ObjectStore(settings))
+                checkpoint = ObjectStore(settings).get_bytes(version.checkpoint_key)
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            model = load_checkpoint(checkpoint, device=device)
+            results["model_images_per_s"] = model_images_per_s(
+                model, device, args.batch_size, args.model_seconds
+            )
+            results["device"] = device_name(device)
+            del model
+
+            seconds = _screened_in(client, settings, pipeline_paths, name="pipeline")
+            results["pipeline_images_per_s"] = len(pipeline_paths) / seconds
+
+            kill_service(stack_dir, "worker", signal.SIGTERM)
+            start_service_again(
+                stack_dir, "worker", overrides={"SCREENING_INFERENCE_BATCH_SIZE": "1"}
+            )
+            _screened_in(client, settings, urgent_paths, name="warm-up naive")
+            seconds = _screened_in(client, settings, pipeline_paths, name="naive")
+            results["naive_images_per_s"] = len(pipeline_paths) / seconds
+            kill_service(stack_dir, "worker", signal.SIGTERM)
+            start_service_again(stack_dir, "worker")
+            _screened_in(client, settings, urgent_paths, name="warm-up again")
+
+            results["idle_latency_s"] = _screened_in(
+                client, settings, urgent_paths, priority="urgent", name="urgent, idle"
+            )
+            bulk = client.create_batch("bulk")
+            _upload_all(client, bulk["id"], bulk_paths)
+            client.close_batch(bulk["id"])
+            results["urgent_latency_s"] = _screened_in(
+                client, settings, urgent_paths, priority="urgent", name="urgent, behind bulk"
+            )
+            results["urgent_queued_behind"] = client.batch(bulk["id"])["counts"]["queued"]
+
+            kill_service(stack_dir, "worker", signal.SIGTERM)
+            upload_batch = client.create_batch("upload speed")
+            started = time.perf_counter()
+            _upload_all(client, upload_batch["id"], pipeline_paths)
+            upload_s = time.perf_counter() - started
+        megabytes = sum(p.stat().st_size for p in pipeline_paths) / MIB
+        results["upload_mb_per_s"] = megabytes / upload_s
+        results["s3_put_mb_per_s"] = _s3_put_mb_per_s(settings, pipeline_paths)
+        results["upload_to_s3_put"] = results["upload_mb_per_s"] / results["s3_put_mb_per_s"]
+        results["pipeline_to_model"] = (
+            results["pipeline_images_per_s"] / results["model_images_per_s"]
+        )
+        results["batched_to_naive"] = (
+            results["pipeline_images_per_s"] / results["naive_images_per_s"]
+        )
+        results["urgent_to_idle"] = results["urgent_latency_s"] / results["idle_latency_s"]
+        results["images"] = len(pipeline_paths)
+        results["bulk_images"] = len(bulk_paths)
+        results["image_size"] = [options.height, options.width]
+        return results
+    finally:
+        down(stack_dir)
+
+
+def run_local(args: argparse.Namespace, data: Path, options: SynthOptions) -> dict[str, Any]:
+    settings = Settings()
+    paths = _synth(data / "pipeline", args.images, 101, options)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = ScreeningNet(ScreeningNetConfig()).to(device).eval()
+    policy = BatchPolicy(args.batch_size, settings.inference_max_wait_s)
+    threads = args.loader_threads or settings.worker_loader_threads
+    results: dict[str, Any] = {
+        "mode": "local (no servers: the worker's loaders and batches over files on disk)",
+        "device": device_name(device),
+        "model_images_per_s": model_images_per_s(
+            model, device, args.batch_size, args.model_seconds
+        ),
+        "local_pipeline_images_per_s": local_pipeline_images_per_s(
+            paths, model, device, policy, threads
+        ),
+        "naive_local_images_per_s": local_pipeline_images_per_s(
+            paths, model, device, BatchPolicy(1, 0.0), threads
+        ),
+        "loader_threads": threads,
+        "images": len(paths),
+        "image_size": [options.height, options.width],
+    }
+    results["local_pipeline_to_model"] = (
+        results["local_pipeline_images_per_s"] / results["model_images_per_s"]
+    )
+    results["batched_to_naive"] = (
+        results["local_pipeline_images_per_s"] / results["naive_local_images_per_s"]
+    )
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=256, help="bulk batch for the pipeline")
+    parser.add_argument("--bulk", type=int, default=512, help="bulk batch ahead of the urgent exam")
+    parser.add_argument("--batch-size", type=int, default=Settings().inference_batch_size)
+    parser.add_argument("--loader-threads", type=int, default=0, help="--local only; 0: setting")
+    parser.add_argument("--model-seconds", type=float, default=5.0)
+    parser.add_argument("--height", type=int, default=SynthOptions().height)
+    parser.add_argument("--width", type=int, default=SynthOptions().width)
+    parser.add_argument("--local", action="store_true", help="no servers (see the docstring)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    args = parser.parse_args(argv)
+    options = SynthOptions(height=args.height, width=args.width)
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as data:
+        run: Callable[..., dict[str, Any]] = run_local if args.local else run_stack
+        results = run(args, Path(data), options)
+    results.update(
+        {
+            "torch_version": torch.__version__,
+            "batch_size": args.batch_size,
+            "cpu_threads": torch.get_num_threads(),
+            "measured_at": datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    width = max(len(k) for k in results)
+    for key, value in results.items():
+        shown = f"{value:.3f}" if isinstance(value, float) else value
+        print(f"{key:<{width}}  {shown}")
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

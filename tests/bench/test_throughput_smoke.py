@@ -1,0 +1,49 @@
+"""The benchmark harness runs end to end and reports every figure. It times nothing here:
+speed is measured by `make bench`, never asserted in a test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.throughput import main
+
+STACK_KEYS = {
+    "model_images_per_s",
+    "pipeline_images_per_s",
+    "naive_images_per_s",
+    "pipeline_to_model",
+    "batched_to_naive",
+    "upload_mb_per_s",
+    "s3_put_mb_per_s",
+    "upload_to_s3_put",
+    "urgent_latency_s",
+    "idle_latency_s",
+    "urgent_to_idle",
+    "device",
+    "torch_version",
+    "batch_size",
+}
+
+pytestmark = pytest.mark.e2e
+
+
+def test_stack_benchmark_produces_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    small = ["--height", "256", "--width", "208", "--model-seconds", "0.5"]
+    assert main(["--images", "8", "--bulk", "8", *small, "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert STACK_KEYS <= set(results)
+    numbers = [results[k] for k in STACK_KEYS if k not in ("device", "torch_version")]
+    assert all(isinstance(n, int | float) and n > 0 for n in numbers)
+
+
+def test_local_benchmark_produces_its_figures(tmp_path: Path) -> None:
+    out = tmp_path / "local.json"
+    small = ["--height", "256", "--width", "208", "--model-seconds", "0.5"]
+    assert main(["--local", "--images", "8", *small, "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    for key in ("model_images_per_s", "local_pipeline_images_per_s", "naive_local_images_per_s"):
+        assert results[key] > 0
