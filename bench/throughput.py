@@ -105,6 +105,40 @@ def local_pipeline_images_per_s(
     return len(paths) / elapsed
 
 
+def _prepare_file(job: tuple[Path, int, int]) -> np.ndarray:
+    path, height, width = job
+    return Preprocess(height, width)(decode_image(path.read_bytes(), "application/dicom"), None)
+
+
+def process_pool_pipeline_images_per_s(
+    paths: Sequence[Path],
+    model: ScreeningNet,
+    device: torch.device,
+    batch_size: int,
+    processes: int,
+) -> float:
+    """An experiment for GPU workers: loaders as processes (no shared GIL), batches of
+    whatever arrives, forward passes in this process."""
+    import multiprocessing
+
+    config = model.config
+    predictor = Predictor(model, device, compile_model=False)
+    jobs = [(p, config.input_height, config.input_width) for p in paths]
+    predictor([_prepare_file(jobs[0])])
+    context = multiprocessing.get_context("fork")
+    with context.Pool(processes) as pool:
+        pool.map(_prepare_file, jobs[:processes])  # start-up and imports, not timed
+        started = time.perf_counter()
+        batch: list[np.ndarray] = []
+        for array in pool.imap_unordered(_prepare_file, jobs, chunksize=2):
+            batch.append(array)
+            if len(batch) == batch_size:
+                predictor(batch)
+                batch = []
+        predictor(batch)
+        return len(paths) / (time.perf_counter() - started)
+
+
 def _synth(out: Path, images: int, seed: int, options: SynthOptions) -> list[Path]:
     exams = max(1, images // 4)
     return [i.path for i in generate_exams(out, exams=exams, seed=seed, options=options)]
@@ -281,6 +315,11 @@ def run_local(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
         "images": len(paths),
         "image_size": [options.height, options.width],
     }
+    if args.loader_processes:
+        results["loader_processes"] = args.loader_processes
+        results["process_pool_pipeline_images_per_s"] = process_pool_pipeline_images_per_s(
+            paths, model, device, args.batch_size, args.loader_processes
+        )
     results["local_pipeline_to_model"] = (
         results["local_pipeline_images_per_s"] / results["model_images_per_s"]
     )
@@ -296,6 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bulk", type=int, default=512, help="bulk batch ahead of the urgent exam")
     parser.add_argument("--batch-size", type=int, default=Settings().inference_batch_size)
     parser.add_argument("--loader-threads", type=int, default=0, help="--local only; 0: setting")
+    parser.add_argument(
+        "--loader-processes", type=int, default=0, help="--local only: also try process loaders"
+    )
     parser.add_argument("--model-seconds", type=float, default=5.0)
     parser.add_argument("--height", type=int, default=SynthOptions().height)
     parser.add_argument("--width", type=int, default=SynthOptions().width)
