@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from shared.batches import create_batch, get_or_create_study
 from shared.db.models import Batch, BatchPriority, Image, Laterality, Tenant, View
+from shared.storage import ObjectStore
 from shared.tenants import create_tenant, issue_api_key
 
 
@@ -65,3 +66,10 @@ def make_image(
     session.add(image)
     session.commit()
     return image
+
+
+def make_stored_image(session: Session, store: ObjectStore, batch: Batch, data: bytes) -> Image:
+    """An image row whose object really is in the object store."""
+    key = f"test/{uuid.uuid4()}"
+    store.put_bytes(key, data, content_type="application/dicom")
+    return make_image(session, batch, object_key=key, data=data)

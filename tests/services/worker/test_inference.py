@@ -16,7 +16,7 @@ from shared.config import Settings
 from shared.db.models import BatchStatus, Image, ImageStatus, ModelVersion, Prediction
 from shared.imaging.synth import SynthImage
 from shared.storage import ObjectStore
-from tests.factories import make_batch, make_image, make_tenant
+from tests.factories import make_batch, make_image, make_stored_image, make_tenant
 
 
 @pytest.fixture
@@ -30,13 +30,7 @@ def _stored_exam(
     exam: list[SynthImage],
     batch: object,
 ) -> list[Image]:
-    images = []
-    for synth in exam:
-        data = synth.path.read_bytes()
-        key = f"test/{synth.path.name}"
-        store.put_bytes(key, data, content_type="application/dicom")
-        images.append(make_image(session, batch, object_key=key, data=data))  # type: ignore[arg-type]
-    return images
+    return [make_stored_image(session, store, batch, s.path.read_bytes()) for s in exam]  # type: ignore[arg-type]
 
 
 def test_chunk_is_screened_in_one_pass_and_the_batch_completes(

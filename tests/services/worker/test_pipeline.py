@@ -14,10 +14,10 @@ from services.worker.inference import WorkerContext, run_screening
 from services.worker.models import ModelCache
 from services.worker.pipeline import BatchPolicy, Prefetcher
 from shared.config import Settings
-from shared.db.models import BatchPriority, Image, ImageStatus
+from shared.db.models import Batch, BatchPriority, Image, ImageStatus
 from shared.imaging.synth import SynthImage
 from shared.storage import ObjectStore
-from tests.factories import make_batch, make_image, make_tenant
+from tests.factories import make_batch, make_stored_image, make_tenant
 
 
 def test_batches_fill_up_to_the_maximum_when_items_are_ready() -> None:
@@ -71,15 +71,8 @@ def small_batches(settings: Settings) -> Settings:
     return settings.model_copy(update={"inference_batch_size": 4, "worker_loader_threads": 2})
 
 
-def _stored(
-    session: Session, store: ObjectStore, batch: object, data: bytes, n: int
-) -> list[Image]:
-    images = []
-    for index in range(n):
-        key = f"test/{batch.id}/{index}"  # type: ignore[attr-defined]
-        store.put_bytes(key, data, content_type="application/dicom")
-        images.append(make_image(session, batch, object_key=key, data=data))  # type: ignore[arg-type]
-    return images
+def _stored(session: Session, store: ObjectStore, batch: Batch, data: bytes, n: int) -> list[Image]:
+    return [make_stored_image(session, store, batch, data) for _ in range(n)]
 
 
 def test_urgent_images_queued_behind_bulk_work_are_screened_first(
