@@ -14,6 +14,7 @@ from services.results.schemas import (
     AuditPage,
     BatchDetail,
     BatchPage,
+    BreastResult,
     Exam,
     ExamImage,
     ExamsPage,
@@ -40,6 +41,7 @@ from shared.batches import (
     results_page,
 )
 from shared.db.models import AuditAction, Image, Laterality, Prediction, Study, View
+from shared.scores import ViewScore, breast_scores, exam_score
 
 router = APIRouter(prefix="/v1", tags=["results"], responses=COMMON_ERRORS)
 
@@ -142,6 +144,11 @@ def _exam(study: Study, images: list[Image], predictions: dict[uuid.UUID, Predic
     present = sorted(
         {f"{i.laterality.value}-{i.view.value}" for i in images if i.laterality and i.view}
     )
+    breasts = breast_scores(
+        ViewScore(i.laterality, i.view, predictions[i.id].malignancy_score)
+        for i in images
+        if i.id in predictions and i.laterality is not None and i.view is not None
+    )
     return Exam(
         id=study.id,
         study_key=study.study_key,
@@ -159,6 +166,11 @@ def _exam(study: Study, images: list[Image], predictions: dict[uuid.UUID, Predic
         ],
         views_present=present,
         missing_views=[v for v in SCREENING_VIEWS if v not in present],
+        breasts=[
+            BreastResult(laterality=b.laterality, score=b.score, views=list(b.views))
+            for b in breasts
+        ],
+        exam_score=exam_score(breasts),
     )
 
 

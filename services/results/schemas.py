@@ -103,8 +103,14 @@ class ExamImage(BaseModel):
     error_code: str | None
 
 
+class BreastResult(BaseModel):
+    laterality: Laterality
+    score: float  # mean of its scored views' probabilities
+    views: list[View]  # the views that score comes from
+
+
 class Exam(BaseModel):
-    """One study: its images, and which of the four screening views it lacks."""
+    """One study: its images, breast and exam scores, and which screening views it lacks."""
 
     id: uuid.UUID
     study_key: str  # pseudonymous: the remapped StudyInstanceUID, or the uploader's key
@@ -112,6 +118,8 @@ class Exam(BaseModel):
     images: list[ExamImage]
     views_present: list[str]  # e.g. "L-CC"
     missing_views: list[str]
+    breasts: list[BreastResult]  # breasts with at least one scored view
+    exam_score: float | None  # the worse breast; None until a view is scored
 
 
 class ExamsPage(BaseModel):

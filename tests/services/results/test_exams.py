@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import pydicom
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -55,6 +56,12 @@ def test_an_exam_missing_a_view_is_scored_and_the_gap_and_refusals_are_reported(
     assert len(exam_out["images"]) == 3
     assert all(i["status"] == "done" and 0 < i["score"] < 1 for i in exam_out["images"])
     assert exam[0].patient not in exam_out["patient_key"]
+    score = {(i["laterality"], i["view"]): i["score"] for i in exam_out["images"]}
+    left, right = exam_out["breasts"]
+    assert (left["laterality"], left["views"]) == ("L", ["CC", "MLO"])
+    assert left["score"] == pytest.approx((score["L", "CC"] + score["L", "MLO"]) / 2)
+    assert (right["laterality"], right["views"], right["score"]) == ("R", ["CC"], score["R", "CC"])
+    assert exam_out["exam_score"] == max(left["score"], right["score"])
 
     detail = results.get(f"/v1/batches/{batch['id']}", headers=auth(key)).json()
     assert detail["status"] == "completed"

@@ -1,0 +1,51 @@
+"""From image scores to breast and exam scores.
+
+A breast's score is the mean of its views' malignancy probabilities (CC and MLO see the same
+lesion from two angles; averaging them is how multi-view screening models such as the NYU
+ones report a breast); with one view missing, the view that is there. An exam's score is its
+worse breast: a screening exam is recalled for either breast. No model call happens here,
+so the results service (which never loads torch) can compute these on read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from shared.db.models import Laterality, View
+
+
+@dataclass(frozen=True)
+class ViewScore:
+    laterality: Laterality
+    view: View
+    score: float
+
+
+@dataclass(frozen=True)
+class BreastScore:
+    laterality: Laterality
+    score: float
+    views: tuple[View, ...]  # the views the score was computed from
+
+
+def breast_scores(view_scores: Iterable[ViewScore]) -> list[BreastScore]:
+    """One score per breast that has at least one scored view, left before right."""
+    by_breast: dict[Laterality, dict[View, list[float]]] = {}
+    for item in view_scores:
+        by_breast.setdefault(item.laterality, {}).setdefault(item.view, []).append(item.score)
+    breasts = []
+    for laterality in (Laterality.LEFT, Laterality.RIGHT):
+        views = by_breast.get(laterality)
+        if not views:
+            continue
+        # A view uploaded twice counts once (its images averaged), so it cannot outweigh
+        # the other view.
+        per_view = [sum(scores) / len(scores) for scores in views.values()]
+        breasts.append(BreastScore(laterality, sum(per_view) / len(per_view), tuple(sorted(views))))
+    return breasts
+
+
+def exam_score(breasts: Iterable[BreastScore]) -> float | None:
+    scores = [b.score for b in breasts]
+    return max(scores) if scores else None
