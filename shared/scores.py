@@ -49,3 +49,22 @@ def breast_scores(view_scores: Iterable[ViewScore]) -> list[BreastScore]:
 def exam_score(breasts: Iterable[BreastScore]) -> float | None:
     scores = [b.score for b in breasts]
     return max(scores) if scores else None
+
+
+def roc_auc(scores: Iterable[float], labels: Iterable[bool]) -> float:
+    """Area under the ROC curve: the chance a random positive outscores a random negative
+    (ties count half). Rank-based, O(n log n)."""
+    pairs = sorted(zip(scores, labels, strict=True))
+    positives = sum(1 for _, label in pairs if label)
+    negatives = len(pairs) - positives
+    if positives == 0 or negatives == 0:
+        raise ValueError("AUC needs at least one positive and one negative")
+    rank_sum, index = 0.0, 0
+    while index < len(pairs):
+        end = index
+        while end < len(pairs) and pairs[end][0] == pairs[index][0]:
+            end += 1
+        mean_rank = (index + 1 + end) / 2  # ranks index+1 .. end share their mean
+        rank_sum += mean_rank * sum(1 for _, label in pairs[index:end] if label)
+        index = end
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)

@@ -28,3 +28,15 @@ def test_a_repeated_view_does_not_outweigh_the_other() -> None:
 def test_nothing_scored_gives_no_exam_score() -> None:
     assert breast_scores([]) == []
     assert exam_score([]) is None
+
+
+def test_roc_auc_counts_pairs_and_ties() -> None:
+    from shared.scores import roc_auc
+
+    assert roc_auc([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == 1.0
+    assert roc_auc([0.9, 0.8, 0.2, 0.1], [False, False, True, True]) == 0.0
+    assert roc_auc([0.5, 0.5], [True, False]) == 0.5
+    # 2 positives x 2 negatives: (0.7 > 0.3, 0.7 > 0.6, 0.4 > 0.3, 0.4 < 0.6) = 3 of 4
+    assert roc_auc([0.7, 0.4, 0.3, 0.6], [True, True, False, False]) == 0.75
+    with pytest.raises(ValueError, match="positive and one negative"):
+        roc_auc([0.1], [True])
