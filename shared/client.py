@@ -101,19 +101,32 @@ class Client:
     def batch(self, batch_id: str) -> dict[str, Any]:
         return self._json(self._results.get(f"/v1/batches/{batch_id}"))
 
-    def wait(self, batch_id: str, *, timeout: float, poll: float = 1.0) -> dict[str, Any]:
-        """Poll until the batch completes; raises TimeoutError with its last counts."""
+    def wait(self, batch_id: str, *, timeout: float, poll: float = 10.0) -> dict[str, Any]:
+        """Wait until the batch completes; raises TimeoutError with its last counts.
+
+        Long polls: each request waits up to `poll` seconds on the server for the batch to
+        change (ETag / If-None-Match), so progress arrives as it happens at one request per
+        change, not one per second.
+        """
         deadline = time.monotonic() + timeout
-        while True:
-            status = self.batch(batch_id)
-            if status["status"] == "completed":
-                return status
-            if time.monotonic() > deadline:
+        status = self.batch(batch_id)
+        etag: str | None = None
+        while status["status"] != "completed":
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise TimeoutError(
                     f"batch {batch_id} not completed after {timeout:.0f}s: "
                     f"{status['status']} {status['counts']}"
                 )
-            time.sleep(poll)
+            response = self._results.get(
+                f"/v1/batches/{batch_id}",
+                params={"wait": round(min(poll, remaining), 2)},
+                headers={"If-None-Match": etag} if etag else {},
+            )
+            if response.status_code != 304:
+                status = self._json(response)
+                etag = response.headers.get("ETag")
+        return status
 
     def iter_results(self, batch_id: str, *, page_size: int = 100) -> Iterator[dict[str, Any]]:
         cursor: str | None = None

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import csv
+import enum
+import hashlib
+import io
+import json
+import time
 import uuid
+from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
 
 from services.results import cursors
-from services.results.deps import CallerDep, SessionDep
+from services.results.deps import CallerDep, SessionDep, SettingsDep
 from services.results.schemas import (
     AuditEventPublic,
     AuditPage,
@@ -40,12 +51,16 @@ from shared.batches import (
     rejections_page,
     results_page,
 )
+from shared.config import Settings
+from shared.db.base import session_scope
 from shared.db.models import AuditAction, Image, Laterality, Prediction, Study, View
 from shared.scores import ViewScore, breast_scores, exam_score
 
 router = APIRouter(prefix="/v1", tags=["results"], responses=COMMON_ERRORS)
 
 SCREENING_VIEWS = [f"{lat.value}-{view.value}" for lat in Laterality for view in View]
+MAX_WAIT_S = 60.0
+LONG_POLL_INTERVAL_S = 0.5
 UNTRAINED_WARNING = (
     "scores in this batch come from an untrained (randomly initialised) model and carry no "
     "diagnostic meaning"
@@ -92,16 +107,13 @@ def get_batches(
     return BatchPage(items=[BatchPublic.model_validate(b) for b in page], next_cursor=next_cursor)
 
 
-@router.get("/batches/{batch_id}", response_model=BatchDetail)
-def get_batch_detail(batch_id: uuid.UUID, session: SessionDep, caller: CallerDep) -> BatchDetail:
-    batch = get_batch(session=session, tenant_id=caller.tenant.id, batch_id=batch_id)
+def _batch_detail(session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID) -> BatchDetail:
+    batch = get_batch(session=session, tenant_id=tenant_id, batch_id=batch_id)
     if batch is None:
         raise ApiError(404, "batch_not_found", f"no batch {batch_id} exists for this API key")
     counts = image_counts(session=session, batch_id=batch.id)
     versions = model_versions_used(session=session, batch_id=batch.id)
     warnings = [UNTRAINED_WARNING] if any(not v.trained for v in versions) else []
-    caller.audit(session, AuditAction.READ, "batch", batch.id)
-    session.commit()
     return BatchDetail(
         **BatchPublic.model_validate(batch).model_dump(),
         counts=ImageCounts(**counts),
@@ -110,6 +122,62 @@ def get_batch_detail(batch_id: uuid.UUID, session: SessionDep, caller: CallerDep
         model_versions=[ModelVersionPublic.model_validate(v) for v in versions],
         warnings=warnings,
     )
+
+
+def _etag(detail: BatchDetail) -> str:
+    digest = hashlib.sha256(detail.model_dump_json().encode()).hexdigest()[:32]
+    return f'"{digest}"'
+
+
+def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+    if not if_none_match:
+        return False
+    candidates = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    return etag in candidates or "*" in candidates
+
+
+@router.get(
+    "/batches/{batch_id}",
+    response_model=BatchDetail,
+    responses={304: {"description": "Not modified: the batch is as the If-None-Match ETag"}},
+)
+async def get_batch_detail(
+    batch_id: uuid.UUID,
+    settings: SettingsDep,
+    session: SessionDep,
+    caller: CallerDep,
+    wait: Annotated[
+        float,
+        Query(ge=0, le=MAX_WAIT_S, description="long poll: seconds to wait for a change"),
+    ] = 0,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Status and counts, with an ETag. `If-None-Match` gives 304 when nothing changed;
+    `wait=N` holds the request until the batch differs from that ETag (or, without one,
+    from its state when the request came), for at most N seconds."""
+
+    def load(audited: bool) -> BatchDetail:
+        with session_scope(settings.database_url) as session:
+            detail = _batch_detail(session, caller.tenant.id, batch_id)
+            if audited:
+                caller.audit(session, AuditAction.READ, "batch", batch_id)
+            return detail
+
+    # The key was checked on the request's session; hand its connection back now rather than
+    # hold it for the whole long poll (each check below takes one briefly).
+    await run_in_threadpool(session.close)
+    detail = await run_in_threadpool(load, True)
+    etag = _etag(detail)
+    baseline = if_none_match or etag
+    deadline = time.monotonic() + wait
+    while _etag_matches(baseline, etag) and time.monotonic() < deadline:
+        await asyncio.sleep(min(LONG_POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+        detail = await run_in_threadpool(load, False)
+        etag = _etag(detail)
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if _etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    return Response(detail.model_dump_json(), media_type="application/json", headers=headers)
 
 
 @router.get("/batches/{batch_id}/results", response_model=ResultsPage)
@@ -196,6 +264,119 @@ def get_batch_exams(
     return ExamsPage(
         items=[_exam(study, images, predictions) for study, images in page],
         next_cursor=next_cursor,
+    )
+
+
+EXPORT_PAGE = 500
+EXPORT_COLUMNS = [
+    "image_id",
+    "filename",
+    "study_id",
+    "laterality",
+    "view",
+    "status",
+    "score",
+    "error_code",
+    "model_version",
+    "finished_at",
+]
+
+
+def _export_rows(
+    settings: Settings, tenant_id: uuid.UUID, batch_id: uuid.UUID
+) -> Iterator[dict[str, object]]:
+    """Every image of the batch, a page of rows per short transaction (no long-held
+    connection, however large the batch)."""
+    after: uuid.UUID | None = None
+    while True:
+        with session_scope(settings.database_url) as session:
+            images = results_page(
+                session=session,
+                tenant_id=tenant_id,
+                batch_id=batch_id,
+                limit=EXPORT_PAGE,
+                after=after,
+            )
+            predictions = latest_predictions(session=session, image_ids=[i.id for i in images])
+            rows = [_export_row(image, predictions.get(image.id)) for image in images]
+        yield from rows
+        if len(images) < EXPORT_PAGE:
+            return
+        after = images[-1].id
+
+
+def _export_row(image: Image, prediction: Prediction | None) -> dict[str, object]:
+    return {
+        "image_id": str(image.id),
+        "filename": image.filename,
+        "study_id": str(image.study_id),
+        "laterality": image.laterality.value if image.laterality else None,
+        "view": image.view.value if image.view else None,
+        "status": image.status.value,
+        "score": prediction.malignancy_score if prediction else None,
+        "error_code": image.error_code,
+        "model_version": prediction.model_version.name if prediction else None,
+        "finished_at": image.finished_at.isoformat() if image.finished_at else None,
+    }
+
+
+def _csv_lines(rows: Iterator[dict[str, object]]) -> Iterator[str]:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=EXPORT_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+    yield buffer.getvalue()
+
+
+def _json_lines(rows: Iterator[dict[str, object]]) -> Iterator[str]:
+    yield "["
+    for index, row in enumerate(rows):
+        yield ("," if index else "") + json.dumps(row)
+    yield "]\n"
+
+
+class ExportFormat(enum.StrEnum):
+    CSV = "csv"
+    JSON = "json"
+
+
+@router.get(
+    "/batches/{batch_id}/export",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "every image's result, streamed",
+            "content": {"text/csv": {}, "application/json": {}},
+        }
+    },
+)
+def get_batch_export(
+    batch_id: uuid.UUID,
+    session: SessionDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+    format: ExportFormat = ExportFormat.CSV,
+) -> StreamingResponse:
+    """A whole batch's per-image results as CSV (one row per image) or a JSON array,
+    streamed page by page, so a batch of 100,000 images costs no more memory than one page."""
+    _batch_or_404(session, caller, batch_id)
+    caller.audit(session, AuditAction.EXPORT, "batch", batch_id, format=format.value)
+    session.commit()
+    session.close()
+    rows = _export_rows(settings, caller.tenant.id, batch_id)
+    if format == ExportFormat.CSV:
+        body, media_type = _csv_lines(rows), "text/csv"
+    else:
+        body, media_type = _json_lines(rows), "application/json"
+    filename = f"batch-{batch_id}.{format.value}"
+    return StreamingResponse(
+        body,
+        media_type=media_type,
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )
 
 

@@ -1,0 +1,124 @@
+"""Cheap polling (ETag, If-None-Match, long polling) and streamed exports."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+import time
+
+import httpx
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from services.worker.inference import WorkerContext, run_screening
+from services.worker.models import ModelCache
+from shared.config import Settings
+from shared.db.models import Image
+from shared.imaging.synth import SynthImage
+from shared.storage import ObjectStore
+from tests.factories import make_tenant
+from tests.services.conftest import auth, files_field
+
+
+def _uploaded_batch(ingest: TestClient, key: str, exam: list[SynthImage]) -> str:
+    batch = ingest.post("/v1/batches", json={"name": "poll"}, headers=auth(key)).json()
+    upload = ingest.post(
+        f"/v1/batches/{batch['id']}/images",
+        files=files_field([s.path for s in exam]),
+        headers=auth(key),
+    )
+    assert upload.status_code == 202, upload.text
+    return str(batch["id"])
+
+
+def test_etag_gives_304_until_the_batch_changes(
+    ingest: TestClient, results: TestClient, session: Session, exam: list[SynthImage]
+) -> None:
+    _, key = make_tenant(session)
+    batch_id = _uploaded_batch(ingest, key, exam)
+    first = results.get(f"/v1/batches/{batch_id}", headers=auth(key))
+    assert first.status_code == 200
+    etag = first.headers["ETag"]
+    same = results.get(f"/v1/batches/{batch_id}", headers={**auth(key), "If-None-Match": etag})
+    assert same.status_code == 304
+    assert same.headers["ETag"] == etag
+    assert same.content == b""
+    ingest.post(f"/v1/batches/{batch_id}/close", headers=auth(key))
+    changed = results.get(f"/v1/batches/{batch_id}", headers={**auth(key), "If-None-Match": etag})
+    assert changed.status_code == 200
+    assert changed.headers["ETag"] != etag
+    assert changed.json()["status"] == "processing"
+
+
+def test_long_poll_returns_when_the_batch_changes_and_304_when_it_does_not(
+    ingest: TestClient, results: TestClient, session: Session, exam: list[SynthImage]
+) -> None:
+    _, key = make_tenant(session)
+    batch_id = _uploaded_batch(ingest, key, exam)
+    etag = results.get(f"/v1/batches/{batch_id}", headers=auth(key)).headers["ETag"]
+    quiet = results.get(
+        f"/v1/batches/{batch_id}",
+        params={"wait": 1},
+        headers={**auth(key), "If-None-Match": etag},
+    )
+    assert quiet.status_code == 304  # nothing happened within the wait
+
+    answer: dict[str, httpx.Response] = {}
+
+    def poll() -> None:
+        answer["response"] = results.get(
+            f"/v1/batches/{batch_id}",
+            params={"wait": 30},
+            headers={**auth(key), "If-None-Match": etag},
+        )
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    time.sleep(1.0)  # the poller is waiting now
+    assert "response" not in answer
+    ingest.post(f"/v1/batches/{batch_id}/close", headers=auth(key))
+    poller.join(timeout=30)
+    response = answer["response"]
+    assert response.status_code == 200
+    assert response.json()["status"] == "processing"  # it came back because of the change
+
+
+def test_export_streams_one_row_per_image_as_csv_and_json(
+    ingest: TestClient,
+    results: TestClient,
+    session: Session,
+    settings: Settings,
+    store: ObjectStore,
+    exam: list[SynthImage],
+) -> None:
+    _, key = make_tenant(session)
+    batch_id = _uploaded_batch(ingest, key, exam)
+    ingest.post(f"/v1/batches/{batch_id}/close", headers=auth(key))
+    run_screening(
+        [i.id for i in session.scalars(select(Image))],
+        WorkerContext(settings, store, ModelCache(settings, store)),
+    )
+    response = results.get(
+        f"/v1/batches/{batch_id}/export", params={"format": "csv"}, headers=auth(key)
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/csv")
+    assert f"batch-{batch_id}.csv" in response.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(response.text)))
+    assert len(rows) == len(exam)
+    assert {r["filename"] for r in rows} == {s.path.name for s in exam}
+    assert all(r["status"] == "done" and 0 < float(r["score"]) < 1 for r in rows)
+
+    as_json = results.get(
+        f"/v1/batches/{batch_id}/export", params={"format": "json"}, headers=auth(key)
+    )
+    items = json.loads(as_json.text)
+    assert sorted(i["image_id"] for i in items) == sorted(r["image_id"] for r in rows)
+    assert {i["score"] for i in items} == {float(r["score"]) for r in rows}
+
+    _, other_key = make_tenant(session)
+    foreign = results.get(f"/v1/batches/{batch_id}/export", headers=auth(other_key))
+    assert foreign.status_code == 404
