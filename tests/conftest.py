@@ -16,6 +16,7 @@ from tests.infra import (
     Infra,
     containers,
     docker_reachable,
+    drop_bucket,
     embedded,
     fresh_settings,
     migrate_template,
@@ -43,6 +44,7 @@ def settings(infra: Infra) -> Iterator[Settings]:
     fresh = fresh_settings(infra)
     yield fresh
     _drop_database(infra, fresh)
+    drop_bucket(fresh)
 
 
 @pytest.fixture

@@ -137,3 +137,16 @@ def fresh_settings(infra: Infra, *, migrated: bool = True) -> Settings:
     )
     ObjectStore(settings).ensure_bucket()
     return settings
+
+
+def drop_bucket(settings: Settings) -> None:
+    """Empty and remove a test's bucket. SeaweedFS gives every bucket its own volumes (a
+    collection) out of a server-wide count, so buckets left behind would run a long session
+    out of volumes and into 500s."""
+    store = ObjectStore(settings)
+    client = store.client
+    if not client.bucket_exists(store.bucket):
+        return
+    for item in client.list_objects(store.bucket, recursive=True):
+        client.remove_object(store.bucket, str(item.object_name))
+    client.remove_bucket(store.bucket)

@@ -8,6 +8,7 @@ status, including the error shape.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from services.results import app as results_module
 from shared.config import Settings
 from shared.db.base import session_factory
 from tests.factories import make_batch, make_image, make_tenant
-from tests.infra import Infra, fresh_settings
+from tests.infra import Infra, drop_bucket, fresh_settings
 
 CASES_PER_OPERATION = 30
 tried: Counter[str] = Counter()
@@ -50,14 +51,15 @@ FUZZ = settings(
 
 
 @pytest.fixture(scope="module")
-def api_key(infra: Infra) -> str:
+def api_key(infra: Infra) -> Iterator[str]:
     fuzz_settings = fresh_settings(infra)
     ingest_module.bind(INGEST_APP, fuzz_settings)
     results_module.bind(RESULTS_APP, fuzz_settings)
     with session_factory(fuzz_settings.database_url)() as session:
         tenant, key = make_tenant(session)
         make_image(session, make_batch(session, tenant))  # something real to find
-    return key
+    yield key
+    drop_bucket(fuzz_settings)
 
 
 @ingest_schema.parametrize()
