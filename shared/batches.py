@@ -26,12 +26,18 @@ from shared.db.models import (
     RejectedFile,
     Study,
 )
+from shared.webhooks import announce_completion
 
 
 def create_batch(
-    *, session: Session, tenant_id: uuid.UUID, name: str, priority: BatchPriority
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    name: str,
+    priority: BatchPriority,
+    callback_url: str | None = None,
 ) -> Batch:
-    batch = Batch(tenant_id=tenant_id, name=name, priority=priority)
+    batch = Batch(tenant_id=tenant_id, name=name, priority=priority, callback_url=callback_url)
     session.add(batch)
     session.flush()
     return batch
@@ -179,6 +185,7 @@ def complete_if_finished(*, session: Session, batch: Batch) -> bool:
         return False
     batch.status = BatchStatus.COMPLETED
     batch.completed_at = utcnow()
+    announce_completion(session, batch, image_counts(session=session, batch_id=batch.id))
     return True
 
 

@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
+import httpx
 from celery import Celery
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
@@ -33,6 +34,7 @@ from shared.db.models import Image, ImageStatus
 from shared.imaging.formats import RejectCode
 from shared.queue import enqueue_screening
 from shared.storage import ObjectStore
+from shared.webhooks import DELIVERY_TIMEOUT_S, deliver_due
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +148,11 @@ def sweep_once(
             chunk_size=settings.inference_chunk_size,
             requeue_after_s=settings.requeue_after_s,
         )
+    with (
+        session_scope(settings.database_url) as session,
+        httpx.Client(timeout=DELIVERY_TIMEOUT_S) as http,
+    ):
+        deliver_due(session, http)
     orphans_deleted = 0
     if orphans:
         with session_scope(settings.database_url) as session:

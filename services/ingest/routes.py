@@ -13,7 +13,13 @@ from sqlalchemy.exc import OperationalError as DatabaseError
 from urllib3.exceptions import HTTPError as StorageConnectionError
 
 from services.ingest.deps import CallerDep, ProducerDep, SessionDep, SettingsDep, StoreDep
-from services.ingest.schemas import AcceptedImage, BatchCreate, RejectedFile, UploadResult
+from services.ingest.schemas import (
+    AcceptedImage,
+    BatchCreate,
+    RejectedFile,
+    UploadResult,
+    WebhookSecret,
+)
 from services.ingest.uploads import StoredUpload, UploadHints, store_upload
 from shared.api.deps import Caller
 from shared.api.errors import ApiError
@@ -35,6 +41,7 @@ from shared.batches import (
 from shared.db.models import AuditAction, Batch, BatchStatus, Image, Laterality, View
 from shared.queue import enqueue_screening
 from shared.storage import ObjectStore
+from shared.webhooks import SIGNATURE_HEADER, tenant_secret
 
 log = logging.getLogger(__name__)
 router = APIRouter(
@@ -68,11 +75,29 @@ def _discard(store: ObjectStore, uploads: list[StoredUpload]) -> None:
 @router.post("/batches", status_code=201, response_model=BatchPublic)
 def post_batch(spec: BatchCreate, session: SessionDep, caller: CallerDep) -> Batch:
     batch = create_batch(
-        session=session, tenant_id=caller.tenant.id, name=spec.name, priority=spec.priority
+        session=session,
+        tenant_id=caller.tenant.id,
+        name=spec.name,
+        priority=spec.priority,
+        callback_url=str(spec.callback_url) if spec.callback_url else None,
     )
     caller.audit(session, AuditAction.CREATE, "batch", batch.id)
     session.commit()
     return batch
+
+
+@router.get("/webhook-secret", response_model=WebhookSecret, tags=["webhooks"])
+def get_webhook_secret(session: SessionDep, caller: CallerDep) -> WebhookSecret:
+    """The secret that signs this tenant's webhook deliveries (made on first request)."""
+    tenant = session.merge(caller.tenant)
+    secret = tenant_secret(session, tenant)
+    caller.audit(session, AuditAction.READ, "webhook_secret", None)
+    session.commit()
+    return WebhookSecret(
+        secret=secret,
+        signature_header=SIGNATURE_HEADER,
+        scheme="t=<unix seconds>,v1=hex(HMAC-SHA256(secret, '<t>.' + raw body))",
+    )
 
 
 @router.post("/batches/{batch_id}/images", status_code=202, response_model=UploadResult)

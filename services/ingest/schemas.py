@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import uuid
 
-from pydantic import BaseModel, Field
+from pydantic import AnyHttpUrl, BaseModel, Field, field_validator
 
 from shared.api.schemas import PlainText
 from shared.db.models import BatchPriority, Laterality, View
@@ -11,6 +11,23 @@ from shared.db.models import BatchPriority, Laterality, View
 class BatchCreate(BaseModel):
     name: PlainText = Field(min_length=1, max_length=200)
     priority: BatchPriority = BatchPriority.NORMAL
+    callback_url: AnyHttpUrl | None = Field(
+        default=None,
+        description="POSTed a signed JSON summary when the batch completes (README: Webhooks)",
+    )
+
+    @field_validator("callback_url")
+    @classmethod
+    def _short_enough(cls, url: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        if url is not None and len(str(url)) > 2048:
+            raise ValueError("callback_url is longer than 2048 characters")
+        return url
+
+
+class WebhookSecret(BaseModel):
+    secret: str
+    signature_header: str
+    scheme: str
 
 
 class AcceptedImage(BaseModel):

@@ -26,6 +26,7 @@ class BatchPublic(BaseModel):
     created_at: datetime
     closed_at: datetime | None
     completed_at: datetime | None
+    callback_url: str | None = None
 
 
 class ErrorDetail(BaseModel):
