@@ -262,16 +262,19 @@ def claim_images(
 ) -> list[Image]:
     """Move queued images to running under a lease; any other state is skipped.
 
-    Rows are locked with SKIP LOCKED, so two deliveries of one chunk never claim an image
-    twice; an image whose worker died is returned to `queued` by the sweeper once its lease
-    has expired, never taken over while the lease holds.
+    The rows are locked, so two deliveries of one chunk never claim an image twice (the second
+    waits, then sees the image running). It waits rather than skipping locked rows: ingest
+    sends a task before its own `enqueued_at` update commits, and a task skipping those rows
+    would leave its images queued until the sweeper's requeue, minutes later. An image whose
+    worker died is returned to `queued` by the sweeper once its lease has expired, never taken
+    over while the lease holds.
     """
     images = list(
         session.scalars(
             select(Image)
             .where(Image.id.in_(image_ids), Image.status == ImageStatus.QUEUED)
             .order_by(Image.id)
-            .with_for_update(skip_locked=True)
+            .with_for_update()
         )
     )
     _start_lease(images, lease_s)

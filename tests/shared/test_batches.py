@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+import threading
 import uuid
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from shared.batches import (
@@ -16,7 +17,9 @@ from shared.batches import (
     refresh_batches,
     results_page,
 )
-from shared.db.models import BatchStatus, ImageStatus, ModelVersion, Prediction
+from shared.config import Settings
+from shared.db.base import session_factory
+from shared.db.models import BatchStatus, Image, ImageStatus, ModelVersion, Prediction
 from tests.factories import make_batch, make_image, make_tenant
 
 
@@ -128,3 +131,32 @@ def test_batches_list_newest_first_with_keyset_pages(session: Session) -> None:
     )
     assert [b.name for b in rest] == ["b2", "b1", "b0"]
     assert len({b.id for b in first + rest}) == len(made)
+
+
+def test_a_task_arriving_before_ingest_commits_enqueued_at_still_claims_its_images(
+    session: Session, settings: Settings
+) -> None:
+    """Ingest sends the task, then commits `enqueued_at`; a worker that is quick enough meets
+    the rows still locked. It must wait for them, not skip them (they would sit queued until
+    the sweeper's requeue, minutes later)."""
+    tenant, _ = make_tenant(session)
+    image = make_image(session, make_batch(session, tenant))
+    factory = session_factory(settings.database_url)
+    ingest = factory()
+    ingest.execute(update(Image).where(Image.id == image.id).values(enqueued_at=func.now()))
+    claimed: list[uuid.UUID] = []
+
+    def worker() -> None:
+        with factory() as worker_session:
+            rows = claim_images(session=worker_session, image_ids=[image.id], lease_s=60)
+            claimed.extend(r.id for r in rows)
+            worker_session.commit()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(timeout=1.0)
+    assert thread.is_alive(), "the claim should wait for ingest's transaction"
+    ingest.commit()
+    ingest.close()
+    thread.join(timeout=30)
+    assert claimed == [image.id]
