@@ -10,10 +10,14 @@ from pathlib import Path
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from services.ingest.app import create_app as create_ingest
 from services.results.app import create_app as create_results
 from shared.config import Settings
+from shared.db.models import Image
+from shared.storage import ObjectStore
 
 
 @pytest.fixture
@@ -49,3 +53,15 @@ def queued_task_args(settings: Settings, queue: str = "inference") -> list[list[
         body = json.loads(base64.b64decode(envelope["body"]))
         args.append(body[0][0])
     return args
+
+
+def screen_everything(session: Session, settings: Settings, store: ObjectStore) -> None:
+    """Run the inference worker in-process over every image in the test's database."""
+    from services.worker.inference import WorkerContext, run_screening
+    from services.worker.models import ModelCache
+
+    ctx = WorkerContext(settings, store, ModelCache(settings, store))
+    ids = [image.id for image in session.scalars(select(Image))]
+    for start in range(0, len(ids), 16):
+        run_screening(ids[start : start + 16], ctx)
+    session.expire_all()

@@ -14,16 +14,14 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from services.worker.inference import WorkerContext, run_screening
-from services.worker.models import ModelCache
 from shared.config import Settings
 from shared.db.base import session_scope
-from shared.db.models import DeliveryStatus, Image, WebhookDelivery
+from shared.db.models import DeliveryStatus, WebhookDelivery
 from shared.imaging.synth import SynthImage
 from shared.storage import ObjectStore
 from shared.webhooks import SIGNATURE_HEADER, deliver_due, verify_signature
 from tests.factories import make_tenant
-from tests.services.conftest import auth, files_field
+from tests.services.conftest import auth, files_field, screen_everything
 
 
 class Receiver(ThreadingHTTPServer):
@@ -80,10 +78,7 @@ def _complete_batch_with_callback(
         f"/v1/batches/{batch_id}/images", files=files_field([exam[0].path]), headers=auth(key)
     )
     ingest.post(f"/v1/batches/{batch_id}/close", headers=auth(key))
-    run_screening(
-        [i.id for i in session.scalars(select(Image))],
-        WorkerContext(settings, store, ModelCache(settings, store)),
-    )
+    screen_everything(session, settings, store)
     return batch_id, key
 
 

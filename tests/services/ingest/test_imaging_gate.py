@@ -25,8 +25,6 @@ from pydicom.uid import MPEG2MPML, UID
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from services.worker.inference import WorkerContext, run_screening
-from services.worker.models import ModelCache
 from shared.config import Settings
 from shared.db.models import Image, ImageStatus, Study
 from shared.imaging.deid import profile_tables
@@ -34,7 +32,7 @@ from shared.imaging.formats import RejectCode
 from shared.imaging.synth import SynthImage
 from shared.storage import ObjectStore
 from tests.factories import make_tenant
-from tests.services.conftest import auth
+from tests.services.conftest import auth, screen_everything
 
 PYDICOM_TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 DOCUMENTED_CODES = {code.value for code in RejectCode}
@@ -343,11 +341,7 @@ def test_every_pydicom_test_file_is_screened_or_refused_with_a_documented_code(
 
     images = session.scalars(select(Image)).all()
     assert len(images) >= 15, "relabelled single-frame greyscale files must get through"
-    ctx = WorkerContext(settings, store, ModelCache(settings, store))
-    ids = [i.id for i in images]
-    for start in range(0, len(ids), 16):
-        run_screening(ids[start : start + 16], ctx)
-    session.expire_all()
+    screen_everything(session, settings, store)
     for image in session.scalars(select(Image)):
         assert image.status in (ImageStatus.DONE, ImageStatus.FAILED), image.filename
         if image.status == ImageStatus.FAILED:

@@ -7,17 +7,13 @@ import io
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from services.worker.inference import WorkerContext, run_screening
-from services.worker.models import ModelCache
 from shared.config import Settings
-from shared.db.models import Image
 from shared.imaging.synth import SynthImage
 from shared.storage import ObjectStore
 from tests.factories import make_tenant
-from tests.services.conftest import auth, files_field
+from tests.services.conftest import auth, files_field, screen_everything
 
 
 def test_an_exam_missing_a_view_is_scored_and_the_gap_and_refusals_are_reported(
@@ -45,8 +41,7 @@ def test_an_exam_missing_a_view_is_scored_and_the_gap_and_refusals_are_reported(
     )
     assert refused_outright.status_code == 422
     ingest.post(f"/v1/batches/{batch['id']}/close", headers=auth(key))
-    ctx = WorkerContext(settings, store, ModelCache(settings, store))
-    run_screening([i.id for i in session.scalars(select(Image))], ctx)
+    screen_everything(session, settings, store)
 
     response = results.get(f"/v1/batches/{batch['id']}/exams", headers=auth(key))
     assert response.status_code == 200, response.text

@@ -10,17 +10,13 @@ import time
 
 import httpx
 from fastapi.testclient import TestClient
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from services.worker.inference import WorkerContext, run_screening
-from services.worker.models import ModelCache
 from shared.config import Settings
-from shared.db.models import Image
 from shared.imaging.synth import SynthImage
 from shared.storage import ObjectStore
 from tests.factories import make_tenant
-from tests.services.conftest import auth, files_field
+from tests.services.conftest import auth, files_field, screen_everything
 
 
 def _uploaded_batch(ingest: TestClient, key: str, exam: list[SynthImage]) -> str:
@@ -97,10 +93,7 @@ def test_export_streams_one_row_per_image_as_csv_and_json(
     _, key = make_tenant(session)
     batch_id = _uploaded_batch(ingest, key, exam)
     ingest.post(f"/v1/batches/{batch_id}/close", headers=auth(key))
-    run_screening(
-        [i.id for i in session.scalars(select(Image))],
-        WorkerContext(settings, store, ModelCache(settings, store)),
-    )
+    screen_everything(session, settings, store)
     response = results.get(
         f"/v1/batches/{batch_id}/export", params={"format": "csv"}, headers=auth(key)
     )
