@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 STACK_DIR := .stack
 
 .DEFAULT_GOAL := help
-.PHONY: help install up down demo test test-fast lint format clean bench
+.PHONY: help install up down demo test test-fast lint format clean bench bench-model browser
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,11 +32,22 @@ down: ## stop everything `make up` started
 demo: install ## start the stack, screen 8 synthetic exams end to end, print results, stop
 	$(BIN)/screening demo --dir $(STACK_DIR) --exams 8
 
-test: install ## run the whole test suite against real servers
+test: install browser ## run the whole test suite against real servers
 	$(BIN)/python -m pytest
+
+# The viewer's browser tests drive Debian's Chromium through Playwright (no browser download).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser: ## install Debian's Chromium for the browser tests, when missing
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+	@$(CHROMIUM) --version
 
 bench: install ## throughput benchmark on the real stack: prints and writes bench/results.json
 	$(BIN)/python -m bench.throughput --out bench/results.json
+
+bench-model: install ## train through the API on 800 synthetic exams, test on a fresh set: bench/model.json
+	$(BIN)/python -m bench.model --out bench/model.json
 
 lint: install ## ruff (lint and format check) and mypy
 	$(BIN)/ruff check .

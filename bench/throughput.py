@@ -94,7 +94,7 @@ def local_pipeline_images_per_s(
         return preprocess(decode_image(path.read_bytes(), "application/dicom"), None)
 
     predictor([prepare(paths[0])])  # warm-up
-    loaders: Prefetcher[Path] = Prefetcher(prepare, threads=threads)
+    loaders: Prefetcher[Path, np.ndarray] = Prefetcher(prepare, threads=threads)
     started = time.perf_counter()
     loaders.submit(paths)
     while loaders.pending:
@@ -229,11 +229,15 @@ def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
 
             from shared.db.base import session_scope
             from shared.ml.checkpoint import load_checkpoint
-            from shared.ml.registry import ensure_active_model
+            from shared.ml.registry import ensure_active_model, shipped_model_dir
             from shared.storage import ObjectStore
 
             with session_scope(settings.database_url) as session:
-                version = ensure_active_model(session=session, store=ObjectStore(settings))
+                version = ensure_active_model(
+                    session=session,
+                    store=ObjectStore(settings),
+                    shipped=shipped_model_dir(settings),
+                )
                 checkpoint = ObjectStore(settings).get_bytes(version.checkpoint_key)
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             model = load_checkpoint(checkpoint, device=device)

@@ -18,6 +18,7 @@ from shared.db.models import (
     TERMINAL_IMAGE_STATUSES,
     Batch,
     BatchPriority,
+    BatchPurpose,
     BatchStatus,
     Image,
     ImageStatus,
@@ -36,8 +37,15 @@ def create_batch(
     name: str,
     priority: BatchPriority,
     callback_url: str | None = None,
+    purpose: BatchPurpose = BatchPurpose.SCREENING,
 ) -> Batch:
-    batch = Batch(tenant_id=tenant_id, name=name, priority=priority, callback_url=callback_url)
+    batch = Batch(
+        tenant_id=tenant_id,
+        name=name,
+        priority=priority,
+        callback_url=callback_url,
+        purpose=purpose,
+    )
     session.add(batch)
     session.flush()
     return batch
@@ -336,7 +344,12 @@ def mark_enqueued(*, session: Session, image_ids: Sequence[uuid.UUID]) -> None:
 
 
 def record_prediction(
-    *, session: Session, image: Image, model_version_id: uuid.UUID, score: float
+    *,
+    session: Session,
+    image: Image,
+    model_version_id: uuid.UUID,
+    score: float,
+    heatmap_key: str | None = None,
 ) -> bool:
     """Mark a running image done with its score; False (and nothing written) otherwise.
 
@@ -354,6 +367,7 @@ def record_prediction(
             image_id=image.id,
             model_version_id=model_version_id,
             malignancy_score=score,
+            heatmap_key=heatmap_key,
             created_at=utcnow(),
         )
         .on_conflict_do_nothing(index_elements=[Prediction.image_id, Prediction.model_version_id])
@@ -391,3 +405,14 @@ def _finish(
         .execution_options(synchronize_session=False)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def get_exam(
+    *, session: Session, tenant_id: uuid.UUID, study_id: uuid.UUID
+) -> tuple[Study, list[Image]] | None:
+    """One of the tenant's exams (a study) with its images, or None."""
+    study = session.scalar(select(Study).where(Study.id == study_id, Study.tenant_id == tenant_id))
+    if study is None:
+        return None
+    images = session.scalars(select(Image).where(Image.study_id == study.id).order_by(Image.id))
+    return study, list(images)

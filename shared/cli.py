@@ -9,7 +9,12 @@ import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shared.client import Client
+
+from shared.cli_client import add_commands, run_guarded
 
 DEFAULT_STACK_DIR = Path(".stack")
 
@@ -17,11 +22,18 @@ DEFAULT_STACK_DIR = Path(".stack")
 def _cmd_synth(args: argparse.Namespace) -> int:
     from shared.imaging.synth import SynthOptions, generate_exams, variant_mix
 
+    defaults = SynthOptions()
     options = SynthOptions(
         height=args.height,
         width=args.width,
-        malignant_prevalence=args.malignant_prevalence,
-        benign_prevalence=args.benign_prevalence,
+        malignant_prevalence=(
+            defaults.malignant_prevalence
+            if args.malignant_prevalence is None
+            else args.malignant_prevalence
+        ),
+        benign_prevalence=(
+            defaults.benign_prevalence if args.benign_prevalence is None else args.benign_prevalence
+        ),
     )
     images = generate_exams(
         Path(args.out),
@@ -120,15 +132,129 @@ def _cmd_init(args: argparse.Namespace) -> int:
 def _cmd_models_ensure_default(_: argparse.Namespace) -> int:
     from shared.config import get_settings
     from shared.db.base import session_scope
-    from shared.ml.registry import ensure_active_model
+    from shared.ml.registry import ensure_active_model, shipped_model_dir
     from shared.storage import ObjectStore
 
     settings = get_settings()
     store = ObjectStore(settings)
     store.ensure_bucket()
     with session_scope(settings.database_url) as session:
-        version = ensure_active_model(session=session, store=store)
+        version = ensure_active_model(
+            session=session, store=store, shipped=shipped_model_dir(settings)
+        )
         print(f"active model: {version.name} ({version.id}), trained={version.trained}")
+    return 0
+
+
+def _client_from_settings() -> Client:
+    from shared.client import Client
+    from shared.config import get_settings
+
+    settings = get_settings()
+    if not settings.api_key:
+        raise SystemExit(
+            "no API key: set SCREENING_API_KEY (make up writes one to .stack/env; "
+            "`set -a; . .stack/env; set +a` loads it)"
+        )
+    return Client(
+        ingest_url=settings.ingest_url, results_url=settings.results_url, api_key=settings.api_key
+    )
+
+
+def _print_epoch(run: dict[str, Any]) -> None:
+    curve = run["curve"]
+    if curve:
+        point = curve[-1]
+        print(
+            f"  {run['status']}: epoch {point['epoch']}  loss {point['train_loss']:.4f}  "
+            f"validation AUC {point['validation_auc']:.3f}  ({point['seconds']:.0f}s)",
+            flush=True,
+        )
+    else:
+        print(f"  {run['status']}", flush=True)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Upload a labelled folder through the API and train on it."""
+    from shared.client import submit_training_folder
+
+    hyperparameters = dict(json.loads(args.hyperparameters)) if args.hyperparameters else {}
+    if args.epochs is not None:
+        hyperparameters["epochs"] = args.epochs
+    with _client_from_settings() as client:
+        run = submit_training_folder(
+            client,
+            Path(args.folder),
+            name=args.name,
+            seed=args.seed,
+            hyperparameters=hyperparameters,
+            on_upload=lambda done, total: print(f"  uploaded {done}/{total}", flush=True),
+        )
+        print(f"training run {run['id']} queued; splits: {json.dumps(run['split_sizes'])}")
+        if not args.wait:
+            return 0
+        final = client.wait_training(run["id"], timeout=args.timeout, on_progress=_print_epoch)
+    if final["status"] != "completed":
+        print(f"training run failed: {final['error_code']}: {final['error_message']}")
+        return 1
+    test = final["evaluation"]["test"]
+    low, high = test["exam_auc_ci95"]
+    print(
+        f"registered candidate {final['model_version']['name']}: test exam AUC "
+        f"{test['exam_auc']:.3f} (95% CI {low:.3f}-{high:.3f}), sensitivity "
+        f"{test['sensitivity']:.2f}, specificity {test['specificity']:.2f}. "
+        f"Promote it with: screening models promote {final['model_version']['name']}"
+    )
+    return 0
+
+
+def _cmd_models_list(_: argparse.Namespace) -> int:
+    from shared.config import get_settings
+    from shared.db.base import session_scope
+    from shared.ml.registry import list_models
+
+    with session_scope(get_settings().database_url) as session:
+        for version in list_models(session=session):
+            auc = (version.metrics.get("test") or {}).get("exam_auc")
+            print(
+                f"{version.name:<24} {version.status.value:<9} trained={version.trained!s:<5} "
+                f"test_exam_auc={'-' if auc is None else f'{auc:.3f}'} "
+                f"threshold={version.recall_threshold} id={version.id}"
+            )
+    return 0
+
+
+def _cmd_models_promote(args: argparse.Namespace) -> int:
+    from shared.config import get_settings
+    from shared.db.base import session_scope
+    from shared.ml.registry import RegistryError, find_model, promote
+
+    try:
+        with session_scope(get_settings().database_url) as session:
+            version = find_model(session=session, name_or_id=args.model)
+            previous = promote(session=session, version=version)
+            print(
+                f"active: {version.name}"
+                + (f" (retired {previous.name})" if previous else " (already active)")
+            )
+    except RegistryError as err:
+        print(f"{err.code}: {err.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_models_rollback(_: argparse.Namespace) -> int:
+    from shared.config import get_settings
+    from shared.db.base import session_scope
+    from shared.ml.registry import RegistryError, rollback
+
+    try:
+        with session_scope(get_settings().database_url) as session:
+            version = rollback(session=session)
+            print(f"active: {version.name} (rolled back)")
+    except RegistryError as err:
+        print(f"{err.code}: {err.message}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -183,6 +309,25 @@ def format_results_table(rows: Sequence[dict[str, Any]], study_names: dict[str, 
     return "\n".join(lines)
 
 
+def format_exams_table(
+    exams: Sequence[dict[str, Any]], study_names: dict[str, str], truth: dict[str, str]
+) -> str:
+    """Exams by exam score, with the recommendation and (synthetic data only) the truth."""
+    header = f"{'exam':<8} {'exam score':>10} {'probability':>11} {'recommendation':<14} truth"
+    lines = [header, "-" * len(header)]
+    ordered = sorted(exams, key=lambda e: -1.0 if e["exam_score"] is None else e["exam_score"])
+    for exam in reversed(ordered):
+        score = "-" if exam["exam_score"] is None else f"{exam['exam_score']:.3f}"
+        probability = (
+            "-" if exam.get("exam_probability") is None else f"{exam['exam_probability']:.3f}"
+        )
+        lines.append(
+            f"{study_names.get(exam['id'], _short(exam['id'], 8)):<8} {score:>10} "
+            f"{probability:>11} {exam.get('recall') or '-':<14} {truth.get(exam['id'], '?')}"
+        )
+    return "\n".join(lines)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from shared.client import Client
     from shared.devstack.stack import StackState, down, up
@@ -195,8 +340,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         data_dir = stack_dir / "demo-data"
         images = generate_exams(data_dir, exams=args.exams, seed=args.seed, variants=DEMO_VARIANTS)
         by_exam: dict[str, list[Path]] = defaultdict(list)
+        truth: dict[str, str] = {}
         for image in images:
             by_exam[image.study].append(image.path)
+            if image.label.value != "normal":
+                truth[image.study] = image.label.value
         encodings = sorted({image.encoding for image in images})
         print(
             f"generated {len(images)} synthetic DICOM images of {len(by_exam)} exams, "
@@ -205,17 +353,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         with Client.from_env(state.env) as client:
             batch = client.create_batch("demo batch")
             study_names: dict[str, str] = {}
-            for index, paths in enumerate(by_exam.values()):
+            study_truth: dict[str, str] = {}
+            for index, (study_uid, paths) in enumerate(by_exam.items()):
                 upload = client.upload(batch["id"], paths)
                 for accepted in upload["accepted"]:
                     study_names[accepted["study_id"]] = f"exam{index:02d}"
+                    study_truth[accepted["study_id"]] = truth.get(study_uid, "normal")
                 for rejected in upload["rejected"]:
                     print(f"rejected {rejected['filename']}: {rejected['code']}")
             client.close_batch(batch["id"])
             print(f"batch {batch['id']} submitted and closed; screening...")
             status = client.wait(batch["id"], timeout=args.timeout)
             rows = list(client.iter_results(batch["id"], page_size=10))
+            exams = list(client.iter_exams(batch["id"]))
         print(format_results_table(rows, study_names))
+        print()
+        print(format_exams_table(exams, study_names, study_truth))
         for warning in status["warnings"]:
             print(f"NOTE: {warning}")
         done = status["counts"]["done"]
@@ -240,8 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--height", type=int, default=1024, help="rows per image")
     synth.add_argument("--width", type=int, default=832, help="columns per image")
-    synth.add_argument("--malignant-prevalence", type=float, default=0.25)
-    synth.add_argument("--benign-prevalence", type=float, default=0.25)
+    synth.add_argument(
+        "--malignant-prevalence", type=float, help="share of malignant exams (default 0.25)"
+    )
+    synth.add_argument(
+        "--benign-prevalence", type=float, help="share of benign exams (default 0.5)"
+    )
     synth.add_argument(
         "--encodings",
         choices=["plain", "demo", "all"],
@@ -287,8 +444,29 @@ def build_parser() -> argparse.ArgumentParser:
         dest="models_command", required=True
     )
     models.add_parser(
-        "ensure-default", help="register a seeded untrained model if none is active"
+        "ensure-default", help="register the shipped model (or an untrained one) if none is active"
     ).set_defaults(func=_cmd_models_ensure_default)
+    models.add_parser("list", help="every model version and its status").set_defaults(
+        func=_cmd_models_list
+    )
+    promote = models.add_parser("promote", help="make a trained version the active one")
+    promote.add_argument("model", help="model version name or id")
+    promote.set_defaults(func=_cmd_models_promote)
+    models.add_parser(
+        "rollback", help="re-activate the version that was active before this one"
+    ).set_defaults(func=_cmd_models_rollback)
+
+    train = commands.add_parser(
+        "train", help="upload a labelled folder (images + labels.csv) and train a model on it"
+    )
+    train.add_argument("folder", help="images and labels.csv (file,label[,box_x0..box_y1])")
+    train.add_argument("--name", required=True)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument("--hyperparameters", help="JSON object, e.g. '{\"learning_rate\": 0.001}'")
+    train.add_argument("--wait", action="store_true", help="follow the run until it finishes")
+    train.add_argument("--timeout", type=float, default=3600)
+    train.set_defaults(func=_cmd_train)
 
     stack = commands.add_parser("stack", help="the local stack").add_subparsers(
         dest="stack_command", required=True
@@ -300,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub = stack.add_parser(name, help=text)
         sub.add_argument("--dir", default=str(DEFAULT_STACK_DIR))
         sub.set_defaults(func=func)
+
+    add_commands(commands)
 
     demo = commands.add_parser("demo", help="screen a synthetic batch end to end")
     demo.add_argument("--dir", default=str(DEFAULT_STACK_DIR))
@@ -314,8 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    result: int = args.func(args)
-    return result
+    return run_guarded(args)
 
 
 if __name__ == "__main__":

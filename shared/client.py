@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -29,16 +30,67 @@ class ApiClientError(Exception):
         self.detail = detail
 
 
+RETRY_STATUSES = (429, 503)
+
+
+class RetryTransport(httpx.HTTPTransport):
+    """Retries 429 (rate limited) and 503 (a dependency is down) after the server's
+    `Retry-After`, or with exponential backoff without one, up to `retries` times. Safe for
+    every call here: a 429 or 503 from these services means nothing was done. Uploads retry
+    too: httpx rewinds the files of a multipart body when it sends it again."""
+
+    def __init__(self, *, retries: int, max_wait_s: float = 30.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.retries = retries
+        self.max_wait_s = max_wait_s
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(self.retries + 1):
+            response = super().handle_request(request)
+            if response.status_code not in RETRY_STATUSES or attempt == self.retries:
+                return response
+            wait = self._wait_s(response.headers.get("Retry-After"), attempt)
+            response.close()
+            time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _wait_s(self, retry_after: str | None, attempt: int) -> float:
+        try:
+            wait = float(retry_after) if retry_after is not None else 2.0**attempt
+        except ValueError:  # an HTTP date: not sent by these services
+            wait = 2.0**attempt
+        return min(self.max_wait_s, max(0.0, wait))
+
+
 class Client:
+    """The ingest and results APIs from Python. 429 and 503 answers are retried (honouring
+    `Retry-After`) up to `retries` times before they raise ApiClientError."""
+
     def __init__(
-        self, *, ingest_url: str, results_url: str, api_key: str, timeout: float = 60.0
+        self,
+        *,
+        ingest_url: str,
+        results_url: str,
+        api_key: str,
+        timeout: float = 60.0,
+        retries: int = 5,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"}
-        self._ingest = httpx.Client(base_url=ingest_url, headers=headers, timeout=timeout)
-        self._results = httpx.Client(base_url=results_url, headers=headers, timeout=timeout)
+        self._ingest = httpx.Client(
+            base_url=ingest_url,
+            headers=headers,
+            timeout=timeout,
+            transport=RetryTransport(retries=retries),
+        )
+        self._results = httpx.Client(
+            base_url=results_url,
+            headers=headers,
+            timeout=timeout,
+            transport=RetryTransport(retries=retries),
+        )
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], **options: float) -> Client:
+    def from_env(cls, env: Mapping[str, str], **options: Any) -> Client:
         """A client from SCREENING_INGEST_URL, SCREENING_RESULTS_URL and SCREENING_API_KEY."""
         return cls(
             ingest_url=env["SCREENING_INGEST_URL"],
@@ -73,9 +125,22 @@ class Client:
             error.get("detail") or {},
         )
 
-    def create_batch(self, name: str, *, priority: str = "normal") -> dict[str, Any]:
+    def create_batch(
+        self, name: str, *, priority: str = "normal", purpose: str = "screening"
+    ) -> dict[str, Any]:
         return self._json(
-            self._ingest.post("/v1/batches", json={"name": name, "priority": priority})
+            self._ingest.post(
+                "/v1/batches", json={"name": name, "priority": priority, "purpose": purpose}
+            )
+        )
+
+    def upload_files(
+        self, batch_id: str, files: Sequence[tuple[str, Any, str]], **fields: str
+    ) -> dict[str, Any]:
+        """Upload open files given as (file name, a readable binary file, media type)."""
+        parts = [("files", item) for item in files]
+        return self._json(
+            self._ingest.post(f"/v1/batches/{batch_id}/images", files=parts, data=fields)
         )
 
     def upload(self, batch_id: str, paths: Sequence[Path], **fields: str) -> dict[str, Any]:
@@ -101,7 +166,20 @@ class Client:
     def batch(self, batch_id: str) -> dict[str, Any]:
         return self._json(self._results.get(f"/v1/batches/{batch_id}"))
 
-    def wait(self, batch_id: str, *, timeout: float, poll: float = 10.0) -> dict[str, Any]:
+    def batches(self, *, limit: int = 50) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self._json(
+            self._results.get("/v1/batches", params={"limit": limit})
+        )["items"]
+        return items
+
+    def wait(
+        self,
+        batch_id: str,
+        *,
+        timeout: float,
+        poll: float = 10.0,
+        on_change: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """Wait until the batch completes; raises TimeoutError with its last counts.
 
         Long polls: each request waits up to `poll` seconds on the server for the batch to
@@ -111,6 +189,8 @@ class Client:
         deadline = time.monotonic() + timeout
         status = self.batch(batch_id)
         etag: str | None = None
+        if on_change is not None:
+            on_change(status)
         while status["status"] != "completed":
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -126,6 +206,8 @@ class Client:
             if response.status_code != 304:
                 status = self._json(response)
                 etag = response.headers.get("ETag")
+                if on_change is not None:
+                    on_change(status)
         return status
 
     def iter_results(self, batch_id: str, *, page_size: int = 100) -> Iterator[dict[str, Any]]:
@@ -139,3 +221,126 @@ class Client:
             cursor = page["next_cursor"]
             if cursor is None:
                 return
+
+    def iter_exams(self, batch_id: str, *, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Every exam of the batch with breast and exam scores and the recall recommendation."""
+        cursor: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": page_size}
+            if cursor:
+                params["cursor"] = cursor
+            page = self._json(self._results.get(f"/v1/batches/{batch_id}/exams", params=params))
+            yield from page["items"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return
+
+    def export(self, batch_id: str, *, format: str = "csv") -> Iterator[str]:
+        """The whole batch's results as CSV or JSON text, streamed in chunks."""
+        with self._results.stream(
+            "GET", f"/v1/batches/{batch_id}/export", params={"format": format}
+        ) as response:
+            if not response.is_success:
+                response.read()
+                self._json(response)  # raises ApiClientError with the service's code
+            yield from response.iter_text()
+
+    def create_training_run(
+        self,
+        name: str,
+        *,
+        labels: Sequence[Mapping[str, Any]],
+        batch_id: str | None = None,
+        seed: int = 0,
+        hyperparameters: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Queue a training run; `labels` are {"file" or "image_id", "label", optional "box"}."""
+        body = {
+            "name": name,
+            "seed": seed,
+            "dataset": {"batch_id": batch_id, "labels": list(labels)},
+            "hyperparameters": dict(hyperparameters or {}),
+        }
+        return self._json(self._ingest.post("/v1/training-runs", json=body))
+
+    def training_run(self, run_id: str) -> dict[str, Any]:
+        return self._json(self._results.get(f"/v1/training-runs/{run_id}"))
+
+    def wait_training(
+        self,
+        run_id: str,
+        *,
+        timeout: float,
+        poll: float = 2.0,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll until the run completes or fails; `on_progress` sees every new state."""
+        deadline = time.monotonic() + timeout
+        seen: tuple[str, int] | None = None
+        while True:
+            run = self.training_run(run_id)
+            if on_progress is not None and (run["status"], run["epochs_done"]) != seen:
+                seen = (run["status"], run["epochs_done"])
+                on_progress(run)
+            if run["status"] in ("completed", "failed"):
+                return run
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"training run {run_id} still {run['status']} after {timeout:.0f}s "
+                    f"({run['epochs_done']} epochs done)"
+                )
+            time.sleep(poll)
+
+    def models(self) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self._json(self._results.get("/v1/models"))["items"]
+        return items
+
+
+def read_labels_csv(path: Path) -> list[dict[str, Any]]:
+    """Labels from a CSV with `file` and `label` (malignant, benign or normal) columns, and
+    optionally a lesion box `box_x0,box_y0,box_x1,box_y1` in the image's pixels (the
+    synthetic generator's labels.csv has all of them)."""
+    labels = []
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            entry: dict[str, Any] = {"file": row["file"], "label": row["label"]}
+            corners = [row.get(f"box_{c}") for c in ("x0", "y0", "x1", "y1")]
+            if all(corners):
+                entry["box"] = [int(float(c)) for c in corners if c]
+            labels.append(entry)
+    return labels
+
+
+def submit_training_folder(
+    client: Client,
+    folder: Path,
+    *,
+    name: str,
+    seed: int,
+    hyperparameters: Mapping[str, Any] | None = None,
+    files_per_request: int = 32,
+    on_upload: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Upload a labelled folder (images + labels.csv) as a training batch, then queue a
+    training run on it. Returns the accepted run."""
+    labels = read_labels_csv(folder / "labels.csv")
+    batch = client.create_batch(f"training data: {name}", purpose="training")
+    paths = [folder / entry["file"] for entry in labels]
+    for start in range(0, len(paths), files_per_request):
+        chunk = paths[start : start + files_per_request]
+        result = client.upload(batch["id"], chunk)
+        if result["rejected"]:
+            first = result["rejected"][0]
+            raise ApiClientError(
+                422,
+                "training_file_rejected",
+                f"{len(result['rejected'])} training files were refused (first: "
+                f"{first['filename']}: {first['code']}); fix or leave them out of labels.csv",
+                {"rejected": result["rejected"]},
+            )
+        if on_upload is not None:
+            on_upload(start + len(chunk), len(paths))
+    client.close_batch(batch["id"])
+    return client.create_training_run(
+        name, labels=labels, batch_id=batch["id"], seed=seed, hyperparameters=hyperparameters
+    )

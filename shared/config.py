@@ -85,6 +85,18 @@ class Settings(BaseSettings):
     worker_device: str = "auto"
     # CPU threads for torch in a worker process; 0 leaves torch's own default.
     worker_torch_threads: int = Field(default=0, ge=0)
+    # The trained model kept in the repository, registered as the active one when none is
+    # (models/screening-synthetic, made by `make bench-model`); "none" registers an untrained
+    # one.
+    shipped_model: str = "models/screening-synthetic"
+    # Write a heatmap (class activation map) PNG per screened image.
+    worker_heatmaps: bool = True
+
+    # Training runs renew a heartbeat this often; a running run whose heartbeat is older than
+    # training_stale_s (its worker died) is sent again by the sweeper and resumes from its
+    # last checkpoint.
+    training_heartbeat_s: float = Field(default=10, gt=0)
+    training_stale_s: float = Field(default=120, gt=0)
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets_outside_development(self) -> Settings:

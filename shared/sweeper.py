@@ -11,7 +11,10 @@ wait on or double-handle each other's rows.
    was committed), or handed over longer than `requeue_after_s` ago and still not picked up
    (the message was lost), is sent again. Sending happens while the rows are locked, and the
    send is recorded only after the broker accepted it.
-3. Orphan objects: an object under `tenants/` older than `orphan_grace_s` with no image row
+3. Training runs: a `running` run whose heartbeat stopped for `training_stale_s` (its worker
+   died) is sent again and resumes from its last checkpoint; a `queued` run never sent (the
+   broker was down) is sent.
+4. Orphan objects: an object under `tenants/` older than `orphan_grace_s` with no image row
    (an upload whose commit failed and whose clean-up also failed) is deleted.
 """
 
@@ -34,6 +37,7 @@ from shared.db.models import Image, ImageStatus
 from shared.imaging.formats import RejectCode
 from shared.queue import enqueue_screening
 from shared.storage import ObjectStore
+from shared.training_runs import resend_stalled_runs
 from shared.webhooks import DELIVERY_TIMEOUT_S, deliver_due
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,7 @@ class SweepReport:
     failed: int = 0
     sent: int = 0
     orphans_deleted: int = 0
+    training_runs_resent: int = 0
 
 
 def expire_leases(*, session: Session, max_attempts: int) -> tuple[int, int]:
@@ -148,6 +153,13 @@ def sweep_once(
             chunk_size=settings.inference_chunk_size,
             requeue_after_s=settings.requeue_after_s,
         )
+    with session_scope(settings.database_url) as session:
+        runs_resent = resend_stalled_runs(
+            session=session,
+            producer=producer,
+            stale_s=settings.training_stale_s,
+            requeue_after_s=settings.requeue_after_s,
+        )
     with (
         session_scope(settings.database_url) as session,
         httpx.Client(timeout=DELIVERY_TIMEOUT_S) as http,
@@ -159,7 +171,7 @@ def sweep_once(
             orphans_deleted = delete_orphans(
                 session=session, store=store, grace_s=settings.orphan_grace_s
             )
-    report = SweepReport(requeued, failed, sent, orphans_deleted)
+    report = SweepReport(requeued, failed, sent, orphans_deleted, runs_resent)
     if report != SweepReport():
         log.info("sweep: %s", report)
     return report

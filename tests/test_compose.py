@@ -28,6 +28,10 @@ def test_every_command_points_at_code_that_exists(name: str) -> None:
     if command[:3] == ["python", "-m", "uvicorn"]:
         module, attribute = _option(command, "--factory").split(":")
         assert callable(getattr(importlib.import_module(module), attribute))
+    elif command[:4] == ["celery", "-A", "services.worker.celery_app", "flower"]:
+        dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+        assert "monitoring]" in dockerfile  # the worker image installs Flower
+        assert "flower" in (ROOT / "pyproject.toml").read_text()
     elif command[0] == "celery":
         assert importlib.util.find_spec(_option(command, "-A")) is not None
         declared = set(_option(command, "-Q").split(","))

@@ -5,10 +5,13 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from services.ingest.routes import router
+from services.ingest.training import router as training_router
 from shared.api.errors import install_error_handlers
 from shared.api.health import router as health_router
 from shared.api.limits import BodySizeLimit
+from shared.api.metrics import install_metrics
 from shared.api.ratelimit import rate_limit_client
+from shared.api.requests import install_request_logging
 from shared.config import Settings, get_settings
 from shared.logs import configure_logging
 from shared.queue import producer
@@ -25,9 +28,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     bind(app, settings)
     install_error_handlers(app)
+    install_metrics(app, "ingest", settings)
+    install_request_logging(app)
     app.add_middleware(BodySizeLimit)
     app.include_router(health_router)
     app.include_router(router)
+    app.include_router(training_router)
     return app
 
 

@@ -38,7 +38,16 @@ from shared.batches import (
     mark_enqueued,
     record_rejections,
 )
-from shared.db.models import AuditAction, Batch, BatchStatus, Image, Laterality, View
+from shared.db.models import (
+    AuditAction,
+    Batch,
+    BatchPurpose,
+    BatchStatus,
+    Image,
+    ImageStatus,
+    Laterality,
+    View,
+)
 from shared.queue import enqueue_screening
 from shared.storage import ObjectStore
 from shared.webhooks import SIGNATURE_HEADER, tenant_secret
@@ -80,6 +89,7 @@ def post_batch(spec: BatchCreate, session: SessionDep, caller: CallerDep) -> Bat
         name=spec.name,
         priority=spec.priority,
         callback_url=str(spec.callback_url) if spec.callback_url else None,
+        purpose=spec.purpose,
     )
     caller.audit(session, AuditAction.CREATE, "batch", batch.id)
     session.commit()
@@ -194,6 +204,8 @@ def post_images(
     # broker is down, they stay unsent and the sweeper sends them once it is back.
     image_ids = [image.id for image in accepted]
     warnings: list[str] = []
+    if batch.purpose == BatchPurpose.TRAINING:
+        image_ids = []  # kept for training, never screened
     try:
         enqueue_screening(producer, image_ids, chunk_size=settings.inference_chunk_size)
         mark_enqueued(session=session, image_ids=image_ids)
@@ -276,6 +288,9 @@ def _record_images(
             media_type=upload.media_type.value,
             laterality=upload.laterality,
             view=upload.view,
+            status=(
+                ImageStatus.STORED if batch.purpose == BatchPurpose.TRAINING else ImageStatus.QUEUED
+            ),
         )
         session.add(image)
         images.append(image)

@@ -1,16 +1,22 @@
 from __future__ import annotations
 
 import uuid
+from typing import Annotated, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, Field, field_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.api.schemas import PlainText
-from shared.db.models import BatchPriority, Laterality, View
+from shared.db.models import BatchPriority, BatchPurpose, Laterality, TrainingStatus, View
+from shared.ml.config import TrainingConfig
 
 
 class BatchCreate(BaseModel):
     name: PlainText = Field(min_length=1, max_length=200)
     priority: BatchPriority = BatchPriority.NORMAL
+    purpose: BatchPurpose = Field(
+        default=BatchPurpose.SCREENING,
+        description="'training': images are kept for training runs and not screened",
+    )
     callback_url: AnyHttpUrl | None = Field(
         default=None,
         description="POSTed a signed JSON summary when the batch completes (README: Webhooks)",
@@ -52,3 +58,83 @@ class UploadResult(BaseModel):
     accepted: list[AcceptedImage]
     rejected: list[RejectedFile]
     warnings: list[str] = []
+
+
+_DEFAULTS = TrainingConfig()
+
+
+class LabelledImage(BaseModel):
+    """One labelled image: by `file` name within `dataset.batch_id`, or by `image_id`."""
+
+    file: PlainText | None = Field(default=None, min_length=1, max_length=255)
+    image_id: uuid.UUID | None = None
+    label: Literal["malignant", "benign", "normal"]
+    box: list[Annotated[int, Field(ge=0, le=100_000)]] | None = Field(
+        default=None,
+        min_length=4,
+        max_length=4,
+        description="optional lesion box [x0, y0, x1, y1] in the image's pixels; it teaches "
+        "the heatmap where the lesion is",
+    )
+
+    @model_validator(mode="after")
+    def _one_reference(self) -> LabelledImage:
+        if (self.file is None) == (self.image_id is None):
+            raise ValueError("give exactly one of file or image_id")
+        if self.box is not None:
+            x0, y0, x1, y1 = self.box
+            if x1 <= x0 or y1 <= y0:
+                raise ValueError("box is [x0, y0, x1, y1] with x0 < x1 and y0 < y1")
+            if self.label == "normal":
+                raise ValueError("a normal image has no lesion box")
+        return self
+
+
+class TrainingDataset(BaseModel):
+    batch_id: uuid.UUID | None = Field(
+        default=None, description="the batch whose images `file` labels name"
+    )
+    labels: list[LabelledImage] = Field(min_length=1, max_length=200_000)
+
+    @model_validator(mode="after")
+    def _files_need_a_batch(self) -> TrainingDataset:
+        if self.batch_id is None and any(item.file is not None for item in self.labels):
+            raise ValueError("labels that name a file need dataset.batch_id")
+        return self
+
+
+class TrainingHyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(default=_DEFAULTS.epochs, ge=1, le=500)
+    batch_size: int = Field(default=_DEFAULTS.batch_size, ge=2, le=512)
+    learning_rate: float = Field(default=_DEFAULTS.learning_rate, gt=0, le=1)
+    weight_decay: float = Field(default=_DEFAULTS.weight_decay, ge=0, le=1)
+    patience: int = Field(default=_DEFAULTS.patience, ge=1, le=500)
+    validation_fraction: float = Field(default=_DEFAULTS.validation_fraction, gt=0, lt=0.5)
+    test_fraction: float = Field(default=_DEFAULTS.test_fraction, gt=0, lt=0.5)
+    target_sensitivity: float = Field(default=_DEFAULTS.target_sensitivity, gt=0, le=1)
+    augment: bool = _DEFAULTS.augment
+    dense_weight: float = Field(default=_DEFAULTS.dense_weight, ge=0, le=100)
+    time_budget_s: float | None = Field(default=_DEFAULTS.time_budget_s, gt=0)
+    input_height: int = Field(default=_DEFAULTS.input_height, ge=64, le=2048, multiple_of=16)
+    input_width: int = Field(default=_DEFAULTS.input_width, ge=64, le=2048, multiple_of=16)
+    stem_channels: int = Field(default=_DEFAULTS.stem_channels, ge=1, le=256)
+    stage_channels: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
+        default=list(_DEFAULTS.stage_channels), min_length=1, max_length=6
+    )
+
+
+class TrainingRunCreate(BaseModel):
+    name: PlainText = Field(min_length=1, max_length=200)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    dataset: TrainingDataset
+    hyperparameters: TrainingHyperparameters = TrainingHyperparameters()
+
+
+class TrainingRunAccepted(BaseModel):
+    id: uuid.UUID
+    name: str
+    status: TrainingStatus
+    seed: int
+    split_sizes: dict[str, dict[str, int]]

@@ -5,11 +5,17 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from services.results.routes import router
+from services.results.training import router as training_router
+from services.results.viewer import LoginRequired, login_redirect
+from services.results.viewer import router as viewer_router
 from shared.api.errors import install_error_handlers
 from shared.api.health import router as health_router
+from shared.api.metrics import install_metrics
 from shared.api.ratelimit import rate_limit_client
+from shared.api.requests import install_request_logging
 from shared.config import Settings, get_settings
 from shared.logs import configure_logging
+from shared.storage import ObjectStore
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -18,12 +24,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="mammoscreen results",
         version="0.1.0",
-        description="Batches, per-image scores and their status.",
+        description="Batches, exams, per-image scores and heatmaps, training runs, models.",
     )
     bind(app, settings)
     install_error_handlers(app)
+    install_metrics(app, "results", settings)
+    install_request_logging(app)
     app.include_router(health_router)
     app.include_router(router)
+    app.include_router(training_router)
+    app.include_router(viewer_router)
+    app.add_exception_handler(LoginRequired, login_redirect)
     return app
 
 
@@ -31,3 +42,4 @@ def bind(app: FastAPI, settings: Settings) -> None:
     """Point the app at the servers `settings` names (no connection is opened here)."""
     app.state.settings = settings
     app.state.redis = rate_limit_client(settings)
+    app.state.store = ObjectStore(settings)  # heatmaps

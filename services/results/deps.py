@@ -1,5 +1,5 @@
 """Typed dependencies of the results service."""
 
-from shared.api.deps import CallerDep, SessionDep, SettingsDep, TenantDep
+from shared.api.deps import CallerDep, SessionDep, SettingsDep, StoreDep, TenantDep
 
-__all__ = ["CallerDep", "SessionDep", "SettingsDep", "TenantDep"]
+__all__ = ["CallerDep", "SessionDep", "SettingsDep", "StoreDep", "TenantDep"]

@@ -11,7 +11,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from services.results import cursors
-from services.results.deps import CallerDep, SessionDep, SettingsDep
+from services.results.deps import CallerDep, SessionDep, SettingsDep, StoreDep
 from services.results.schemas import (
     AuditEventPublic,
     AuditPage,
@@ -54,6 +54,8 @@ from shared.batches import (
 from shared.config import Settings
 from shared.db.base import session_scope
 from shared.db.models import AuditAction, Image, Laterality, Prediction, Study, View
+from shared.imaging.heatmaps import overlay_png
+from shared.ml.evaluation import calibrated_probability
 from shared.scores import ViewScore, breast_scores, exam_score
 
 router = APIRouter(prefix="/v1", tags=["results"], responses=COMMON_ERRORS)
@@ -65,6 +67,12 @@ UNTRAINED_WARNING = (
     "scores in this batch come from an untrained (randomly initialised) model and carry no "
     "diagnostic meaning"
 )
+
+
+def _heatmap_url(image: Image, prediction: Prediction | None) -> str | None:
+    if prediction is None or prediction.heatmap_key is None:
+        return None
+    return f"/v1/images/{image.id}/heatmap.png"
 
 
 def _image_result(image: Image, prediction: Prediction | None) -> ImageResult:
@@ -84,6 +92,7 @@ def _image_result(image: Image, prediction: Prediction | None) -> ImageResult:
         model_version=(
             ModelVersionPublic.model_validate(prediction.model_version) if prediction else None
         ),
+        heatmap_url=_heatmap_url(image, prediction),
         created_at=image.created_at,
         finished_at=image.finished_at,
     )
@@ -217,6 +226,7 @@ def _exam(study: Study, images: list[Image], predictions: dict[uuid.UUID, Predic
         for i in images
         if i.id in predictions and i.laterality is not None and i.view is not None
     )
+    score = exam_score(breasts)
     return Exam(
         id=study.id,
         study_key=study.study_key,
@@ -229,6 +239,7 @@ def _exam(study: Study, images: list[Image], predictions: dict[uuid.UUID, Predic
                 status=i.status,
                 score=predictions[i.id].malignancy_score if i.id in predictions else None,
                 error_code=i.error_code,
+                heatmap_url=_heatmap_url(i, predictions.get(i.id)),
             )
             for i in images
         ],
@@ -238,8 +249,25 @@ def _exam(study: Study, images: list[Image], predictions: dict[uuid.UUID, Predic
             BreastResult(laterality=b.laterality, score=b.score, views=list(b.views))
             for b in breasts
         ],
-        exam_score=exam_score(breasts),
+        exam_score=score,
+        **_recommendation(score, [predictions[i.id] for i in images if i.id in predictions]),
     )
+
+
+def _recommendation(score: float | None, predictions: list[Prediction]) -> dict[str, Any]:
+    """Recall or routine, from the model that scored the exam: only when one evaluated model
+    scored every view (a threshold belongs to one model's score scale)."""
+    versions = {p.model_version.id: p.model_version for p in predictions}
+    if score is None or len(versions) != 1:
+        return {}
+    (version,) = versions.values()
+    result: dict[str, Any] = {"model_version": ModelVersionPublic.model_validate(version)}
+    if version.recall_threshold is not None:
+        result["recall"] = "recall" if score >= version.recall_threshold else "routine"
+        result["recall_threshold"] = version.recall_threshold
+    if version.calibration is not None:
+        result["exam_probability"] = calibrated_probability(score, version.calibration)
+    return result
 
 
 @router.get("/batches/{batch_id}/exams", response_model=ExamsPage)
@@ -426,4 +454,38 @@ def get_audit(
     page, next_cursor = cursors.id_page(events, limit, lambda event: event.id)
     return AuditPage(
         items=[AuditEventPublic.model_validate(e) for e in page], next_cursor=next_cursor
+    )
+
+
+@router.get(
+    "/images/{image_id}/heatmap.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, 404: {}},
+)
+def get_image_heatmap(
+    image_id: uuid.UUID,
+    session: SessionDep,
+    caller: CallerDep,
+    store: StoreDep,
+    style: Annotated[Literal["overlay", "grey"], Query()] = "overlay",
+) -> Response:
+    """Where the score comes from: per-position malignancy probability at 1/4 of the image's
+    size, in the image's own orientation. `overlay` is a transparent colour map to lay over
+    the image (stretched to its size); `grey` is the stored 0-255 map."""
+    image = get_image(session=session, tenant_id=caller.tenant.id, image_id=image_id)
+    if image is None:
+        raise ApiError(404, "image_not_found", f"no image {image_id} exists for this API key")
+    prediction = latest_predictions(session=session, image_ids=[image.id]).get(image.id)
+    if prediction is None or prediction.heatmap_key is None:
+        raise ApiError(
+            404,
+            "heatmap_not_found",
+            f"image {image_id} has no heatmap yet; it is written when the image is screened",
+        )
+    caller.audit(session, AuditAction.READ, "heatmap", image.id)
+    session.commit()
+    grey = store.get_bytes(prediction.heatmap_key)
+    body = grey if style == "grey" else overlay_png(grey)
+    return Response(
+        content=body, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
     )

@@ -2,12 +2,19 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from shared.api.schemas import BatchPublic
-from shared.db.models import AuditAction, ImageStatus, Laterality, ModelStatus, View
+from shared.db.models import (
+    AuditAction,
+    ImageStatus,
+    Laterality,
+    ModelStatus,
+    TrainingStatus,
+    View,
+)
 
 
 class ModelVersionPublic(BaseModel):
@@ -24,6 +31,7 @@ class ImageCounts(BaseModel):
     running: int
     done: int
     failed: int
+    stored: int = 0  # training batches: kept for training, not screened
 
 
 class BatchDetail(BatchPublic):
@@ -53,6 +61,7 @@ class ImageResult(BaseModel):
     error_code: str | None
     error_message: str | None
     model_version: ModelVersionPublic | None
+    heatmap_url: str | None = None  # PNG overlay at 1/4 of the image's size
     created_at: datetime
     finished_at: datetime | None
 
@@ -101,6 +110,7 @@ class ExamImage(BaseModel):
     status: ImageStatus
     score: float | None
     error_code: str | None
+    heatmap_url: str | None = None
 
 
 class BreastResult(BaseModel):
@@ -120,8 +130,67 @@ class Exam(BaseModel):
     missing_views: list[str]
     breasts: list[BreastResult]  # breasts with at least one scored view
     exam_score: float | None  # the worse breast; None until a view is scored
+    # The exam score through the model's calibration (validation data) as a probability.
+    exam_probability: float | None = None
+    # "recall" when exam_score reaches the model's threshold (chosen on validation data for
+    # its target sensitivity), else "routine"; None without a trained, evaluated model.
+    recall: Literal["recall", "routine"] | None = None
+    recall_threshold: float | None = None
+    model_version: ModelVersionPublic | None = None
 
 
 class ExamsPage(BaseModel):
     items: list[Exam]
     next_cursor: str | None
+
+
+class ModelVersionDetail(ModelVersionPublic):
+    architecture: dict[str, Any]
+    metrics: dict[str, Any]
+    recall_threshold: float | None
+    calibration: dict[str, float] | None
+    model_card: dict[str, Any] | None
+    training_run_id: uuid.UUID | None
+    created_at: datetime
+    promoted_at: datetime | None
+    retired_at: datetime | None
+
+
+class ModelsPage(BaseModel):
+    items: list[ModelVersionDetail]
+
+
+class EpochPoint(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    epoch: int
+    train_loss: float
+    validation_loss: float
+    validation_auc: float  # exam level
+    seconds: float
+    attempt: int  # which attempt of the run trained this epoch (a resumed run: > 1)
+
+
+class TrainingRunDetail(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    name: str
+    status: TrainingStatus
+    seed: int
+    hyperparameters: dict[str, Any]
+    split_sizes: dict[str, Any]
+    attempts: int
+    epochs_done: int
+    evaluation: dict[str, Any] | None
+    model_version: ModelVersionPublic | None
+    error_code: str | None
+    error_message: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    curve: list[EpochPoint]
+
+
+class TrainingRunsPage(BaseModel):
+    items: list[TrainingRunDetail]

@@ -10,14 +10,23 @@ from typing import Any
 
 from celery import Celery
 
+from services.worker import metrics
 from shared.config import get_settings
 from shared.queue import celery_config
 
 app = Celery(
-    "mammoscreen-worker", include=["services.worker.inference", "services.worker.sweeping"]
+    "mammoscreen-worker",
+    include=[
+        "services.worker.inference",
+        "services.worker.training",
+        "services.worker.sweeping",
+    ],
 )
 
 
 @app.on_configure.connect
 def _configure(sender: Celery, **_: Any) -> None:
     sender.conf.update(celery_config(get_settings()))
+
+
+metrics.install(app)

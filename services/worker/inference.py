@@ -7,6 +7,7 @@ import multiprocessing
 import random
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -31,11 +32,13 @@ from shared.batches import (
 )
 from shared.config import Settings, get_settings
 from shared.db.base import session_scope
-from shared.db.models import Image, ImageStatus, Laterality
+from shared.db.models import Image, ImageStatus, InferenceBatch, Laterality
 from shared.imaging.decode import decode_image
 from shared.imaging.formats import ImageRejected, RejectCode
-from shared.imaging.preprocess import Preprocess
-from shared.ml.registry import ensure_active_model
+from shared.imaging.heatmaps import heatmap_png
+from shared.imaging.preprocess import InputGeometry, Preprocess, heatmap_on_image
+from shared.logs import log_context
+from shared.ml.registry import ensure_active_model, shipped_model_dir
 from shared.queue import Queue, TaskName
 from shared.storage import ObjectStore
 
@@ -63,6 +66,12 @@ class WorkItem:
     object_key: str
     media_type: str
     laterality: Laterality | None
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    inputs: np.ndarray
+    geometry: InputGeometry
 
 
 @dataclass(frozen=True)
@@ -95,7 +104,8 @@ def backoff_seconds(retries: int) -> float:
 def screen_images(self: Task, image_ids: list[str]) -> dict[str, int]:
     ids = [uuid.UUID(i) for i in image_ids]
     try:
-        return run_screening(ids, worker_context())
+        with log_context(task_id=self.request.id):
+            return run_screening(ids, worker_context())
     except TRANSIENT_ERRORS as err:
         if self.request.retries >= MAX_RETRIES:
             log.error("giving up on %d images after %d retries: %s", len(ids), MAX_RETRIES, err)
@@ -118,7 +128,9 @@ def run_screening(image_ids: list[uuid.UUID], ctx: WorkerContext) -> dict[str, i
     with session_scope(ctx.settings.database_url) as session:
         claimed = claim_images(session=session, image_ids=image_ids, lease_s=ctx.settings.lease_s)
         items = [_work_item(i) for i in claimed]
-        version = ensure_active_model(session=session, store=ctx.store)
+        version = ensure_active_model(
+            session=session, store=ctx.store, shipped=shipped_model_dir(ctx.settings)
+        )
     if not items:
         return {"done": 0, "failed": 0}
     run = ScreeningRun(ctx, ctx.models.get(version))
@@ -135,6 +147,11 @@ def run_screening(image_ids: list[uuid.UUID], ctx: WorkerContext) -> dict[str, i
                 "could not release %d images; their leases will expire", len(run.unfinished)
             )
         raise
+
+
+def heatmap_key(item: WorkItem, model_version_id: uuid.UUID) -> str:
+    # Not under tenants/ (the orphan sweep's prefix for uploads): rows refer to it instead.
+    return f"heatmaps/{item.id}/{model_version_id}.png"
 
 
 def _work_item(image: Image) -> WorkItem:
@@ -163,8 +180,10 @@ class ScreeningRun:
         )
         self.unfinished: dict[uuid.UUID, WorkItem] = {}
         self.started = time.monotonic()
+        # Heatmap uploads of a batch run in parallel; the batch commits after they finish.
+        self.writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="heatmap-writer")
 
-    def prepare(self, item: WorkItem) -> np.ndarray:
+    def prepare(self, item: WorkItem) -> PreparedImage:
         """Runs in a loader thread: read, decode, preprocess. ImageRejected fails the image."""
         try:
             data = self.ctx.store.get_bytes(item.object_key)
@@ -173,7 +192,7 @@ class ScreeningRun:
                 raise StorageConnectionError(str(err)) from err
             raise ImageRejected.missing_object(item.object_key) from err
         pixels = decode_image(data, item.media_type, max_pixels=self.ctx.settings.max_image_pixels)
-        return self.preprocess(pixels, item.laterality)
+        return PreparedImage(*self.preprocess.with_geometry(pixels, item.laterality))
 
     def _may_claim_more(self) -> bool:
         settings = self.ctx.settings
@@ -183,7 +202,7 @@ class ScreeningRun:
             and time.monotonic() - self.started < settings.worker_max_task_s
         )
 
-    def _claim_more(self, loaders: Prefetcher[WorkItem]) -> None:
+    def _claim_more(self, loaders: Prefetcher[WorkItem, PreparedImage]) -> None:
         """Top the loaders up: any queued work when they run low, else urgent work only."""
         urgent_only = loaders.pending >= 2 * self.policy.max_batch
         with session_scope(self.ctx.settings.database_url) as session:
@@ -213,18 +232,41 @@ class ScreeningRun:
                 totals["failed"] += failed
         finally:
             loaders.close()
+            self.writers.shutdown(wait=True)
         return totals
 
     def _feed(
-        self, loaders: Prefetcher[WorkItem], items: list[WorkItem], *, urgent: bool = False
+        self,
+        loaders: Prefetcher[WorkItem, PreparedImage],
+        items: list[WorkItem],
+        *,
+        urgent: bool = False,
     ) -> None:
         self.unfinished.update((item.id, item) for item in items)
         loaders.submit(items, urgent=urgent)
 
+    def _forward(
+        self, ready: list[tuple[WorkItem, PreparedImage]]
+    ) -> tuple[list[float], list[str | None]]:
+        """Scores, and the keys of the heatmaps written to object storage (when enabled)."""
+        inputs = [prepared.inputs for _, prepared in ready]
+        if not self.ctx.settings.worker_heatmaps:
+            return self.loaded.predictor(inputs), [None] * len(ready)
+        scores, maps = self.loaded.predictor.with_heatmaps(inputs)
+
+        def store(index: int) -> str:
+            item, prepared = ready[index]
+            key = heatmap_key(item, self.loaded.version_id)
+            png = heatmap_png(heatmap_on_image(maps[index], prepared.geometry))
+            self.ctx.store.put_bytes(key, png, content_type="image/png")
+            return key
+
+        return scores, list(self.writers.map(store, range(len(ready))))
+
     def _screen_batch(
-        self, batch: list[tuple[WorkItem, np.ndarray | BaseException]]
+        self, batch: list[tuple[WorkItem, PreparedImage | BaseException]]
     ) -> tuple[int, int]:
-        ready: list[tuple[WorkItem, np.ndarray]] = []
+        ready: list[tuple[WorkItem, PreparedImage]] = []
         failures: dict[uuid.UUID, ImageRejected] = {}
         for item, outcome in batch:
             if isinstance(outcome, ImageRejected):
@@ -234,24 +276,39 @@ class ScreeningRun:
             else:
                 ready.append((item, outcome))
         started = time.perf_counter()
-        scores = self.loaded.predictor([array for _, array in ready])
+        scores, heatmap_keys = self._forward(ready)
         forward_s = time.perf_counter() - started
         with session_scope(self.ctx.settings.database_url) as session:
             ids = [item.id for item, _ in batch]
             rows = {i.id: i for i in session.scalars(select(Image).where(Image.id.in_(ids)))}
-            for (item, _), score in zip(ready, scores, strict=True):
+            for (item, _), score, key in zip(ready, scores, heatmap_keys, strict=True):
                 record_prediction(
                     session=session,
                     image=rows[item.id],
                     model_version_id=self.loaded.version_id,
                     score=score,
+                    heatmap_key=key,
                 )
             for image_id, failure in failures.items():
+                log.info(
+                    "image failed: %s",
+                    failure.code.value,
+                    extra={"image_id": image_id, "batch_id": rows[image_id].batch_id},
+                )
                 record_failure(
                     session=session,
                     image=rows[image_id],
                     code=failure.code.value,
                     message=failure.message,
+                )
+            if ready:
+                session.add(
+                    InferenceBatch(
+                        model_version_id=self.loaded.version_id,
+                        images=len(ready),
+                        forward_seconds=forward_s,
+                        device=str(self.loaded.device),
+                    )
                 )
             refresh_batches(session=session, batch_ids=[r.batch_id for r in rows.values()])
         for item, _ in batch:

@@ -23,7 +23,7 @@ import torch
 from shared.ml.model import ScreeningNet
 
 T = TypeVar("T")
-Prepared = np.ndarray | BaseException
+R = TypeVar("R")
 # Queue ranks: lower goes first.
 STOP, URGENT, NORMAL = -1, 0, 1
 
@@ -34,7 +34,7 @@ class BatchPolicy:
     max_wait_s: float
 
 
-class Prefetcher(Generic[T]):
+class Prefetcher(Generic[T, R]):
     """Runs `prepare` on loader threads; hands results back as they finish, urgent first.
 
     Urgent items jump both queues: the unstarted work, and the prepared items waiting to be
@@ -42,11 +42,13 @@ class Prefetcher(Generic[T]):
     images already being prepared, not for everything queued ahead of it.
     """
 
-    def __init__(self, prepare: Callable[[T], np.ndarray], *, threads: int) -> None:
+    def __init__(self, prepare: Callable[[T], R], *, threads: int) -> None:
         self._prepare = prepare
         self._order = itertools.count()
         self._work: queue.PriorityQueue[tuple[int, int, T | None]] = queue.PriorityQueue()
-        self._done: queue.PriorityQueue[tuple[int, int, T, Prepared]] = queue.PriorityQueue()
+        self._done: queue.PriorityQueue[tuple[int, int, T, R | BaseException]] = (
+            queue.PriorityQueue()
+        )
         self._pending = 0
         self._threads = [
             threading.Thread(target=self._run, name=f"loader-{n}", daemon=True)
@@ -72,12 +74,12 @@ class Prefetcher(Generic[T]):
             if item is None:
                 return
             try:
-                outcome: Prepared = self._prepare(item)
+                outcome: R | BaseException = self._prepare(item)
             except BaseException as error:  # handed to the batch; the caller decides
                 outcome = error
             self._done.put((rank, order, item, outcome))
 
-    def next_batch(self, policy: BatchPolicy) -> list[tuple[T, Prepared]]:
+    def next_batch(self, policy: BatchPolicy) -> list[tuple[T, R | BaseException]]:
         """Block for the first ready item, then take more until full or the wait is over."""
         if self._pending == 0:
             return []
@@ -115,20 +117,36 @@ class Predictor:
         self._cuda = device.type == "cuda"
         if self._cuda:
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self._raw_model = model
         self._model: Callable[[torch.Tensor], torch.Tensor] = (
             torch.compile(model) if compile_model else model
         )
 
+    def _device_batch(self, inputs: list[np.ndarray]) -> torch.Tensor:
+        host = torch.from_numpy(np.stack(inputs)[:, None])  # (B, 1, H, W) float32
+        if not self._cuda:
+            return host
+        batch = host.pin_memory().to(self.device, non_blocking=True)
+        return batch.contiguous(memory_format=torch.channels_last)
+
     @torch.inference_mode()
     def __call__(self, inputs: list[np.ndarray]) -> list[float]:
+        """Malignancy probabilities."""
         if not inputs:
             return []
-        host = torch.from_numpy(np.stack(inputs)[:, None])  # (B, 1, H, W) float32
-        if self._cuda:
-            batch = host.pin_memory().to(self.device, non_blocking=True)
-            batch = batch.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = self._model(batch)
-        else:
-            logits = self._model(host)
+        batch = self._device_batch(inputs)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._cuda):
+            logits = self._model(batch)
         return [float(p) for p in torch.sigmoid(logits.float()).cpu()]
+
+    @torch.inference_mode()
+    def with_heatmaps(self, inputs: list[np.ndarray]) -> tuple[list[float], np.ndarray]:
+        """Probabilities and per-position malignancy probabilities (B, H/s, W/s) from the
+        same forward pass (the class activation map through the sigmoid)."""
+        if not inputs:
+            return [], np.zeros((0, 0, 0), dtype=np.float32)
+        batch = self._device_batch(inputs)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._cuda):
+            logits, maps = self._raw_model.forward_with_heatmap(batch)
+        scores = [float(p) for p in torch.sigmoid(logits.float()).cpu()]
+        return scores, torch.sigmoid(maps.float()).cpu().numpy()

@@ -6,10 +6,11 @@ import logging
 import threading
 from typing import Any
 
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutdown
 
 from shared.config import Settings, get_settings
 from shared.db.base import forget_engines_after_fork
+from shared.logs import configure_logging
 from shared.queue import producer
 from shared.storage import ObjectStore
 from shared.sweeper import sweep_once
@@ -60,3 +61,9 @@ def _stop_sweeper(**_: Any) -> None:
 def _fresh_connections_in_child(**_: Any) -> None:
     # A forked pool child must not share the parent's database sockets.
     forget_engines_after_fork()
+
+
+@setup_logging.connect
+def _structured_logs(**_: Any) -> None:
+    # Connected, so Celery leaves logging to us: the same JSON lines as the web services.
+    configure_logging("worker")

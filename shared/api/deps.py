@@ -17,6 +17,7 @@ from shared.api.ratelimit import enforce_rate_limit
 from shared.config import Settings
 from shared.db.base import session_factory
 from shared.db.models import AuditAction, Tenant
+from shared.storage import ObjectStore
 from shared.tenants import authenticate_key
 
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <api key>")
@@ -36,6 +37,14 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_store(request: Request) -> ObjectStore:
+    store: ObjectStore = request.app.state.store
+    return store
+
+
+StoreDep = Annotated[ObjectStore, Depends(get_store)]
 
 
 def current_tenant(

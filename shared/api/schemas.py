@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
-from shared.db.models import BatchPriority, BatchStatus
+from shared.db.models import BatchPriority, BatchPurpose, BatchStatus
 
 # User-supplied text: no control characters (Postgres refuses NUL; the rest are never
 # meaningful in a name and confuse logs and terminals).
@@ -27,6 +27,7 @@ class BatchPublic(BaseModel):
     closed_at: datetime | None
     completed_at: datetime | None
     callback_url: str | None = None
+    purpose: BatchPurpose = BatchPurpose.SCREENING
 
 
 class ErrorDetail(BaseModel):

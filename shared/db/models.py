@@ -42,14 +42,20 @@ class BatchPriority(enum.StrEnum):
     URGENT = "urgent"
 
 
+class BatchPurpose(enum.StrEnum):
+    SCREENING = "screening"  # images are queued for screening
+    TRAINING = "training"  # images are kept for training runs and never screened
+
+
 class ImageStatus(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    STORED = "stored"  # in a training batch: kept for training, not screened
 
 
-TERMINAL_IMAGE_STATUSES = (ImageStatus.DONE, ImageStatus.FAILED)
+TERMINAL_IMAGE_STATUSES = (ImageStatus.DONE, ImageStatus.FAILED, ImageStatus.STORED)
 
 
 class Laterality(enum.StrEnum):
@@ -113,6 +119,9 @@ class Batch(Base):
     completed_at: Mapped[datetime | None]
     # Where a signed summary is POSTed when the batch completes (webhooks, shared/webhooks.py).
     callback_url: Mapped[str | None] = mapped_column(String(2048))
+    purpose: Mapped[BatchPurpose] = mapped_column(
+        _enum(BatchPurpose, "batch_purpose"), default=BatchPurpose.SCREENING
+    )
 
 
 class Study(Base):
@@ -243,6 +252,15 @@ class ModelVersion(Base):
     trained: Mapped[bool] = mapped_column(default=False)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Exam score at or above which the model recommends recall; chosen on validation data for
+    # the run's target sensitivity. None for a model that was never evaluated.
+    recall_threshold: Mapped[float | None] = mapped_column(Float)
+    # Platt scaling of the exam score's logit: probability = sigmoid(a * logit + b).
+    calibration: Mapped[dict[str, float] | None] = mapped_column(JSONB)
+    model_card: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    training_run_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("training_runs.id"))
+    promoted_at: Mapped[datetime | None]
+    retired_at: Mapped[datetime | None]
 
 
 # At most one active model version at a time.
@@ -263,10 +281,106 @@ class Prediction(Base):
     image_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("images.id"))
     model_version_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("model_versions.id"))
     malignancy_score: Mapped[float] = mapped_column(Float)
+    heatmap_key: Mapped[str | None] = mapped_column(String(512))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     image: Mapped[Image] = relationship(back_populates="predictions")
     model_version: Mapped[ModelVersion] = relationship()
+
+
+class TrainingStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class TrainingLabel(enum.StrEnum):
+    MALIGNANT = "malignant"
+    BENIGN = "benign"  # a lesion, not malignant
+    NORMAL = "normal"
+
+
+class Split(enum.StrEnum):
+    TRAIN = "train"
+    VALIDATION = "validation"
+    TEST = "test"
+
+
+class TrainingRun(Base):
+    """One training job: its dataset, hyperparameters, progress and resulting model version.
+
+    `heartbeat_at` is renewed while a worker trains; a running run whose heartbeat stops (the
+    worker died) is sent again by the sweeper and resumes from `checkpoint_key`.
+    """
+
+    __tablename__ = "training_runs"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[TrainingStatus] = mapped_column(
+        _enum(TrainingStatus, "training_status"), default=TrainingStatus.QUEUED
+    )
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    seed: Mapped[int] = mapped_column(Integer)
+    split_sizes: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    epochs_done: Mapped[int] = mapped_column(Integer, default=0)
+    checkpoint_key: Mapped[str | None] = mapped_column(String(512))
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    model_version_id: Mapped[uuid.UUID | None]
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    enqueued_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class TrainingExample(Base):
+    """A labelled image of a run's dataset and the split its patient was drawn into."""
+
+    __tablename__ = "training_examples"
+
+    run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("training_runs.id"), primary_key=True)
+    image_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("images.id"), primary_key=True)
+    label: Mapped[TrainingLabel] = mapped_column(_enum(TrainingLabel, "training_label"))
+    split: Mapped[Split] = mapped_column(_enum(Split, "data_split"))
+    # The lesion's bounding box [x0, y0, x1, y1] in the image's pixels, when the labels give
+    # one: it teaches the heatmap where the lesion is (see shared/ml/training.py).
+    box: Mapped[list[int] | None] = mapped_column(JSONB)
+
+
+class TrainingEpoch(Base):
+    """One point of a run's metric curve; (run, epoch) is unique, so a resumed run that
+    repeats an epoch replaces its row instead of adding a second one."""
+
+    __tablename__ = "training_epochs"
+
+    run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("training_runs.id"), primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
+    train_loss: Mapped[float] = mapped_column(Float)
+    validation_loss: Mapped[float] = mapped_column(Float)
+    validation_auc: Mapped[float] = mapped_column(Float)
+    seconds: Mapped[float] = mapped_column(Float)
+    attempt: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class InferenceBatch(Base):
+    """One batched forward pass of a worker: what /metrics reports as inference time and
+    batch size (shared/metrics.py). Written in the batch's own transaction."""
+
+    __tablename__ = "inference_batches"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    model_version_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("model_versions.id"))
+    images: Mapped[int] = mapped_column(Integer)
+    forward_seconds: Mapped[float] = mapped_column(Float)
+    device: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class AuditAction(enum.StrEnum):

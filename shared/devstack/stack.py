@@ -53,6 +53,13 @@ class StackState:
     # Every SCREENING_* variable the services were started with, so a restart matches.
     service_env: dict[str, str] = field(default_factory=dict)
 
+    def metrics_url(self, service: str) -> str:
+        """Where a service serves /metrics (the workers' ports are on their command lines)."""
+        if service in ("ingest", "results"):
+            return f"{self.env[f'SCREENING_{service.upper()}_URL']}/metrics"
+        command = self.commands[service]
+        return f"http://127.0.0.1:{command[command.index('--metrics-port') + 1]}/metrics"
+
     def save(self, path: Path) -> None:
         path.write_text(
             json.dumps(
@@ -86,6 +93,9 @@ class StackState:
 
     def pids(self) -> list[int]:
         return [*self.services.values(), *(s.pid for s in self.servers)]
+
+
+WORKER_SERVICES = ("worker", "trainer")
 
 
 def service_commands(python: str) -> dict[str, list[str]]:
@@ -123,13 +133,37 @@ def service_commands(python: str) -> dict[str, list[str]]:
             "services.worker.celery_app",
             "worker",
             "-Q",
-            "inference,training",
+            "inference",
             "--concurrency",
             "1",
             "--pool",
             "prefork",
             "--hostname",
             "worker-{worker_port}@%h",
+            "--metrics-port",
+            "{worker_metrics_port}",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        # Training runs for minutes to hours: its own process, so screening goes on meanwhile.
+        # The solo pool runs the task in this process (no fork), and one run at a time.
+        "trainer": [
+            python,
+            "-m",
+            "celery",
+            "-A",
+            "services.worker.celery_app",
+            "worker",
+            "-Q",
+            "training",
+            "--pool",
+            "solo",
+            "--hostname",
+            "trainer-{worker_port}@%h",
+            "--metrics-port",
+            "{trainer_metrics_port}",
             "--loglevel",
             "INFO",
             "--without-gossip",
@@ -183,7 +217,7 @@ def prepare_infrastructure(settings: Settings) -> str:
     from alembic.config import Config
 
     from shared.db.base import session_scope
-    from shared.ml.registry import ensure_active_model
+    from shared.ml.registry import ensure_active_model, shipped_model_dir
     from shared.storage import ObjectStore
     from shared.tenants import create_tenant, issue_api_key
 
@@ -193,7 +227,7 @@ def prepare_infrastructure(settings: Settings) -> str:
     store = ObjectStore(settings)
     store.ensure_bucket()
     with session_scope(settings.database_url) as session:
-        ensure_active_model(session=session, store=store)
+        ensure_active_model(session=session, store=store, shipped=shipped_model_dir(settings))
         from sqlalchemy import select
 
         from shared.db.models import Tenant
@@ -240,6 +274,8 @@ def up(
             "ingest_port": free_port(),
             "results_port": free_port(),
             "worker_port": free_port(),
+            "worker_metrics_port": free_port(),
+            "trainer_metrics_port": free_port(),
         }
         settings = base.model_copy(
             update={
@@ -284,7 +320,7 @@ def _ready_lines(log: Path) -> int:
 def wait_ready(state: StackState, name: str, logs: Path, *, ready_lines_before: int) -> None:
     """Wait for a service: /healthz for the web services, a new "ready." line for a worker."""
     log = logs / f"{name}.log"
-    if name == "worker":
+    if name in WORKER_SERVICES:
         wait_until(lambda: _ready_lines(log) > ready_lines_before, timeout=120, what=name, log=log)
     else:
         health_url = f"{state.env[f'SCREENING_{name.upper()}_URL']}/healthz"

@@ -46,6 +46,12 @@ class BreastCrop:
     search_size: int = 256
 
     def __call__(self, pixels: Array) -> Array:
+        rows, cols = self.box(pixels)
+        cropped: Array = pixels[rows, cols]
+        return cropped
+
+    def box(self, pixels: Array) -> tuple[slice, slice]:
+        """(rows, columns) of the breast's bounding box in `pixels`."""
         step = max(1, max(pixels.shape) // self.search_size)
         coarse = pixels[::step, ::step]
         background = float(np.percentile(coarse, 10))
@@ -60,11 +66,10 @@ class BreastCrop:
             )
         largest = int(np.argmax(sizes)) + 1
         rows, cols = ndimage.find_objects((labels == largest).astype(np.int32))[0]
-        cropped: Array = pixels[
-            rows.start * step : min(pixels.shape[0], rows.stop * step),
-            cols.start * step : min(pixels.shape[1], cols.stop * step),
-        ]
-        return cropped
+        return (
+            slice(rows.start * step, min(pixels.shape[0], rows.stop * step)),
+            slice(cols.start * step, min(pixels.shape[1], cols.stop * step)),
+        )
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,18 @@ class Standardize:
 
 
 @dataclass(frozen=True)
+class InputGeometry:
+    """Where a model input came from in its image: enough to map a heatmap back."""
+
+    image_shape: tuple[int, int]
+    flipped: bool  # the image was mirrored into canonical orientation
+    rows: slice  # the crop, in the (canonically oriented) image
+    cols: slice
+    resized_shape: tuple[int, int]  # the crop's size inside the padded model input
+    input_shape: tuple[int, int]  # the model input's (height, width)
+
+
+@dataclass(frozen=True)
 class Preprocess:
     """The full chain from a decoded [0, 1] image to a model input of (height, width)."""
 
@@ -107,6 +124,74 @@ class Preprocess:
     width: int
 
     def __call__(self, pixels: Array, laterality: Laterality | None) -> Array:
+        return self.with_geometry(pixels, laterality)[0]
+
+    def with_geometry(
+        self, pixels: Array, laterality: Laterality | None
+    ) -> tuple[Array, InputGeometry]:
         oriented = CanonicalOrientation()(pixels, laterality)
-        cropped = BreastCrop()(oriented)
-        return Standardize()(ResizePad(self.height, self.width)(cropped))
+        rows, cols = BreastCrop().box(oriented)
+        cropped = oriented[rows, cols]
+        scale = min(self.height / cropped.shape[0], self.width / cropped.shape[1])
+        geometry = InputGeometry(
+            image_shape=(pixels.shape[0], pixels.shape[1]),
+            flipped=laterality == Laterality.RIGHT,
+            rows=rows,
+            cols=cols,
+            resized_shape=(
+                max(1, round(cropped.shape[0] * scale)),
+                max(1, round(cropped.shape[1] * scale)),
+            ),
+            input_shape=(self.height, self.width),
+        )
+        return Standardize()(ResizePad(self.height, self.width)(cropped)), geometry
+
+
+def heatmap_on_image(heatmap: Array, geometry: InputGeometry, *, shrink: int = 4) -> Array:
+    """A heatmap over the padded model input (any resolution) mapped onto its image at
+    1/`shrink` of the image's size: zero outside the breast crop, in the image's own
+    orientation (right breasts mirrored back)."""
+    input_h, input_w = geometry.input_shape
+    resized_h, resized_w = geometry.resized_shape
+    # The part of the map that covers the crop; the rest covers padding.
+    crop_box = (
+        0.0,
+        0.0,
+        resized_w * heatmap.shape[1] / input_w,
+        resized_h * heatmap.shape[0] / input_h,
+    )
+    out_h = max(1, geometry.image_shape[0] // shrink)
+    out_w = max(1, geometry.image_shape[1] // shrink)
+    r0 = min(out_h - 1, geometry.rows.start // shrink)
+    c0 = min(out_w - 1, geometry.cols.start // shrink)
+    r1 = max(r0 + 1, min(out_h, geometry.rows.stop // shrink))
+    c1 = max(c0 + 1, min(out_w, geometry.cols.stop // shrink))
+    patch = PILImage.fromarray(heatmap.astype(np.float32), mode="F").resize(
+        (c1 - c0, r1 - r0), PILImage.Resampling.BILINEAR, box=crop_box
+    )
+    out = np.zeros((out_h, out_w), dtype=np.float32)
+    out[r0:r1, c0:c1] = np.asarray(patch, dtype=np.float32)
+    if geometry.flipped:
+        out = np.ascontiguousarray(out[:, ::-1])
+    return out
+
+
+def box_in_input(
+    box: tuple[int, int, int, int], geometry: InputGeometry
+) -> tuple[float, float, float, float] | None:
+    """A box (x0, y0, x1, y1) in the image's pixels, in model-input pixels; None when it lies
+    wholly outside the breast crop."""
+    x0, y0, x1, y1 = box
+    if geometry.flipped:
+        width = geometry.image_shape[1]
+        x0, x1 = width - x1, width - x0
+    scale = geometry.resized_shape[0] / max(1, geometry.rows.stop - geometry.rows.start)
+    mapped = (
+        max(0.0, (x0 - geometry.cols.start) * scale),
+        max(0.0, (y0 - geometry.rows.start) * scale),
+        min(float(geometry.resized_shape[1]), (x1 - geometry.cols.start) * scale),
+        min(float(geometry.resized_shape[0]), (y1 - geometry.rows.start) * scale),
+    )
+    if mapped[2] <= mapped[0] or mapped[3] <= mapped[1]:
+        return None
+    return mapped

@@ -6,11 +6,22 @@ stored in 16), plus one `labels.csv` row per image.
 Physical scale (default pixel spacing 0.2 mm, 1024 x 832 pixels, about 205 x 166 mm):
 - breast tissue: 1/f^beta texture with beta about 3, the power law measured on real
   mammograms, over a thickness fall-off towards the skin line;
-- masses: 5-30 mm across. Malignant ones are spiculated (radiating strands), benign ones
-  round or oval and circumscribed, drawn from the same size and contrast ranges so brightness
-  alone does not separate them;
-- calcifications: malignant ones clustered (5-20 specks, 0.1-0.5 mm, within 5-10 mm), benign
-  ones scattered and coarse (3-8 specks, 0.5-1 mm, over 20-40 mm).
+- masses: 5-30 mm across, peak contrast 0.08-0.15 of the detector range over the tissue
+  around them (the tissue texture itself spans about +-0.1). Malignant ones are irregular,
+  ill-defined and spiculated (10-20 strands 0.4-1.5 mm wide running 1.4-2.5 radii out),
+  benign ones round or oval and circumscribed. Both are drawn from the same size and contrast
+  ranges, and spicules never brighten the body, so a malignant mass peaks exactly as bright as
+  a benign one: brightness alone does not separate them; shape does;
+- calcifications: malignant ones clustered (5-20 fine specks, 0.1-0.5 mm, within 5-10 mm),
+  benign ones scattered and coarse (3-8 specks, 0.5-1 mm, over 20-40 mm), with the same
+  contrast draw.
+
+Default prevalence: 25% of exams malignant, 50% benign, 25% normal. An enriched set (as
+reader studies use), and one where most exams a model must not recall have a lesion in them:
+even a perfect lesion detector that cannot tell malignant from benign scores an exam AUC of
+about 0.67 here. The non-learned baseline (shared/ml/baseline.py) scores about 0.5
+(bench/model.json), while it separates views with a lesion from normal ones (tests/shared/
+imaging/test_synth_difficulty.py).
 A lesion sits at the same depth from the nipple in both views of its breast (the MLO's
 vertical position is correlated with, not equal to, the CC's), as a reader would expect.
 
@@ -81,8 +92,15 @@ class SynthOptions:
     width: int = 832
     pixel_spacing_mm: float = 0.2
     malignant_prevalence: float = 0.25  # share of exams with a malignant lesion
-    benign_prevalence: float = 0.25  # share of exams with a benign lesion (and no malignant)
+    # Share of exams with a benign lesion (and no malignant). Twice the normal share: most
+    # exams a screening model must not recall have something bright in them, so finding a
+    # bright spot is not enough (see shared/ml/baseline.py).
+    benign_prevalence: float = 0.5
     texture_beta: float = 3.0
+    texture_amplitude: float = 0.06
+    # Peak lesion contrast over the surrounding tissue, in units of the detector range;
+    # the same range for malignant and benign findings.
+    lesion_contrast: tuple[float, float] = (0.08, 0.15)
 
 
 # Every transfer syntax the generator can write; the decoder is tested against each.
@@ -259,22 +277,31 @@ def _draw_lesion(
         angle = np.arctan2(dr, dc)
         dist = np.hypot(dr, dc)
         if lesion.finding == Finding.MALIGNANT:
-            # Irregular margin plus radiating spicules.
-            wobble = 1.0 + 0.18 * np.sin(angle * rng.integers(3, 7) + rng.uniform(0, 6.28))
-            patch += 1.0 / (1.0 + np.exp((dist - radius * wobble) / (radius * 0.12)))
-            for theta in rng.uniform(0, 2 * np.pi, rng.integers(8, 16)):
+            # Irregular (lobulated), ill-defined margin plus radiating spicules.
+            wobble = (
+                1.0
+                + 0.22 * np.sin(angle * rng.integers(3, 7) + rng.uniform(0, 6.28))
+                + 0.1 * np.sin(angle * rng.integers(7, 12) + rng.uniform(0, 6.28))
+            )
+            body = 1.0 / (1.0 + np.exp((dist - radius * wobble) / (radius * 0.12)))
+            strands = np.zeros(rows.shape)
+            for theta in rng.uniform(0, 2 * np.pi, rng.integers(10, 20)):
                 length = radius * rng.uniform(1.4, 2.5)
                 along = dc * np.cos(theta) + dr * np.sin(theta)
                 across = -dc * np.sin(theta) + dr * np.cos(theta)
-                width = max(0.8, radius * 0.06)
+                # Strands about 0.4-1.5 mm across, as spicules are on screening films.
+                width = max(0.4 / spacing_mm, radius * 0.08)
                 strand = np.exp(-((across / width) ** 2)) * ((along > 0) & (along < length))
-                patch += 0.6 * strand * (1.0 - np.clip(along / length, 0, 1))
+                strands += 0.85 * strand * (1.0 - np.clip(along / length, 0, 1))
+            # Spicules run out of the body and never brighten it: the peak contrast stays the
+            # lesion's contrast, exactly as for a benign mass.
+            patch = np.maximum(body, np.clip(strands, 0, 0.85))
         else:
             # Round or oval, sharp (circumscribed) margin.
             aspect = rng.uniform(0.75, 1.0)
             ell = np.hypot(dc, dr / aspect)
-            patch += 1.0 / (1.0 + np.exp((ell - radius) / max(0.6, radius * 0.03)))
-        patch = np.clip(patch, 0, 1.2) * lesion.contrast
+            patch = 1.0 / (1.0 + np.exp((ell - radius) / max(0.6, radius * 0.03)))
+        patch = patch * lesion.contrast
     else:
         if lesion.finding == Finding.MALIGNANT:
             count, size_range, spread = rng.integers(5, 21), (0.1, 0.5), radius
@@ -304,7 +331,7 @@ def _render_view(
     radial = np.sqrt(((rows - centre_r) / semi_r) ** 2 + (cols / semi_c) ** 2)
     thickness = np.clip(1.0 - radial**4, 0, 1)
     texture = _power_law_texture(rng, shape, options.texture_beta)
-    density = 0.32 + 0.16 * thickness + 0.07 * texture * thickness
+    density = 0.32 + 0.16 * thickness + options.texture_amplitude * texture * thickness
     image = np.where(breast, density, variant.background)
     image = np.where(pectoral, 0.62 + 0.05 * texture, image)
     if variant.burnt_in_label:
@@ -334,7 +361,7 @@ def _burn_in_label(image: NDArray) -> None:
         image[top + 2 : top + bh - 2, col : col + max(1, bw // 20)] = 0.6
 
 
-def _draw_lesion_spec(rng: np.random.Generator, finding: Finding) -> Lesion:
+def _draw_lesion_spec(rng: np.random.Generator, finding: Finding, options: SynthOptions) -> Lesion:
     kind = "mass" if rng.random() < 0.7 else "calcifications"
     size = (
         rng.uniform(5, 30)
@@ -349,7 +376,7 @@ def _draw_lesion_spec(rng: np.random.Generator, finding: Finding) -> Lesion:
         depth=rng.uniform(0.2, 0.75),
         offset=rng.uniform(-0.8, 0.8),
         size_mm=size,
-        contrast=rng.uniform(0.05, 0.11),
+        contrast=rng.uniform(*options.lesion_contrast),
         seed=int(rng.integers(0, 2**31)),
     )
 
@@ -460,15 +487,18 @@ def generate_exams(
     seed: int,
     options: SynthOptions | None = None,
     variants: tuple[DicomVariant, ...] = (DicomVariant(),),
+    first_index: int = 0,
 ) -> list[SynthImage]:
     """Write `exams` four-view exams and `labels.csv` into `out_dir`; deterministic per seed.
 
-    Exam i is encoded as `variants[i % len(variants)]`.
+    Exam i is encoded as `variants[i % len(variants)]`. Exams are numbered from
+    `first_index`, and each depends only on (seed, its number), so a large set can be made in
+    parallel chunks that together equal one call.
     """
     options = options or SynthOptions()
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[SynthImage] = []
-    for index in range(exams):
+    for index in range(first_index, first_index + exams):
         rng = np.random.default_rng([seed, index])
         patient = f"SYN{seed:04d}{index:05d}"
         study_uid = generate_uid(entropy_srcs=[str(seed), str(index), "study"])
@@ -481,7 +511,7 @@ def generate_exams(
             else Finding.NORMAL
         )
         lesion_side = "L" if rng.random() < 0.5 else "R"
-        lesion = _draw_lesion_spec(rng, finding) if finding != Finding.NORMAL else None
+        lesion = _draw_lesion_spec(rng, finding, options) if finding != Finding.NORMAL else None
         variant = variants[index % len(variants)]
         for laterality in ("L", "R"):
             series_uid = generate_uid(entropy_srcs=[str(seed), str(index), laterality])

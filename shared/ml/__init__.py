@@ -1,1 +1,5 @@
-"""Models: architecture, checkpoints, registry. Imports torch; only the worker and CLI use it."""
+"""Models and training.
+
+model, checkpoint and training import torch (worker and CLI only); config, evaluation and
+baseline do not, so the API services can use them.
+"""

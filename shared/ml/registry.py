@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+from shared.config import Settings
+from shared.db.base import utcnow
 from shared.db.models import ModelStatus, ModelVersion
 from shared.storage import ObjectStore
 
@@ -16,11 +25,24 @@ def active_model(*, session: Session) -> ModelVersion | None:
     return session.scalar(select(ModelVersion).where(ModelVersion.status == ModelStatus.ACTIVE))
 
 
-def ensure_active_model(*, session: Session, store: ObjectStore) -> ModelVersion:
-    """The active model version; registers a seeded, randomly initialised one if none exists.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
-    Until a trained model is promoted, scores come from this untrained network, and its
-    `trained` flag tells every consumer to say so.
+
+def shipped_model_dir(settings: Settings) -> Path | None:
+    """The trained model kept in the repository (settings.shipped_model; "none" for none)."""
+    if settings.shipped_model.lower() in ("", "none"):
+        return None
+    path = Path(settings.shipped_model)
+    path = path if path.is_absolute() else REPO_ROOT / path
+    return path if (path / "checkpoint.pt").exists() else None
+
+
+def ensure_active_model(
+    *, session: Session, store: ObjectStore, shipped: Path | None = None
+) -> ModelVersion:
+    """The active model version. If none is active: the model shipped in `shipped` (made by
+    `make bench-model`, registered as trained and active), else a seeded, randomly
+    initialised one whose `trained` flag tells every consumer its scores mean nothing.
     """
     current = active_model(session=session)
     if current is not None:
@@ -30,6 +52,8 @@ def ensure_active_model(*, session: Session, store: ObjectStore) -> ModelVersion
     current = active_model(session=session)
     if current is not None:
         return current
+    if shipped is not None:
+        return _register_shipped(session=session, store=store, directory=shipped)
     existing = session.scalar(
         select(ModelVersion).where(ModelVersion.name == UNTRAINED_MODEL_NAME).with_for_update()
     )
@@ -62,3 +86,120 @@ def ensure_active_model(*, session: Session, store: ObjectStore) -> ModelVersion
     session.add(version)
     session.flush()
     return version
+
+
+def _register_shipped(*, session: Session, store: ObjectStore, directory: Path) -> ModelVersion:
+    record = json.loads((directory / "version.json").read_text())
+    version = session.scalar(
+        select(ModelVersion).where(ModelVersion.name == record["name"]).with_for_update()
+    )
+    if version is None:
+        checkpoint = (directory / "checkpoint.pt").read_bytes()
+        key = f"models/{record['name']}/checkpoint.pt"
+        store.put_bytes(key, checkpoint, content_type="application/octet-stream")
+        version = ModelVersion(
+            name=record["name"],
+            architecture=_architecture(checkpoint),
+            checkpoint_key=key,
+            trained=True,
+            metrics={**record["metrics"], "bench": record.get("bench", {})},
+            recall_threshold=record["recall_threshold"],
+            calibration=record["calibration"],
+            model_card={**record["model_card"], "reproduce": record.get("reproduce")},
+        )
+        session.add(version)
+    version.status = ModelStatus.ACTIVE
+    version.promoted_at = utcnow()
+    session.flush()
+    return version
+
+
+def _architecture(checkpoint: bytes) -> dict[str, Any]:
+    import torch
+
+    payload = torch.load(io.BytesIO(checkpoint), map_location="cpu", weights_only=True)
+    architecture: dict[str, Any] = payload["model_config"]
+    return architecture
+
+
+class RegistryError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def list_models(*, session: Session) -> list[ModelVersion]:
+    return list(session.scalars(select(ModelVersion).order_by(ModelVersion.created_at.desc())))
+
+
+def find_model(*, session: Session, name_or_id: str) -> ModelVersion:
+    query = select(ModelVersion).where(ModelVersion.name == name_or_id)
+    with contextlib.suppress(ValueError):  # not an id: a name only
+        query = select(ModelVersion).where(
+            (ModelVersion.name == name_or_id) | (ModelVersion.id == uuid.UUID(name_or_id))
+        )
+    version = session.scalar(query)
+    if version is None:
+        raise RegistryError("model_not_found", f"no model version named or with id {name_or_id}")
+    return version
+
+
+def promote(*, session: Session, version: ModelVersion) -> ModelVersion | None:
+    """Make `version` the active model; the previously active one is retired and returned.
+
+    Workers read the active version at the start of every task, so new predictions use it
+    without a restart.
+    """
+    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": REGISTRY_LOCK_KEY})
+    session.refresh(version)
+    if not version.trained:
+        raise RegistryError(
+            "model_untrained", f"{version.name} was never trained; promote a trained version"
+        )
+    if version.status == ModelStatus.ACTIVE:
+        return None
+    previous = active_model(session=session)
+    now = utcnow()
+    if previous is not None:
+        previous.status = ModelStatus.RETIRED
+        previous.retired_at = now
+        session.flush()  # one active version at a time (a unique index says so)
+    version.status = ModelStatus.ACTIVE
+    version.promoted_at = now
+    version.retired_at = None
+    session.flush()
+    return previous
+
+
+def rollback(*, session: Session) -> ModelVersion:
+    """Re-activate the trained version retired most recently (the one active before the
+    current one); the current one is retired. A second rollback undoes the first."""
+    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": REGISTRY_LOCK_KEY})
+    current = active_model(session=session)
+    if current is None or current.promoted_at is None:
+        raise RegistryError("nothing_to_roll_back", "no promoted model version is active")
+    previous = session.scalar(
+        select(ModelVersion)
+        .where(
+            ModelVersion.status == ModelStatus.RETIRED,
+            ModelVersion.trained.is_(True),
+            ModelVersion.retired_at.is_not(None),
+            ModelVersion.id != current.id,
+        )
+        .order_by(ModelVersion.retired_at.desc())
+        .limit(1)
+    )
+    if previous is None:
+        raise RegistryError(
+            "nothing_to_roll_back", f"{current.name} is the first version ever made active"
+        )
+    now = utcnow()
+    current.status = ModelStatus.RETIRED
+    current.retired_at = now
+    session.flush()
+    previous.status = ModelStatus.ACTIVE
+    previous.promoted_at = now
+    previous.retired_at = None
+    session.flush()
+    return previous

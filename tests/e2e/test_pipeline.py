@@ -31,7 +31,7 @@ def test_exam_uploaded_over_http_is_screened_and_scores_land_in_postgres(
         status = client.wait(batch["id"], timeout=180, poll=0.5)
         rows = list(client.iter_results(batch["id"], page_size=3))
 
-    assert status["counts"] == {"queued": 0, "running": 0, "done": 4, "failed": 0}
+    assert status["counts"] == {"queued": 0, "running": 0, "done": 4, "failed": 0, "stored": 0}
     assert status["completed_at"] is not None
     assert len(rows) == 4
     api_scores = {row["id"]: row["score"] for row in rows}
@@ -81,4 +81,4 @@ def test_the_demo_mix_of_vendor_encodings_is_screened_by_the_real_worker(
         assert upload["rejected"] == []
         client.close_batch(batch["id"])
         status = client.wait(batch["id"], timeout=180, poll=0.5)
-    assert status["counts"] == {"queued": 0, "running": 0, "done": 16, "failed": 0}
+    assert status["counts"] == {"queued": 0, "running": 0, "done": 16, "failed": 0, "stored": 0}

@@ -114,7 +114,8 @@ def test_one_signed_post_per_completed_batch_and_tampering_is_detected(
     assert not verify_signature(secret, signature, body, now=10**10)  # a replay, much later
     # The snippet the README documents, run as written, agrees.
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    webhooks = readme.split("## Webhooks", 1)[1]
+    snippet = webhooks.split("```python\n", 1)[1].split("```", 1)[0]
     namespace: dict[str, object] = {}
     exec(snippet, namespace)  # noqa: S102 - our own documentation
     documented_verify = namespace["verify"]

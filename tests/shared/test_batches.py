@@ -61,6 +61,7 @@ def test_batch_lifecycle_open_processing_completed(session: Session) -> None:
         "running": 0,
         "done": 1,
         "failed": 1,
+        "stored": 0,
     }
 
 

@@ -77,7 +77,7 @@ def test_batch_detail_counts_and_untrained_warning(results: TestClient, session:
     session.commit()
 
     body = results.get(f"/v1/batches/{batch.id}", headers=auth(key)).json()
-    assert body["counts"] == {"queued": 0, "running": 1, "done": 1, "failed": 1}
+    assert body["counts"] == {"queued": 0, "running": 1, "done": 1, "failed": 1, "stored": 0}
     assert body["total_images"] == 3
     assert body["status"] == "open"
     assert [v["name"] for v in body["model_versions"]] == [version.name]

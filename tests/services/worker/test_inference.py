@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pydicom
@@ -15,6 +16,7 @@ from shared.batches import close_batch
 from shared.config import Settings
 from shared.db.models import BatchStatus, Image, ImageStatus, ModelVersion, Prediction
 from shared.imaging.synth import SynthImage
+from shared.ml.registry import REPO_ROOT
 from shared.storage import ObjectStore
 from tests.factories import make_batch, make_image, make_stored_image, make_tenant
 
@@ -52,7 +54,13 @@ def test_chunk_is_screened_in_one_pass_and_the_batch_completes(
     assert all(0.0 < p.malignancy_score < 1.0 for p in predictions)
     (version,) = session.scalars(select(ModelVersion)).all()
     assert {p.model_version_id for p in predictions} == {version.id}
-    assert version.trained is False
+    # With none active, the worker registers the model shipped in the repository.
+    assert version.trained is True
+    assert (
+        version.name
+        == json.loads((REPO_ROOT / "models/screening-synthetic/version.json").read_text())["name"]
+    )
+    assert all(p.heatmap_key for p in predictions)
     session.refresh(batch)
     assert batch.status == BatchStatus.COMPLETED
 

@@ -21,7 +21,7 @@ from tests.factories import make_batch, make_stored_image, make_tenant
 
 
 def test_batches_fill_up_to_the_maximum_when_items_are_ready() -> None:
-    loaders: Prefetcher[int] = Prefetcher(lambda i: np.full((2, 2), i), threads=2)
+    loaders: Prefetcher[int, np.ndarray] = Prefetcher(lambda i: np.full((2, 2), i), threads=2)
     loaders.submit(range(10))
     sizes = []
     while loaders.pending:
@@ -39,7 +39,7 @@ def test_a_batch_does_not_wait_longer_than_the_maximum_wait() -> None:
             release.wait(10)  # the others are slow
         return np.zeros((2, 2))
 
-    loaders: Prefetcher[int] = Prefetcher(prepare, threads=4)
+    loaders: Prefetcher[int, np.ndarray] = Prefetcher(prepare, threads=4)
     loaders.submit(range(4))
     started = time.monotonic()
     first = loaders.next_batch(BatchPolicy(max_batch=4, max_wait_s=0.2))
@@ -58,7 +58,7 @@ def test_loader_errors_come_back_as_outcomes_not_crashes() -> None:
             raise ValueError("bad pixels")
         return np.zeros((2, 2))
 
-    loaders: Prefetcher[int] = Prefetcher(prepare, threads=2)
+    loaders: Prefetcher[int, np.ndarray] = Prefetcher(prepare, threads=2)
     loaders.submit([0, 1])
     outcomes = dict(loaders.next_batch(BatchPolicy(max_batch=2, max_wait_s=5.0)))
     loaders.close()
@@ -118,7 +118,7 @@ def test_urgent_items_jump_the_loaders_queue() -> None:
         gate.wait(10)  # hold the loader until everything is submitted
         return np.zeros((2, 2))
 
-    loaders: Prefetcher[int] = Prefetcher(prepare, threads=1)
+    loaders: Prefetcher[int, np.ndarray] = Prefetcher(prepare, threads=1)
     loaders.submit(range(6))
     loaders.submit([99], urgent=True)
     gate.set()

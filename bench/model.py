@@ -1,0 +1,266 @@
+"""`make bench-model`: train a model through the API and measure it on exams it never saw.
+
+1. Generate `--train-exams` synthetic exams (seed `--train-seed`) and a fresh test set of
+   `--test-exams` (seed `--test-seed`, never used in training), at the generator's defaults.
+2. Start the local stack and do what `screening train` does: upload the training folder as a
+   training batch, POST /v1/training-runs, follow the run until it finishes. `train_seconds`
+   runs from the POST to the run's completion (loading, every epoch, evaluation, registry).
+3. Load the registered model version from the registry and score the fresh set: exam-level
+   AUC with a 95% bootstrap interval.
+4. Score the same fresh set with the non-learned baseline (shared/ml/baseline.py).
+5. Write `bench/model.json` and print it. `--export DIR` also writes the model version
+   (checkpoint and version.json) to DIR: that is how models/screening-synthetic was made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.throughput import device_name
+from shared.db.models import Laterality, View
+from shared.imaging.decode import decode_image
+from shared.imaging.preprocess import Preprocess
+from shared.imaging.synth import LABEL_FIELDS, generate_exams
+from shared.ml.baseline import brightest_blob_score
+from shared.ml.evaluation import ScoredView, bootstrap_auc_interval, exam_outcomes
+from shared.ml.model import ScreeningNet
+from shared.scores import roc_auc
+
+EXAMS_PER_CHUNK = 50
+
+
+def _generate_chunk(job: tuple[Path, int, int, int]) -> None:
+    folder, seed, first, count = job
+    generate_exams(folder, exams=count, seed=seed, first_index=first)
+
+
+def generate(folder: Path, *, exams: int, seed: int, processes: int) -> None:
+    """`generate_exams(folder, exams, seed)` in parallel chunks: the same files and labels."""
+    chunks = [
+        (folder / f"part{first:05d}", seed, first, min(EXAMS_PER_CHUNK, exams - first))
+        for first in range(0, exams, EXAMS_PER_CHUNK)
+    ]
+    with ProcessPoolExecutor(max_workers=processes) as pool:
+        list(pool.map(_generate_chunk, chunks))
+    rows: list[dict[str, str]] = []
+    for part, *_ in chunks:
+        with open(part / "labels.csv", newline="") as handle:
+            rows.extend(csv.DictReader(handle))
+        for path in part.glob("*.dcm"):
+            path.rename(folder / path.name)
+        shutil.rmtree(part)
+    with open(folder / "labels.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=LABEL_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _labelled_inputs(folder: Path, height: int, width: int) -> list[tuple[dict[str, str], Any]]:
+    preprocess = Preprocess(height, width)
+    with open(folder / "labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    inputs = []
+    for row in rows:
+        pixels = decode_image(
+            (folder / row["file"]).read_bytes(), "application/dicom", max_pixels=10**8
+        )
+        inputs.append((row, preprocess(pixels, Laterality(row["laterality"]))))
+    return inputs
+
+
+def _view(row: dict[str, str], score: float) -> ScoredView:
+    return ScoredView(
+        row["study"],
+        Laterality(row["laterality"]),
+        View(row["view"]),
+        score,
+        row["label"] == "malignant",
+    )
+
+
+def exam_auc(views: Sequence[ScoredView], *, seed: int) -> tuple[float, list[float]]:
+    outcomes = exam_outcomes(views)
+    scores = [o.score for o in outcomes]
+    labels = [o.malignant for o in outcomes]
+    low, high = bootstrap_auc_interval(scores, labels, seed=seed)
+    return roc_auc(scores, labels), [low, high]
+
+
+def score_model(model: ScreeningNet, inputs: list[tuple[dict[str, str], Any]]) -> list[ScoredView]:
+    model.eval()
+    views = []
+    with torch.inference_mode():
+        for start in range(0, len(inputs), 32):
+            chunk = inputs[start : start + 32]
+            batch = torch.from_numpy(np.stack([x for _, x in chunk])[:, None])
+            for (row, _), p in zip(chunk, torch.sigmoid(model(batch)).tolist(), strict=True):
+                views.append(_view(row, p))
+    return views
+
+
+def score_baseline(inputs: list[tuple[dict[str, str], Any]]) -> list[ScoredView]:
+    return [_view(row, brightest_blob_score(x)) for row, x in inputs]
+
+
+def train_through_api(
+    args: argparse.Namespace, train_dir: Path
+) -> tuple[dict[str, Any], bytes, dict[str, Any]]:
+    """(the finished run, its model's checkpoint, its registry row as JSON)."""
+    from shared.client import Client, submit_training_folder
+    from shared.config import settings_from_environ
+    from shared.db.base import session_scope
+    from shared.db.models import ModelVersion
+    from shared.devstack.stack import down, up
+    from shared.storage import ObjectStore
+
+    stack_dir = Path(tempfile.mkdtemp(prefix="bench-model-stack-"))
+    state = up(stack_dir, environ=dict(os.environ))
+    try:
+        settings = settings_from_environ(state.service_env)
+        hyperparameters: dict[str, Any] = json.loads(args.hyperparameters)
+        with Client.from_env(state.env, timeout=600) as client:
+            print(f"uploading {train_dir} as a training batch ...", flush=True)
+            accepted = submit_training_folder(
+                client,
+                train_dir,
+                name=args.name,
+                seed=args.seed,
+                hyperparameters=hyperparameters,
+            )
+            submitted = time.monotonic()
+            print(f"training run {accepted['id']}: {json.dumps(accepted['split_sizes'])}")
+
+            def progress(run: dict[str, Any]) -> None:
+                if run["curve"]:
+                    point = run["curve"][-1]
+                    print(
+                        f"  epoch {point['epoch']}: loss {point['train_loss']:.4f}, "
+                        f"validation exam AUC {point['validation_auc']:.3f} "
+                        f"({point['seconds']:.0f}s)",
+                        flush=True,
+                    )
+
+            run = client.wait_training(
+                accepted["id"], timeout=args.timeout, poll=5, on_progress=progress
+            )
+            run["train_seconds"] = time.monotonic() - submitted
+        if run["status"] != "completed":
+            raise SystemExit(f"training failed: {run['error_code']}: {run['error_message']}")
+        with session_scope(settings.database_url) as session:
+            version = session.get_one(ModelVersion, run["model_version"]["id"])
+            checkpoint = ObjectStore(settings).get_bytes(version.checkpoint_key)
+            registry_row = {
+                "name": version.name,
+                "recall_threshold": version.recall_threshold,
+                "calibration": version.calibration,
+                "metrics": version.metrics,
+                "model_card": version.model_card,
+            }
+        return run, checkpoint, registry_row
+    finally:
+        down(stack_dir)
+
+
+def export(
+    directory: Path, checkpoint: bytes, registry_row: dict[str, Any], figures: dict[str, Any]
+) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "checkpoint.pt").write_bytes(checkpoint)
+    record = {
+        **registry_row,
+        "reproduce": "make bench-model  (bench/model.py --export models/screening-synthetic)",
+        "bench": figures,
+    }
+    (directory / "version.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench-model", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train-exams", type=int, default=800)
+    parser.add_argument("--test-exams", type=int, default=200)
+    parser.add_argument("--train-seed", type=int, default=11)
+    parser.add_argument("--test-seed", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=0, help="the training run's seed")
+    parser.add_argument("--name", default="bench-model")
+    parser.add_argument(
+        "--hyperparameters",
+        default=json.dumps({"time_budget_s": 1020}),
+        help="JSON object for POST /v1/training-runs (defaults: the API's)",
+    )
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--out", type=Path, default=Path("bench/model.json"))
+    parser.add_argument("--export", type=Path, default=None, help="write the model version here")
+    args = parser.parse_args(argv)
+    if args.train_seed == args.test_seed:
+        parser.error("the test set must come from a seed not used in training")
+
+    with tempfile.TemporaryDirectory(prefix="bench-model-data-") as data:
+        train_dir, test_dir = Path(data) / "train", Path(data) / "test"
+        started = time.monotonic()
+        generate(train_dir, exams=args.train_exams, seed=args.train_seed, processes=args.processes)
+        generate(test_dir, exams=args.test_exams, seed=args.test_seed, processes=args.processes)
+        print(
+            f"generated {args.train_exams} + {args.test_exams} exams in "
+            f"{time.monotonic() - started:.0f}s",
+            flush=True,
+        )
+        run, checkpoint, registry_row = train_through_api(args, train_dir)
+
+        from shared.ml.checkpoint import load_checkpoint
+
+        model = load_checkpoint(checkpoint, device=torch.device("cpu"))
+        config = model.config
+        inputs = _labelled_inputs(test_dir, config.input_height, config.input_width)
+        model_auc, model_ci = exam_auc(score_model(model, inputs), seed=args.test_seed)
+        baseline_auc, baseline_ci = exam_auc(score_baseline(inputs), seed=args.test_seed)
+
+    figures: dict[str, Any] = {
+        "model_exam_auc": model_auc,
+        "model_exam_auc_ci": model_ci,
+        "baseline_auc": baseline_auc,
+        "baseline_auc_ci": baseline_ci,
+        "train_seconds": run["train_seconds"],
+        "exams_train": args.train_exams,
+        "exams_test": args.test_exams,
+        "epochs_trained": run["evaluation"]["epochs_trained"],
+        "best_epoch": run["evaluation"]["best_epoch"],
+        "run_test_split_exam_auc": run["evaluation"]["test"]["exam_auc"],
+        "recall_threshold": run["evaluation"]["recall_threshold"],
+        "model_version": run["model_version"]["name"],
+        "train_seed": args.train_seed,
+        "test_seed": args.test_seed,
+        "input_size": [config.input_height, config.input_width],
+        "device": device_name(torch.device("cpu")),
+        "torch_version": torch.__version__,
+        "measured_at": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    if args.export is not None:
+        export(args.export, checkpoint, registry_row, figures)
+    width = max(len(k) for k in figures)
+    for key, value in figures.items():
+        shown = f"{value:.3f}" if isinstance(value, float) else value
+        print(f"{key:<{width}}  {shown}")
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

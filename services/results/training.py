@@ -1,0 +1,85 @@
+"""Training runs (status and metric curve) and the model registry, read-only."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from sqlalchemy.orm import Session
+
+from services.results.deps import CallerDep, SessionDep
+from services.results.schemas import (
+    EpochPoint,
+    ModelsPage,
+    ModelVersionDetail,
+    ModelVersionPublic,
+    TrainingRunDetail,
+    TrainingRunsPage,
+)
+from shared.api.errors import ApiError
+from shared.api.schemas import COMMON_ERRORS
+from shared.db.models import AuditAction, ModelVersion, TrainingRun
+from shared.ml.registry import list_models
+from shared.training_runs import get_run, list_runs, metric_curve
+
+router = APIRouter(prefix="/v1", responses=COMMON_ERRORS)
+
+
+def _run_detail(session: Session, run: TrainingRun) -> TrainingRunDetail:
+    version = session.get(ModelVersion, run.model_version_id) if run.model_version_id else None
+    return TrainingRunDetail(
+        id=run.id,
+        name=run.name,
+        status=run.status,
+        seed=run.seed,
+        hyperparameters=run.hyperparameters,
+        split_sizes=run.split_sizes,
+        attempts=run.attempts,
+        epochs_done=run.epochs_done,
+        evaluation=run.evaluation,
+        model_version=ModelVersionPublic.model_validate(version) if version else None,
+        error_code=run.error_code,
+        error_message=run.error_message,
+        created_at=run.created_at,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+        curve=[EpochPoint.model_validate(p) for p in metric_curve(session=session, run_id=run.id)],
+    )
+
+
+@router.get("/training-runs", response_model=TrainingRunsPage, tags=["training"])
+def get_training_runs(
+    session: SessionDep, caller: CallerDep, limit: Annotated[int, Query(ge=1, le=200)] = 50
+) -> TrainingRunsPage:
+    runs = list_runs(session=session, tenant_id=caller.tenant.id, limit=limit)
+    return TrainingRunsPage(items=[_run_detail(session, run) for run in runs])
+
+
+@router.get("/training-runs/{run_id}", response_model=TrainingRunDetail, tags=["training"])
+def get_training_run(
+    run_id: uuid.UUID, session: SessionDep, caller: CallerDep
+) -> TrainingRunDetail:
+    """Status, split sizes, the per-epoch metric curve and, once finished, the evaluation."""
+    run = get_run(session=session, tenant_id=caller.tenant.id, run_id=run_id)
+    if run is None:
+        raise ApiError(404, "training_run_not_found", f"no training run {run_id} for this key")
+    caller.audit(session, AuditAction.READ, "training_run", run.id)
+    session.commit()
+    return _run_detail(session, run)
+
+
+@router.get("/models", response_model=ModelsPage, tags=["models"])
+def get_models(session: SessionDep, caller: CallerDep) -> ModelsPage:
+    """Every registered model version, newest first, with metrics and model cards."""
+    return ModelsPage(
+        items=[ModelVersionDetail.model_validate(v) for v in list_models(session=session)]
+    )
+
+
+@router.get("/models/{version_id}", response_model=ModelVersionDetail, tags=["models"])
+def get_model(version_id: uuid.UUID, session: SessionDep, caller: CallerDep) -> ModelVersionDetail:
+    version = session.get(ModelVersion, version_id)
+    if version is None:
+        raise ApiError(404, "model_not_found", f"no model version {version_id}")
+    return ModelVersionDetail.model_validate(version)

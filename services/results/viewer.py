@@ -1,0 +1,246 @@
+"""The results viewer: server-rendered pages for people, on the results service.
+
+Log in with an API key (kept in an HttpOnly, SameSite=Strict cookie scoped to /viewer); see
+batches with live progress, a batch's exams sorted by exam score with recall flags, and an
+exam's four views side by side with their heatmaps (toggled on and off), scores per image,
+breast and exam, and the model version. Every page reads through the same tenant-scoped
+queries as the API, and reads are audited like the API's.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Cookie, Depends, Form, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.templating import Jinja2Templates
+from PIL import Image as PILImage
+from sqlalchemy.orm import Session
+
+from services.results.routes import _exam
+from services.results.schemas import Exam, ExamImage
+from shared.api.deps import Caller, SessionDep, SettingsDep, StoreDep
+from shared.batches import (
+    exams_page,
+    get_batch,
+    get_exam,
+    get_image,
+    image_counts,
+    latest_predictions,
+    list_batches,
+)
+from shared.db.models import AuditAction, ImageStatus
+from shared.imaging.decode import decode_image
+from shared.imaging.formats import ImageRejected
+from shared.imaging.heatmaps import overlay_png
+from shared.tenants import authenticate_key
+
+COOKIE = "mammoscreen_key"
+PREVIEW_SHRINK = 4  # previews at 1/4 of the image, the heatmaps' size
+MAX_EXAMS_SHOWN = 1000
+# Hanging order: right breast on the viewer's left, as readers hang them.
+SLOTS = ("R-CC", "L-CC", "R-MLO", "L-MLO")
+
+templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+router = APIRouter(prefix="/viewer", include_in_schema=False)
+
+
+class LoginRequired(Exception):
+    pass
+
+
+def viewer_caller(
+    session: SessionDep, key: Annotated[str | None, Cookie(alias=COOKIE)] = None
+) -> Caller:
+    api_key = authenticate_key(session=session, secret=key) if key else None
+    if api_key is None:
+        raise LoginRequired()
+    return Caller(api_key.tenant, api_key.prefix)
+
+
+ViewerDep = Annotated[Caller, Depends(viewer_caller)]
+
+
+def login_redirect(_: Request, __: Exception) -> Response:
+    response = RedirectResponse("/viewer/login", status_code=303)
+    response.delete_cookie(COOKIE, path="/viewer")
+    return response
+
+
+def _page(request: Request, name: str, caller: Caller | None, **context: Any) -> HTMLResponse:
+    return templates.TemplateResponse(
+        request, name, {"key_prefix": caller.key_prefix if caller else None, **context}
+    )
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(request: Request) -> HTMLResponse:
+    return _page(request, "login.html", None, error=None)
+
+
+@router.post("/login", response_class=HTMLResponse)
+def login(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    api_key: Annotated[str, Form(max_length=200)] = "",
+) -> Response:
+    if authenticate_key(session=session, secret=api_key.strip()) is None:
+        refused = _page(request, "login.html", None, error="That API key is unknown or revoked.")
+        refused.status_code = 401
+        return refused
+    response = RedirectResponse("/viewer/", status_code=303)
+    response.set_cookie(
+        COOKIE,
+        api_key.strip(),
+        httponly=True,
+        samesite="strict",
+        secure=settings.env == "prod",
+        path="/viewer",
+        max_age=8 * 3600,
+    )
+    return response
+
+
+@router.get("/logout")
+def logout() -> Response:
+    response = RedirectResponse("/viewer/login", status_code=303)
+    response.delete_cookie(COOKIE, path="/viewer")
+    return response
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    id: uuid.UUID
+    name: str
+    status: str
+    created_at: Any
+    total: int
+    finished: int
+
+
+def _progress(session: Session, batch_id: uuid.UUID) -> tuple[int, int]:
+    counts = image_counts(session=session, batch_id=batch_id)
+    finished = counts[ImageStatus.DONE] + counts[ImageStatus.FAILED] + counts[ImageStatus.STORED]
+    return sum(counts.values()), finished
+
+
+@router.get("/", response_class=HTMLResponse)
+def batches_page(request: Request, session: SessionDep, caller: ViewerDep) -> HTMLResponse:
+    rows = []
+    for batch in list_batches(session=session, tenant_id=caller.tenant.id, limit=100, before=None):
+        total, finished = _progress(session, batch.id)
+        rows.append(
+            BatchRow(batch.id, batch.name, batch.status.value, batch.created_at, total, finished)
+        )
+    return _page(request, "batches.html", caller, batches=rows)
+
+
+@router.get("/batches/{batch_id}/progress.json")
+def batch_progress(batch_id: uuid.UUID, session: SessionDep, caller: ViewerDep) -> JSONResponse:
+    batch = get_batch(session=session, tenant_id=caller.tenant.id, batch_id=batch_id)
+    if batch is None:
+        return JSONResponse({"error": "batch_not_found"}, status_code=404)
+    total, finished = _progress(session, batch.id)
+    return JSONResponse({"status": batch.status.value, "total": total, "finished": finished})
+
+
+@router.get("/batches/{batch_id}", response_class=HTMLResponse)
+def batch_page(
+    request: Request, batch_id: uuid.UUID, session: SessionDep, caller: ViewerDep
+) -> HTMLResponse:
+    batch = get_batch(session=session, tenant_id=caller.tenant.id, batch_id=batch_id)
+    if batch is None:
+        return _page(request, "batch.html", caller, batch=None, exams=[])
+    studies = exams_page(
+        session=session,
+        tenant_id=caller.tenant.id,
+        batch_id=batch_id,
+        limit=MAX_EXAMS_SHOWN,
+        after=None,
+    )
+    predictions = latest_predictions(
+        session=session, image_ids=[i.id for _, images in studies for i in images]
+    )
+    exams = [_exam(study, images, predictions) for study, images in studies]
+    exams.sort(key=lambda e: -1.0 if e.exam_score is None else e.exam_score, reverse=True)
+    caller.audit(session, AuditAction.READ, "batch_exams", batch_id, exams=len(exams), via="viewer")
+    session.commit()
+    return _page(request, "batch.html", caller, batch=batch, exams=exams)
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str
+    image: ExamImage | None
+
+
+@router.get("/exams/{exam_id}", response_class=HTMLResponse)
+def exam_page(
+    request: Request, exam_id: uuid.UUID, session: SessionDep, caller: ViewerDep
+) -> HTMLResponse:
+    found = get_exam(session=session, tenant_id=caller.tenant.id, study_id=exam_id)
+    if found is None:
+        return HTMLResponse("<p>No such exam for this key.</p>", status_code=404)
+    study, images = found
+    predictions = latest_predictions(session=session, image_ids=[i.id for i in images])
+    exam: Exam = _exam(study, images, predictions)
+    by_view = {f"{i.laterality}-{i.view}": i for i in exam.images if i.laterality and i.view}
+    slots = [Slot(name, by_view.get(name)) for name in SLOTS]
+    caller.audit(session, AuditAction.READ, "exam", exam_id, via="viewer")
+    session.commit()
+    return _page(request, "exam.html", caller, exam=exam, slots=slots)
+
+
+@router.get("/images/{image_id}/view.png")
+def image_preview(
+    image_id: uuid.UUID,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    caller: ViewerDep,
+) -> Response:
+    """The stored image as an 8-bit PNG at 1/4 size, in its own orientation (as heatmaps)."""
+    image = get_image(session=session, tenant_id=caller.tenant.id, image_id=image_id)
+    if image is None:
+        return Response(status_code=404)
+    caller.audit(session, AuditAction.READ, "image", image.id, via="viewer")
+    session.commit()
+    try:
+        pixels = decode_image(
+            store.get_bytes(image.object_key),
+            image.media_type,
+            max_pixels=settings.max_image_pixels,
+        )
+    except ImageRejected:
+        return Response(status_code=422)
+    height, width = pixels.shape
+    grey = PILImage.fromarray(np.round(pixels * 255).astype(np.uint8), mode="L").resize(
+        (max(1, width // PREVIEW_SHRINK), max(1, height // PREVIEW_SHRINK)),
+        PILImage.Resampling.BILINEAR,
+    )
+    buffer = io.BytesIO()
+    grey.save(buffer, format="PNG")
+    return Response(buffer.getvalue(), media_type="image/png", headers={"Cache-Control": "private"})
+
+
+@router.get("/images/{image_id}/heatmap.png")
+def image_heatmap(
+    image_id: uuid.UUID, session: SessionDep, store: StoreDep, caller: ViewerDep
+) -> Response:
+    image = get_image(session=session, tenant_id=caller.tenant.id, image_id=image_id)
+    prediction = (
+        latest_predictions(session=session, image_ids=[image.id]).get(image.id) if image else None
+    )
+    if prediction is None or prediction.heatmap_key is None:
+        return Response(status_code=404)
+    return Response(
+        overlay_png(store.get_bytes(prediction.heatmap_key)),
+        media_type="image/png",
+        headers={"Cache-Control": "private"},
+    )

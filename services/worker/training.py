@@ -1,0 +1,329 @@
+"""Training runs on the `training` queue: load the labelled images, train with a checkpoint
+after every epoch, evaluate on the held-out split, register a candidate model version.
+
+A run is idempotent and resumable: the task claims the run row (a finished run, or one another
+worker is training, is left alone); every epoch's checkpoint goes to object storage before the
+epoch's row commits; a run sent again after its worker died restores the last checkpoint and
+continues with the next epoch, making the same random draws it would have made.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+from sqlalchemy import select
+
+from services.worker.celery_app import app
+from services.worker.inference import worker_context
+from shared.config import Settings
+from shared.db.base import session_scope
+from shared.db.models import ModelStatus, ModelVersion, Split, TrainingLabel, TrainingRun
+from shared.imaging.decode import decode_image
+from shared.imaging.formats import ImageRejected
+from shared.imaging.preprocess import Preprocess, box_in_input
+from shared.logs import log_context
+from shared.ml.checkpoint import checkpoint_bytes
+from shared.ml.config import Example, TrainingConfig
+from shared.ml.evaluation import choose_operating_point, evaluate_exams, model_card
+from shared.ml.training import (
+    LoadedSplit,
+    Trainer,
+    model_config,
+    outcomes_for,
+    predict,
+)
+from shared.queue import Queue, TaskName
+from shared.storage import ObjectStore
+from shared.training_runs import (
+    DatasetImage,
+    RunNotClaimable,
+    beat,
+    claim_run,
+    complete_run,
+    dataset_images,
+    fail_run,
+    record_epoch,
+)
+
+log = logging.getLogger(__name__)
+
+
+class LostRun(Exception):
+    """Another attempt took the run over (this worker's heartbeat lapsed)."""
+
+
+class DatasetUnusable(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@app.task(name=TaskName.TRAIN_MODEL.value, queue=Queue.TRAINING.value, acks_late=True)
+def train_model(run_id: str) -> str:
+    ctx = worker_context()
+    with log_context(run_id=run_id):
+        return run_training(uuid.UUID(run_id), settings=ctx.settings, store=ctx.store)
+
+
+def checkpoint_key(run_id: uuid.UUID, epoch: int) -> str:
+    return f"training/{run_id}/checkpoint-epoch{epoch:04d}.pt"
+
+
+class Heartbeat(threading.Thread):
+    """Renews the run's heartbeat while the task works; notices when the run was taken over."""
+
+    def __init__(self, settings: Settings, run_id: uuid.UUID, attempt: int) -> None:
+        super().__init__(name=f"heartbeat-{run_id}", daemon=True)
+        self.settings, self.run_id, self.attempt = settings, run_id, attempt
+        self.stopping = threading.Event()
+        self.lost = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.settings.training_heartbeat_s):
+            try:
+                with session_scope(self.settings.database_url) as session:
+                    if not beat(session=session, run_id=self.run_id, attempt=self.attempt):
+                        self.lost.set()
+                        return
+            except Exception:  # a database blip: the next beat tries again
+                log.warning("heartbeat of training run %s failed", self.run_id, exc_info=True)
+
+
+def run_training(run_id: uuid.UUID, *, settings: Settings, store: ObjectStore) -> str:
+    try:
+        with session_scope(settings.database_url) as session:
+            run = claim_run(
+                session=session,
+                run_id=run_id,
+                stale_s=settings.training_stale_s,
+                max_attempts=settings.max_attempts,
+            )
+            attempt, seed, resume_from = run.attempts, run.seed, run.checkpoint_key
+            config = TrainingConfig.from_dict(run.hyperparameters)
+            images = dataset_images(session=session, run_id=run_id)
+    except RunNotClaimable as reason:
+        log.info("not training: %s", reason)
+        return "skipped"
+    if settings.worker_torch_threads:
+        torch.set_num_threads(settings.worker_torch_threads)
+    heartbeat = Heartbeat(settings, run_id, attempt)
+    heartbeat.start()
+    try:
+        splits = load_splits(images, config, settings=settings, store=store)
+        trainer = Trainer(
+            config,
+            seed=seed,
+            train=splits[Split.TRAIN],
+            validation=splits[Split.VALIDATION],
+        )
+        if resume_from is not None:
+            state = torch.load(io.BytesIO(store.get_bytes(resume_from)), weights_only=True)
+            trainer.restore(state)
+            log.info("training run %s resumes at epoch %d", run_id, trainer.next_epoch)
+        train_epochs(
+            trainer,
+            run_id=run_id,
+            attempt=attempt,
+            settings=settings,
+            store=store,
+            heartbeat=heartbeat,
+        )
+        register(trainer, splits, run_id=run_id, attempt=attempt, settings=settings, store=store)
+        return "completed"
+    except DatasetUnusable as err:
+        with session_scope(settings.database_url) as session:
+            run = session.get_one(TrainingRun, run_id, with_for_update=True)
+            if run.attempts == attempt:
+                fail_run(run, code=err.code, message=err.message)
+        return "failed"
+    except LostRun:
+        log.warning("training run %s was taken over by another attempt; stopping", run_id)
+        return "lost"
+    finally:
+        heartbeat.stopping.set()
+
+
+def load_splits(
+    images: list[DatasetImage], config: TrainingConfig, *, settings: Settings, store: ObjectStore
+) -> dict[Split, LoadedSplit]:
+    preprocess = Preprocess(config.input_height, config.input_width)
+    Loaded = tuple[np.ndarray, tuple[float, float, float, float] | None]
+
+    def load(image: DatasetImage) -> Loaded | None:
+        try:
+            pixels = decode_image(
+                store.get_bytes(image.object_key),
+                image.media_type,
+                max_pixels=settings.max_image_pixels,
+            )
+        except ImageRejected as err:
+            log.warning("training image %s left out: %s", image.image_id, err.message)
+            return None
+        try:
+            inputs, geometry = preprocess.with_geometry(pixels, image.laterality)
+        except ImageRejected as err:
+            log.warning("training image %s left out: %s", image.image_id, err.message)
+            return None
+        box = box_in_input(image.box, geometry) if image.box else None
+        return inputs.astype(np.float16), box
+
+    with ThreadPoolExecutor(max_workers=max(1, settings.worker_loader_threads)) as pool:
+        loaded = list(pool.map(load, images))
+    stride = model_config(config).output_stride
+    splits = {}
+    for split in Split:
+        members = [
+            (i, a)
+            for i, a in zip(images, loaded, strict=True)
+            if i.split == split and a is not None
+        ]
+        labels = {i.label == TrainingLabel.MALIGNANT for i, _ in members}
+        if labels != {True, False}:
+            raise DatasetUnusable(
+                "dataset_unusable",
+                f"after leaving out images that could not be decoded, the {split.value} split "
+                "has no malignant or no non-malignant image; add labelled images",
+            )
+        examples = [
+            Example(i.image_id, i.patient_key, i.study_key, i.laterality, i.view, i.label)
+            for i, _ in members
+        ]
+        splits[split] = LoadedSplit.build(
+            examples,
+            [a[0] for _, a in members if a is not None],
+            [a[1] for _, a in members if a is not None],
+            stride=stride,
+        )
+    return splits
+
+
+def train_epochs(
+    trainer: Trainer,
+    *,
+    run_id: uuid.UUID,
+    attempt: int,
+    settings: Settings,
+    store: ObjectStore,
+    heartbeat: Heartbeat,
+) -> None:
+    while not trainer.finished:
+        if heartbeat.lost.is_set():
+            raise LostRun()
+        result = trainer.run_epoch()
+        buffer = io.BytesIO()
+        torch.save(trainer.state(), buffer)
+        key = checkpoint_key(run_id, result.epoch)
+        store.put_bytes(key, buffer.getvalue(), content_type="application/octet-stream")
+        with session_scope(settings.database_url) as session:
+            run = session.get_one(TrainingRun, run_id, with_for_update=True)
+            if run.attempts != attempt:
+                raise LostRun()
+            previous = run.checkpoint_key
+            record_epoch(
+                session=session,
+                run=run,
+                epoch=result.epoch,
+                metrics={
+                    "train_loss": result.train_loss,
+                    "validation_loss": result.validation_loss,
+                    "validation_auc": result.validation_auc,
+                    "seconds": result.seconds,
+                },
+                checkpoint_key=key,
+            )
+        if previous is not None and previous != key:
+            store.delete(previous)  # the newest checkpoint holds everything a resume needs
+        log.info(
+            "training run %s epoch %d: loss %.4f, validation AUC %.3f (%.0fs)",
+            run_id,
+            result.epoch,
+            result.train_loss,
+            result.validation_auc,
+            result.seconds,
+        )
+
+
+def register(
+    trainer: Trainer,
+    splits: dict[Split, LoadedSplit],
+    *,
+    run_id: uuid.UUID,
+    attempt: int,
+    settings: Settings,
+    store: ObjectStore,
+) -> None:
+    """Evaluate the best epoch's weights and register them as a candidate model version."""
+    config = trainer.config
+    model = trainer.best_model()
+    _, validation_probabilities = predict(model, splits[Split.VALIDATION].inputs)
+    _, test_probabilities = predict(model, splits[Split.TEST].inputs)
+    point = choose_operating_point(
+        outcomes_for(splits[Split.VALIDATION], validation_probabilities),
+        config.target_sensitivity,
+    )
+    test_metrics = evaluate_exams(
+        outcomes_for(splits[Split.TEST], test_probabilities), point, seed=trainer.seed
+    )
+    name = f"run-{run_id.hex[:12]}"
+    split_sizes: dict[str, Any] = {
+        split.value: {
+            "images": len(loaded.examples),
+            "exams": len({e.study_key for e in loaded.examples}),
+            "patients": len({e.patient_key for e in loaded.examples}),
+            "malignant_images": int(loaded.malignant.sum()),
+        }
+        for split, loaded in splits.items()
+    }
+    card = model_card(
+        name=name,
+        architecture=model.config.to_dict(),
+        hyperparameters=config.to_dict(),
+        split_sizes=split_sizes,
+        point=point,
+        test_metrics=test_metrics,
+        target_sensitivity=config.target_sensitivity,
+        epochs_trained=trainer.next_epoch,
+    )
+    key = f"models/{name}/checkpoint.pt"
+    store.put_bytes(
+        key,
+        checkpoint_bytes(model, extra={"trained": True, "training_run_id": str(run_id)}),
+        content_type="application/octet-stream",
+    )
+    evaluation = {
+        "best_epoch": trainer.best_epoch,
+        "best_validation_auc": trainer.best_auc,
+        "epochs_trained": trainer.next_epoch,
+        "test": test_metrics,
+        "recall_threshold": point.threshold,
+    }
+    with session_scope(settings.database_url) as session:
+        run = session.get_one(TrainingRun, run_id, with_for_update=True)
+        if run.attempts != attempt:
+            raise LostRun()
+        run.split_sizes = split_sizes
+        version = session.scalar(select(ModelVersion).where(ModelVersion.name == name))
+        if version is None:
+            version = ModelVersion(name=name, status=ModelStatus.CANDIDATE)
+            session.add(version)
+        version.architecture = model.config.to_dict()
+        version.checkpoint_key = key
+        version.trained = True
+        version.metrics = {"test": test_metrics, "best_validation_auc": trainer.best_auc}
+        version.recall_threshold = point.threshold
+        version.calibration = point.calibration
+        version.model_card = card
+        version.training_run_id = run_id
+        session.flush()
+        complete_run(run, model_version_id=version.id, evaluation=evaluation)
+    log.info(
+        "training run %s registered %s: test exam AUC %.3f", run_id, name, test_metrics["exam_auc"]
+    )

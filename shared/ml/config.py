@@ -1,0 +1,103 @@
+"""Training hyperparameters and patient-level splits: plain Python, so the ingest service
+can validate a run and draw its splits without importing torch."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from shared.db.models import Laterality, Split, TrainingLabel, View
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Hyperparameters of a run; stored with the run and in its model's card."""
+
+    epochs: int = 12
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    # Stop when validation AUC has not improved for this many epochs.
+    patience: int = 4
+    validation_fraction: float = 0.15
+    test_fraction: float = 0.15
+    target_sensitivity: float = 0.90
+    augment: bool = True
+    # Weight of the per-position loss on the heatmaps (from lesion boxes, and from images
+    # known to have no lesion) beside the image-level loss; 0 trains on image labels only.
+    dense_weight: float = 1.0
+    # Stop after the epoch during which this many seconds of training have passed.
+    time_budget_s: float | None = None
+    input_height: int = 512
+    input_width: int = 416
+    # Network width: channels of the stem and of each residual stage.
+    stem_channels: int = 16
+    stage_channels: tuple[int, ...] = (16, 32, 64, 128)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["stage_channels"] = list(self.stage_channels)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "stage_channels" in values:
+            values["stage_channels"] = tuple(values["stage_channels"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Example:
+    image_id: uuid.UUID
+    patient_key: str
+    study_key: str
+    laterality: Laterality
+    view: View
+    label: TrainingLabel
+
+    @property
+    def malignant(self) -> bool:
+        return self.label == TrainingLabel.MALIGNANT
+
+    @property
+    def lesion(self) -> bool:
+        return self.label != TrainingLabel.NORMAL
+
+
+def split_by_patient(
+    images: Sequence[tuple[uuid.UUID, str, bool]],
+    *,
+    seed: int,
+    validation_fraction: float,
+    test_fraction: float,
+) -> dict[uuid.UUID, Split]:
+    """Assign every patient (and so all of their images) to one split; `images` are
+    (image id, patient key, malignant).
+
+    Stratified: patients with a malignant image and those without are split separately, so
+    each split gets its share of the (rare) positives. Within a stratum, patients are ordered
+    by a seeded hash, which is deterministic and independent of upload order.
+    """
+    malignant_patients = {patient for _, patient, malignant in images if malignant}
+    patients = sorted({patient for _, patient, _ in images})
+    assignment: dict[str, Split] = {}
+    for stratum in (
+        [p for p in patients if p in malignant_patients],
+        [p for p in patients if p not in malignant_patients],
+    ):
+        ordered = sorted(stratum, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).digest())
+        n_test = round(len(ordered) * test_fraction)
+        n_validation = round(len(ordered) * validation_fraction)
+        for index, patient in enumerate(ordered):
+            if index < n_test:
+                assignment[patient] = Split.TEST
+            elif index < n_test + n_validation:
+                assignment[patient] = Split.VALIDATION
+            else:
+                assignment[patient] = Split.TRAIN
+    return {image_id: assignment[patient] for image_id, patient, _ in images}

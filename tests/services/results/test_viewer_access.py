@@ -1,0 +1,69 @@
+"""The viewer's pages are behind a login and show a tenant only its own rows."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.config import Settings
+from shared.db.models import Image, Study
+from shared.imaging.synth import SynthImage
+from shared.storage import ObjectStore
+from tests.factories import make_tenant
+from tests.services.conftest import auth, files_field, screen_everything
+
+
+def test_viewer_needs_a_login_and_hides_other_tenants(
+    ingest: TestClient,
+    results: TestClient,
+    session: Session,
+    settings: Settings,
+    store: ObjectStore,
+    exam: list[SynthImage],
+) -> None:
+    _, key = make_tenant(session)
+    _, other_key = make_tenant(session)
+    batch = ingest.post("/v1/batches", json={"name": "mine"}, headers=auth(key)).json()
+    ingest.post(
+        f"/v1/batches/{batch['id']}/images",
+        files=files_field([s.path for s in exam]),
+        headers=auth(key),
+    )
+    screen_everything(session, settings, store)
+    study = session.scalars(select(Study)).one()
+    image = session.scalars(select(Image)).first()
+    assert image is not None
+    pages = [
+        "/viewer/",
+        f"/viewer/batches/{batch['id']}",
+        f"/viewer/exams/{study.id}",
+        f"/viewer/images/{image.id}/view.png",
+        f"/viewer/images/{image.id}/heatmap.png",
+    ]
+    for page in pages:  # no login: sent to the form
+        response = results.get(page, follow_redirects=False)
+        assert (response.status_code, response.headers["location"]) == (303, "/viewer/login")
+
+    refused = results.post("/viewer/login", data={"api_key": "msk_nope"}, follow_redirects=False)
+    assert refused.status_code == 401
+    results.post("/viewer/login", data={"api_key": other_key}, follow_redirects=False)
+    assert "mine" not in results.get("/viewer/").text
+    assert results.get(f"/viewer/exams/{study.id}").status_code == 404
+    assert results.get(f"/viewer/images/{image.id}/view.png").status_code == 404
+    assert results.get(f"/viewer/images/{image.id}/heatmap.png").status_code == 404
+    assert results.get(f"/viewer/batches/{batch['id']}/progress.json").status_code == 404
+
+    logged_in = results.post("/viewer/login", data={"api_key": key}, follow_redirects=False)
+    assert logged_in.status_code == 303
+    cookie = logged_in.headers["set-cookie"].lower()
+    assert "httponly" in cookie
+    assert "samesite=strict" in cookie
+    assert "mine" in results.get("/viewer/").text
+    exam_page = results.get(f"/viewer/exams/{study.id}")
+    assert exam_page.status_code == 200
+    assert exam_page.text.count('class="mammogram"') == 4
+    preview = results.get(f"/viewer/images/{image.id}/view.png")
+    assert (preview.status_code, preview.headers["content-type"]) == (200, "image/png")
+    progress = results.get(f"/viewer/batches/{batch['id']}/progress.json").json()
+    assert progress == {"status": "open", "total": 4, "finished": 4}

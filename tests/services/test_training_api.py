@@ -1,0 +1,213 @@
+"""POST /v1/training-runs through the ingest app, the training task in-process, and the
+results API's view of runs and models, on the real servers."""
+
+from __future__ import annotations
+
+import csv
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from services.worker.training import run_training
+from shared.config import Settings
+from shared.db.models import Image, ImageStatus, ModelVersion, TrainingExample
+from shared.imaging.synth import SynthOptions, generate_exams
+from shared.storage import ObjectStore
+from tests.factories import make_tenant
+from tests.services.conftest import auth, files_field, queued_task_args
+
+SMALL = SynthOptions(height=256, width=208, pixel_spacing_mm=0.8)
+TINY = {
+    "input_height": 128,
+    "input_width": 112,
+    "stem_channels": 4,
+    "stage_channels": [4, 8, 8, 8],
+    "epochs": 3,
+    "patience": 100,
+}
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("labelled")
+    generate_exams(folder, exams=24, seed=17, options=SMALL)
+    return folder
+
+
+def _labels(folder: Path) -> list[dict[str, Any]]:
+    with open(folder / "labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    labels = []
+    for row in rows:
+        entry: dict[str, Any] = {"file": row["file"], "label": row["label"]}
+        if row["box_x0"]:
+            entry["box"] = [int(row[f"box_{c}"]) for c in ("x0", "y0", "x1", "y1")]
+        labels.append(entry)
+    return labels
+
+
+def _training_batch(ingest: TestClient, key: str, folder: Path) -> str:
+    batch = ingest.post(
+        "/v1/batches", json={"name": "training data", "purpose": "training"}, headers=auth(key)
+    ).json()
+    assert batch["purpose"] == "training"
+    paths = sorted(folder.glob("*.dcm"))
+    for start in range(0, len(paths), 32):
+        response = ingest.post(
+            f"/v1/batches/{batch['id']}/images",
+            files=files_field(paths[start : start + 32]),
+            headers=auth(key),
+        )
+        assert response.status_code == 202, response.text
+    ingest.post(f"/v1/batches/{batch['id']}/close", headers=auth(key))
+    return str(batch["id"])
+
+
+def _run(
+    ingest: TestClient, key: str, batch_id: str, labels: list[dict[str, Any]], **extra: Any
+) -> Any:
+    body = {
+        "name": "tiny",
+        "seed": 3,
+        "dataset": {"batch_id": batch_id, "labels": labels},
+        "hyperparameters": TINY,
+        **extra,
+    }
+    return ingest.post("/v1/training-runs", json=body, headers=auth(key))
+
+
+def test_a_run_trains_evaluates_registers_and_is_reproducible(
+    ingest: TestClient,
+    results: TestClient,
+    session: Session,
+    settings: Settings,
+    store: ObjectStore,
+    labelled: Path,
+) -> None:
+    _, key = make_tenant(session)
+    batch_id = _training_batch(ingest, key, labelled)
+    detail = results.get(f"/v1/batches/{batch_id}", headers=auth(key)).json()
+    # Training images are kept, not screened: nothing queued for inference, batch complete.
+    assert detail["counts"]["stored"] == 96
+    assert detail["status"] == "completed"
+    assert queued_task_args(settings, "inference") == []
+    assert {i.status for i in session.scalars(select(Image))} == {ImageStatus.STORED}
+
+    labels = _labels(labelled)
+    accepted = _run(ingest, key, batch_id, labels)
+    assert accepted.status_code == 202, accepted.text
+    run_id = accepted.json()["id"]
+    sizes = accepted.json()["split_sizes"]
+    assert sum(s["images"] for s in sizes.values()) == 96
+    assert all(0 < s["malignant_images"] < s["images"] for s in sizes.values())
+    assert queued_task_args(settings, "training") == [run_id]  # the task carries only the id
+    # No patient in two splits.
+    splits_by_study: dict[uuid.UUID, set[str]] = {}
+    for example, image in session.execute(
+        select(TrainingExample, Image).join(Image, Image.id == TrainingExample.image_id)
+    ):
+        splits_by_study.setdefault(image.study_id, set()).add(example.split.value)
+    assert all(len(s) == 1 for s in splits_by_study.values())
+
+    assert run_training(uuid.UUID(run_id), settings=settings, store=store) == "completed"
+    # A second delivery of the same task finds the run finished and does nothing.
+    assert run_training(uuid.UUID(run_id), settings=settings, store=store) == "skipped"
+
+    run = results.get(f"/v1/training-runs/{run_id}", headers=auth(key)).json()
+    assert run["status"] == "completed"
+    assert [p["epoch"] for p in run["curve"]] == [0, 1, 2]
+    assert all(0 <= p["validation_auc"] <= 1 and p["train_loss"] > 0 for p in run["curve"])
+    test = run["evaluation"]["test"]
+    assert test["exams"] == sizes["test"]["images"] // 4
+    low, high = test["exam_auc_ci95"]
+    assert low <= test["exam_auc"] <= high
+    version = run["model_version"]
+    assert (version["status"], version["trained"]) == ("candidate", True)
+
+    models = results.get("/v1/models", headers=auth(key)).json()["items"]
+    (registered,) = [m for m in models if m["id"] == version["id"]]
+    assert registered["recall_threshold"] is not None
+    assert set(registered["calibration"]) == {"a", "b"}
+    card = registered["model_card"]
+    assert card["not_for_clinical_use"] is True
+    assert card["data"]["split_sizes"]["test"]["images"] == sizes["test"]["images"]
+    assert card["operating_point"]["target_sensitivity"] == 0.9
+
+    # The same data, hyperparameters and seed on the CPU: the same curve.
+    again = _run(ingest, key, batch_id, labels).json()["id"]
+    assert run_training(uuid.UUID(again), settings=settings, store=store) == "completed"
+    rerun = results.get(f"/v1/training-runs/{again}", headers=auth(key)).json()
+    assert [p["train_loss"] for p in rerun["curve"]] == [p["train_loss"] for p in run["curve"]]
+    assert [p["validation_auc"] for p in rerun["curve"]] == [
+        p["validation_auc"] for p in run["curve"]
+    ]
+    assert session.scalars(select(ModelVersion)).all()  # both registered
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "code"),
+    [
+        (
+            lambda labels: [*labels, {"file": "missing.dcm", "label": "normal"}],
+            422,
+            "unknown_image",
+        ),
+        (
+            lambda labels: [{**x, "label": "normal"} | {"box": None} for x in labels],
+            422,
+            "dataset_too_small",
+        ),
+        (lambda labels: [*labels, labels[0]], 422, "duplicate_label"),
+        (lambda labels: [{**labels[0], "label": "suspicious"}], 422, "invalid_request"),
+        (
+            lambda labels: [{"file": labels[0]["file"], "label": "normal", "box": [1, 1, 5, 5]}],
+            422,
+            "invalid_request",
+        ),
+        (
+            lambda labels: [{"file": labels[0]["file"], "label": "benign", "box": [9, 1, 5, 5]}],
+            422,
+            "invalid_request",
+        ),
+    ],
+)
+def test_bad_training_requests_get_a_clear_error_and_create_nothing(
+    ingest: TestClient,
+    results: TestClient,
+    session: Session,
+    settings: Settings,
+    labelled: Path,
+    change: Any,
+    status: int,
+    code: str,
+) -> None:
+    _, key = make_tenant(session)
+    batch_id = _training_batch(ingest, key, labelled)
+    response = _run(ingest, key, batch_id, change(_labels(labelled)))
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["message"]
+    assert results.get("/v1/training-runs", headers=auth(key)).json()["items"] == []
+    assert queued_task_args(settings, "training") == []
+
+
+def test_runs_and_their_data_belong_to_one_tenant(
+    ingest: TestClient, results: TestClient, session: Session, labelled: Path
+) -> None:
+    _, key = make_tenant(session)
+    _, other_key = make_tenant(session)
+    batch_id = _training_batch(ingest, key, labelled)
+    # Another tenant cannot train on this tenant's batch ...
+    stolen = _run(ingest, other_key, batch_id, _labels(labelled))
+    assert (stolen.status_code, stolen.json()["error"]["code"]) == (404, "batch_not_found")
+    # ... nor read its run.
+    run_id = _run(ingest, key, batch_id, _labels(labelled)).json()["id"]
+    hidden = results.get(f"/v1/training-runs/{run_id}", headers=auth(other_key))
+    assert (hidden.status_code, hidden.json()["error"]["code"]) == (404, "training_run_not_found")
+    assert results.get(f"/v1/training-runs/{run_id}", headers=auth(key)).status_code == 200
