@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.report import write_and_print
 from bench.throughput import device_name
 from shared.db.models import Laterality, View
 from shared.imaging.decode import decode_image
@@ -250,15 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch_version": torch.__version__,
         "measured_at": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    write_and_print(figures, args.out)
     if args.export is not None:
         export(args.export, checkpoint, registry_row, figures)
-    width = max(len(k) for k in figures)
-    for key, value in figures.items():
-        shown = f"{value:.3f}" if isinstance(value, float) else value
-        print(f"{key:<{width}}  {shown}")
-    print(f"written to {args.out}")
     return 0
 
 

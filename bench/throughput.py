@@ -21,7 +21,6 @@ cannot be installed, such as a lent GPU machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.report import write_and_print
 from services.worker.pipeline import BatchPolicy, Predictor, Prefetcher
 from shared.config import Settings, settings_from_environ
 from shared.imaging.decode import decode_image
@@ -360,13 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "measured_at": datetime.now().astimezone().isoformat(timespec="seconds"),
         }
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    width = max(len(k) for k in results)
-    for key, value in results.items():
-        shown = f"{value:.3f}" if isinstance(value, float) else value
-        print(f"{key:<{width}}  {shown}")
-    print(f"written to {args.out}")
+    write_and_print(results, args.out)
     return 0
 
 

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -289,7 +289,7 @@ def _short(value: str, width: int) -> str:
     return value if len(value) <= width else "…" + value[-(width - 1) :]
 
 
-def format_results_table(rows: Sequence[dict[str, Any]], study_names: dict[str, str]) -> str:
+def format_results_table(rows: Sequence[Mapping[str, Any]], study_names: dict[str, str]) -> str:
     header = f"{'study':<12} {'breast':<6} {'view':<4} {'score':>7} {'status':<7} model version"
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -310,7 +310,7 @@ def format_results_table(rows: Sequence[dict[str, Any]], study_names: dict[str, 
 
 
 def format_exams_table(
-    exams: Sequence[dict[str, Any]], study_names: dict[str, str], truth: dict[str, str]
+    exams: Sequence[Mapping[str, Any]], study_names: dict[str, str], truth: dict[str, str]
 ) -> str:
     """Exams by exam score, with the recommendation and (synthetic data only) the truth."""
     header = f"{'exam':<8} {'exam score':>10} {'probability':>11} {'recommendation':<14} truth"

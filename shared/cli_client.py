@@ -22,7 +22,7 @@ from typing import IO, Any
 import httpx
 from tqdm import tqdm
 
-from shared.client import MEDIA_TYPES, ApiClientError, Client
+from shared.client import MEDIA_TYPES, ApiClientError, BatchStatus, Client, ImageResult
 
 DEFAULT_CONFIG = Path("~/.config/mammoscreen/config.toml")
 UPLOADABLE = {*MEDIA_TYPES, ".zip"}
@@ -173,18 +173,18 @@ def upload_with_progress(
 
 def wait_with_progress(
     client: Client, batch_id: str, total: int, *, timeout: float, quiet: bool
-) -> dict[str, Any]:
+) -> BatchStatus:
     """Follow the batch (long polling) with a bar of screened images, rate and ETA."""
     with tqdm(total=total, unit="image", desc="screen", disable=quiet) as bar:
 
-        def progress(status: dict[str, Any]) -> None:
+        def progress(status: BatchStatus) -> None:
             finished = status["counts"]["done"] + status["counts"]["failed"]
             bar.update(finished - bar.n)
 
         return client.wait(batch_id, timeout=timeout, poll=10, on_change=progress)
 
 
-def summary(client: Client, batch_id: str, status: dict[str, Any]) -> str:
+def summary(client: Client, batch_id: str, status: BatchStatus) -> str:
     counts = status["counts"]
     lines = [
         f"batch {batch_id}: {status['status']}, {counts['done']} screened, "
@@ -193,7 +193,7 @@ def summary(client: Client, batch_id: str, status: dict[str, Any]) -> str:
     exams = list(client.iter_exams(batch_id))
     scored = sorted(
         (e for e in exams if e["exam_score"] is not None),
-        key=lambda e: e["exam_score"],
+        key=lambda e: e["exam_score"] or 0.0,
         reverse=True,
     )
     recalls = sum(e.get("recall") == "recall" for e in exams)
@@ -242,7 +242,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 TABLE_COLUMNS = ("filename", "laterality", "view", "status", "score", "error_code")
 
 
-def _table(rows: Iterator[dict[str, Any]]) -> Iterator[str]:
+def _table(rows: Iterator[ImageResult]) -> Iterator[str]:
     yield "  ".join(f"{c:<12}" for c in TABLE_COLUMNS)
     for row in rows:
         cells = []

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import httpx
 
@@ -17,6 +17,78 @@ MEDIA_TYPES = {
     ".jpg": "image/jpeg",
     ".jpeg": "image/jpeg",
 }
+
+
+class ImageCounts(TypedDict):
+    queued: int
+    running: int
+    done: int
+    failed: int
+    stored: int
+
+
+class ModelVersionInfo(TypedDict):
+    id: str
+    name: str
+    status: str
+    trained: bool
+
+
+class BatchStatus(TypedDict):
+    """GET /v1/batches/{id}."""
+
+    id: str
+    name: str
+    priority: str
+    purpose: str
+    status: str
+    created_at: str
+    closed_at: str | None
+    completed_at: str | None
+    callback_url: str | None
+    counts: ImageCounts
+    total_images: int
+    rejected_files: int
+    model_versions: list[ModelVersionInfo]
+    warnings: list[str]
+
+
+class ImageResult(TypedDict):
+    """One item of GET /v1/batches/{id}/results, or GET /v1/images/{id}."""
+
+    id: str
+    batch_id: str
+    study_id: str
+    filename: str
+    media_type: str
+    laterality: str | None
+    view: str | None
+    status: str
+    attempts: int
+    score: float | None
+    error_code: str | None
+    error_message: str | None
+    model_version: ModelVersionInfo | None
+    heatmap_url: str | None
+    created_at: str
+    finished_at: str | None
+
+
+class ExamResult(TypedDict):
+    """One item of GET /v1/batches/{id}/exams."""
+
+    id: str
+    study_key: str
+    patient_key: str
+    images: list[dict[str, Any]]
+    views_present: list[str]
+    missing_views: list[str]
+    breasts: list[dict[str, Any]]
+    exam_score: float | None
+    exam_probability: float | None
+    recall: str | None
+    recall_threshold: float | None
+    model_version: ModelVersionInfo | None
 
 
 class ApiClientError(Exception):
@@ -163,8 +235,8 @@ class Client:
     def close_batch(self, batch_id: str) -> dict[str, Any]:
         return self._json(self._ingest.post(f"/v1/batches/{batch_id}/close"))
 
-    def batch(self, batch_id: str) -> dict[str, Any]:
-        return self._json(self._results.get(f"/v1/batches/{batch_id}"))
+    def batch(self, batch_id: str) -> BatchStatus:
+        return cast(BatchStatus, self._json(self._results.get(f"/v1/batches/{batch_id}")))
 
     def batches(self, *, limit: int = 50) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = self._json(
@@ -178,8 +250,8 @@ class Client:
         *,
         timeout: float,
         poll: float = 10.0,
-        on_change: Callable[[dict[str, Any]], None] | None = None,
-    ) -> dict[str, Any]:
+        on_change: Callable[[BatchStatus], None] | None = None,
+    ) -> BatchStatus:
         """Wait until the batch completes; raises TimeoutError with its last counts.
 
         Long polls: each request waits up to `poll` seconds on the server for the batch to
@@ -204,36 +276,33 @@ class Client:
                 headers={"If-None-Match": etag} if etag else {},
             )
             if response.status_code != 304:
-                status = self._json(response)
+                status = cast(BatchStatus, self._json(response))
                 etag = response.headers.get("ETag")
                 if on_change is not None:
                     on_change(status)
         return status
 
-    def iter_results(self, batch_id: str, *, page_size: int = 100) -> Iterator[dict[str, Any]]:
+    def _follow_cursors(self, path: str, page_size: int) -> Iterator[dict[str, Any]]:
         cursor: str | None = None
         while True:
             params: dict[str, Any] = {"limit": page_size}
             if cursor:
                 params["cursor"] = cursor
-            page = self._json(self._results.get(f"/v1/batches/{batch_id}/results", params=params))
+            page = self._json(self._results.get(path, params=params))
             yield from page["items"]
             cursor = page["next_cursor"]
             if cursor is None:
                 return
 
-    def iter_exams(self, batch_id: str, *, page_size: int = 100) -> Iterator[dict[str, Any]]:
+    def iter_results(self, batch_id: str, *, page_size: int = 100) -> Iterator[ImageResult]:
+        """Every image's result, in upload order."""
+        for item in self._follow_cursors(f"/v1/batches/{batch_id}/results", page_size):
+            yield cast(ImageResult, item)
+
+    def iter_exams(self, batch_id: str, *, page_size: int = 100) -> Iterator[ExamResult]:
         """Every exam of the batch with breast and exam scores and the recall recommendation."""
-        cursor: str | None = None
-        while True:
-            params: dict[str, Any] = {"limit": page_size}
-            if cursor:
-                params["cursor"] = cursor
-            page = self._json(self._results.get(f"/v1/batches/{batch_id}/exams", params=params))
-            yield from page["items"]
-            cursor = page["next_cursor"]
-            if cursor is None:
-                return
+        for item in self._follow_cursors(f"/v1/batches/{batch_id}/exams", page_size):
+            yield cast(ExamResult, item)
 
     def export(self, batch_id: str, *, format: str = "csv") -> Iterator[str]:
         """The whole batch's results as CSV or JSON text, streamed in chunks."""

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from typing import Any
 
 from sqlalchemy.orm import Session
 
 from shared.batches import create_batch, get_or_create_study
 from shared.db.models import Batch, BatchPriority, Image, Laterality, Tenant, View
+from shared.imaging.synth import SynthOptions
 from shared.storage import ObjectStore
 from shared.tenants import create_tenant, issue_api_key
 
@@ -73,3 +75,15 @@ def make_stored_image(session: Session, store: ObjectStore, batch: Batch, data: 
     key = f"test/{uuid.uuid4()}"
     store.put_bytes(key, data, content_type="application/dicom")
     return make_image(session, batch, object_key=key, data=data)
+
+
+# Small synthetic images (256 x 208 at 0.8 mm) for tests that need many of them quickly.
+SMALL_SYNTH = SynthOptions(height=256, width=208, pixel_spacing_mm=0.8)
+# A tiny network at a small input: a training epoch on a few dozen exams takes seconds.
+TINY_TRAINING: dict[str, Any] = {
+    "input_height": 128,
+    "input_width": 112,
+    "stem_channels": 4,
+    "stage_channels": [4, 8, 8, 8],
+    "patience": 100,
+}

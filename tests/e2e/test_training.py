@@ -21,19 +21,13 @@ from shared.config import CONNECTION_FIELDS, Settings, settings_to_environ
 from shared.db.base import session_scope
 from shared.db.models import TrainingEpoch
 from shared.devstack.stack import StackState, down, kill_service, start_service_again, up
-from shared.imaging.synth import SynthOptions, generate_exams
+from shared.imaging.synth import generate_exams
+from tests.factories import SMALL_SYNTH, TINY_TRAINING
 
 pytestmark = pytest.mark.e2e
 
-SMALL = SynthOptions(height=256, width=208, pixel_spacing_mm=0.8)
-# A tiny network at a small input: seconds per epoch, so a run can be killed mid-way.
-TINY = {
-    "input_height": 128,
-    "input_width": 112,
-    "stem_channels": 4,
-    "stage_channels": [4, 8, 8, 8],
-    "patience": 100,
-}
+SMALL = SMALL_SYNTH
+TINY = TINY_TRAINING  # seconds per epoch, so a run can be killed mid-way
 FAST_RECOVERY = {
     "SCREENING_TRAINING_HEARTBEAT_S": "0.5",
     "SCREENING_TRAINING_STALE_S": "4",

@@ -40,6 +40,18 @@ def files_field(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
     return [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
 
 
+def upload_batch(
+    ingest: TestClient, key: str, paths: list[Path], *, name: str = "batch"
+) -> tuple[dict[str, object], dict[str, object]]:
+    """Create a batch and upload `paths` in one request: (the batch, the upload's answer)."""
+    batch = ingest.post("/v1/batches", json={"name": name}, headers=auth(key)).json()
+    upload = ingest.post(
+        f"/v1/batches/{batch['id']}/images", files=files_field(paths), headers=auth(key)
+    )
+    assert upload.status_code == 202, upload.text
+    return batch, upload.json()
+
+
 def queued_task_args(settings: Settings, queue: str = "inference") -> list[list[str]]:
     """Image-id lists of the tasks waiting in a Celery queue on the real Redis."""
     client = redis.Redis.from_url(settings.redis_url)

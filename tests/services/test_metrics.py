@@ -12,7 +12,7 @@ from shared.db.models import Image
 from shared.imaging.synth import SynthImage
 from shared.storage import ObjectStore
 from tests.factories import make_tenant
-from tests.services.conftest import auth, files_field, screen_everything
+from tests.services.conftest import auth, screen_everything, upload_batch
 
 
 def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -39,13 +39,7 @@ def test_metrics_after_a_batch(
     exam: list[SynthImage],
 ) -> None:
     _, key = make_tenant(session)
-    batch = ingest.post("/v1/batches", json={"name": "metrics"}, headers=auth(key)).json()
-    upload = ingest.post(
-        f"/v1/batches/{batch['id']}/images",
-        files=files_field([s.path for s in exam]),
-        headers=auth(key),
-    )
-    assert upload.status_code == 202
+    batch, _ = upload_batch(ingest, key, [s.path for s in exam], name="metrics")
     assert ingest.get("/v1/nothing-here", headers=auth(key)).status_code == 404
     # One image's object disappears before screening: it fails with object_missing.
     lost = session.scalars(select(Image).order_by(Image.id)).first()

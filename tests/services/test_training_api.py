@@ -16,20 +16,13 @@ from sqlalchemy.orm import Session
 from services.worker.training import run_training
 from shared.config import Settings
 from shared.db.models import Image, ImageStatus, ModelVersion, TrainingExample
-from shared.imaging.synth import SynthOptions, generate_exams
+from shared.imaging.synth import generate_exams
 from shared.storage import ObjectStore
-from tests.factories import make_tenant
+from tests.factories import SMALL_SYNTH, TINY_TRAINING, make_tenant
 from tests.services.conftest import auth, files_field, queued_task_args
 
-SMALL = SynthOptions(height=256, width=208, pixel_spacing_mm=0.8)
-TINY = {
-    "input_height": 128,
-    "input_width": 112,
-    "stem_channels": 4,
-    "stage_channels": [4, 8, 8, 8],
-    "epochs": 3,
-    "patience": 100,
-}
+SMALL = SMALL_SYNTH
+TINY = {**TINY_TRAINING, "epochs": 3}
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from shared.db.models import Image, Study
 from shared.imaging.synth import SynthImage
 from shared.storage import ObjectStore
 from tests.factories import make_tenant
-from tests.services.conftest import auth, files_field, screen_everything
+from tests.services.conftest import screen_everything, upload_batch
 
 
 def test_viewer_needs_a_login_and_hides_other_tenants(
@@ -24,12 +24,7 @@ def test_viewer_needs_a_login_and_hides_other_tenants(
 ) -> None:
     _, key = make_tenant(session)
     _, other_key = make_tenant(session)
-    batch = ingest.post("/v1/batches", json={"name": "mine"}, headers=auth(key)).json()
-    ingest.post(
-        f"/v1/batches/{batch['id']}/images",
-        files=files_field([s.path for s in exam]),
-        headers=auth(key),
-    )
+    batch, _ = upload_batch(ingest, key, [s.path for s in exam], name="mine")
     screen_everything(session, settings, store)
     study = session.scalars(select(Study)).one()
     image = session.scalars(select(Image)).first()
