@@ -1,7 +1,8 @@
 """`make bench-model`: train a model through the API and measure it on exams it never saw.
 
 1. Generate `--train-exams` synthetic exams (seed `--train-seed`) and a fresh test set of
-   `--test-exams` (seed `--test-seed`, never used in training), at the generator's defaults.
+   `--test-exams` (seed `--test-seed`, never used in training), at the generator's defaults,
+   both in the demo's mix of vendor encodings (`--encodings`).
 2. Start the local stack and do what `screening train` does: upload the training folder as a
    training batch, POST /v1/training-runs, follow the run until it finishes. `train_seconds`
    runs from the POST to the run's completion (loading, every epoch, evaluation, registry).
@@ -36,7 +37,7 @@ from bench.throughput import device_name
 from shared.db.models import Laterality, View
 from shared.imaging.decode import decode_image
 from shared.imaging.preprocess import Preprocess
-from shared.imaging.synth import LABEL_FIELDS, generate_exams
+from shared.imaging.synth import LABEL_FIELDS, generate_exams, variant_mix
 from shared.ml.baseline import brightest_blob_score
 from shared.ml.evaluation import ScoredView, bootstrap_auc_interval, exam_outcomes
 from shared.ml.model import ScreeningNet
@@ -45,15 +46,17 @@ from shared.scores import roc_auc
 EXAMS_PER_CHUNK = 50
 
 
-def _generate_chunk(job: tuple[Path, int, int, int]) -> None:
-    folder, seed, first, count = job
-    generate_exams(folder, exams=count, seed=seed, first_index=first)
+def _generate_chunk(job: tuple[Path, int, int, int, str]) -> None:
+    folder, seed, first, count, encodings = job
+    generate_exams(
+        folder, exams=count, seed=seed, first_index=first, variants=variant_mix(encodings)
+    )
 
 
-def generate(folder: Path, *, exams: int, seed: int, processes: int) -> None:
+def generate(folder: Path, *, exams: int, seed: int, processes: int, encodings: str) -> None:
     """`generate_exams(folder, exams, seed)` in parallel chunks: the same files and labels."""
     chunks = [
-        (folder / f"part{first:05d}", seed, first, min(EXAMS_PER_CHUNK, exams - first))
+        (folder / f"part{first:05d}", seed, first, min(EXAMS_PER_CHUNK, exams - first), encodings)
         for first in range(0, exams, EXAMS_PER_CHUNK)
     ]
     with ProcessPoolExecutor(max_workers=processes) as pool:
@@ -204,6 +207,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="JSON object for POST /v1/training-runs (defaults: the API's)",
     )
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument(
+        "--encodings",
+        choices=["plain", "demo", "all"],
+        default="demo",
+        help="vendor encodings mixed into both sets (demo: MONOCHROME1, JPEG 2000, grey "
+        "background with a burnt-in label and a SIGMOID window), as `make demo` sends",
+    )
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--out", type=Path, default=Path("bench/model.json"))
     parser.add_argument("--export", type=Path, default=None, help="write the model version here")
@@ -214,8 +224,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-model-data-") as data:
         train_dir, test_dir = Path(data) / "train", Path(data) / "test"
         started = time.monotonic()
-        generate(train_dir, exams=args.train_exams, seed=args.train_seed, processes=args.processes)
-        generate(test_dir, exams=args.test_exams, seed=args.test_seed, processes=args.processes)
+        for folder, exams, seed in (
+            (train_dir, args.train_exams, args.train_seed),
+            (test_dir, args.test_exams, args.test_seed),
+        ):
+            generate(
+                folder, exams=exams, seed=seed, processes=args.processes, encodings=args.encodings
+            )
         print(
             f"generated {args.train_exams} + {args.test_exams} exams in "
             f"{time.monotonic() - started:.0f}s",
@@ -244,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run_test_split_exam_auc": run["evaluation"]["test"]["exam_auc"],
         "recall_threshold": run["evaluation"]["recall_threshold"],
         "model_version": run["model_version"]["name"],
+        "encodings": args.encodings,
         "train_seed": args.train_seed,
         "test_seed": args.test_seed,
         "input_size": [config.input_height, config.input_width],
