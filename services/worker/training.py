@@ -164,10 +164,6 @@ def load_splits(
                 image.media_type,
                 max_pixels=settings.max_image_pixels,
             )
-        except ImageRejected as err:
-            log.warning("training image %s left out: %s", image.image_id, err.message)
-            return None
-        try:
             inputs, geometry = preprocess.with_geometry(pixels, image.laterality)
         except ImageRejected as err:
             log.warning("training image %s left out: %s", image.image_id, err.message)
