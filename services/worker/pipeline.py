@@ -26,6 +26,9 @@ T = TypeVar("T")
 R = TypeVar("R")
 # Queue ranks: lower goes first.
 STOP, URGENT, NORMAL = -1, 0, 1
+# Longest the model waits for urgent images still being prepared before it screens ready
+# bulk images instead (a loader stuck on a slow read must not stall the bulk lane).
+URGENT_READY_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -35,21 +38,24 @@ class BatchPolicy:
 
 
 class Prefetcher(Generic[T, R]):
-    """Runs `prepare` on loader threads; hands results back as they finish, urgent first.
+    """Runs `prepare` on loader threads; hands results back in batches, urgent first.
 
-    Urgent items jump both queues: the unstarted work, and the prepared items waiting to be
-    batched. So an urgent image claimed while a bulk batch fills the loaders waits for the
-    images already being prepared, not for everything queued ahead of it.
+    Urgent items jump the unstarted work, and form batches of their own: while urgent items
+    are outstanding, the next batch waits for them (they are next in the loaders) rather than
+    starting a forward pass over ready bulk images, and holds no bulk image. So an urgent exam
+    claimed while a bulk batch fills the loaders waits for the images already being prepared
+    and the forward pass already running, not for everything queued ahead of it.
     """
 
     def __init__(self, prepare: Callable[[T], R], *, threads: int) -> None:
         self._prepare = prepare
         self._order = itertools.count()
         self._work: queue.PriorityQueue[tuple[int, int, T | None]] = queue.PriorityQueue()
-        self._done: queue.PriorityQueue[tuple[int, int, T, R | BaseException]] = (
-            queue.PriorityQueue()
-        )
-        self._pending = 0
+        self._ready: dict[int, queue.Queue[tuple[T, R | BaseException]]] = {
+            URGENT: queue.Queue(),
+            NORMAL: queue.Queue(),
+        }
+        self._pending = {URGENT: 0, NORMAL: 0}
         self._threads = [
             threading.Thread(target=self._run, name=f"loader-{n}", daemon=True)
             for n in range(threads)
@@ -60,39 +66,59 @@ class Prefetcher(Generic[T, R]):
     @property
     def pending(self) -> int:
         """Submitted and not yet handed back by next_batch."""
-        return self._pending
+        return self._pending[URGENT] + self._pending[NORMAL]
+
+    @property
+    def ready(self) -> int:
+        """Prepared and waiting for a batch."""
+        return self._ready[URGENT].qsize() + self._ready[NORMAL].qsize()
 
     def submit(self, items: Iterable[T], *, urgent: bool = False) -> None:
         rank = URGENT if urgent else NORMAL
         for item in items:
-            self._pending += 1
+            self._pending[rank] += 1
             self._work.put((rank, next(self._order), item))
 
     def _run(self) -> None:
         while True:
-            rank, order, item = self._work.get()
+            rank, _, item = self._work.get()
             if item is None:
                 return
             try:
                 outcome: R | BaseException = self._prepare(item)
             except BaseException as error:  # handed to the batch; the caller decides
                 outcome = error
-            self._done.put((rank, order, item, outcome))
+            self._ready[rank].put((item, outcome))
 
     def next_batch(self, policy: BatchPolicy) -> list[tuple[T, R | BaseException]]:
-        """Block for the first ready item, then take more until full or the wait is over."""
-        if self._pending == 0:
+        """Block for the first ready item, then take more of its lane until the batch is
+        full, the lane has nothing more outstanding, or the wait is over."""
+        if self.pending == 0:
             return []
-        batch = [self._done.get()]
-        deadline = time.monotonic() + policy.max_wait_s
-        while len(batch) < policy.max_batch and len(batch) < self._pending:
-            remaining = deadline - time.monotonic()
+        if self._pending[URGENT]:
             try:
-                batch.append(self._done.get(timeout=max(0.0, remaining)))
+                first = self._ready[URGENT].get(timeout=URGENT_READY_WAIT_S)
+            except queue.Empty:
+                pass
+            else:
+                return self._fill(URGENT, first, policy)
+        if self._pending[NORMAL] == 0:
+            return self._fill(URGENT, self._ready[URGENT].get(), policy)
+        return self._fill(NORMAL, self._ready[NORMAL].get(), policy)
+
+    def _fill(
+        self, rank: int, first: tuple[T, R | BaseException], policy: BatchPolicy
+    ) -> list[tuple[T, R | BaseException]]:
+        batch = [first]
+        ready = self._ready[rank]
+        deadline = time.monotonic() + policy.max_wait_s
+        while len(batch) < policy.max_batch and len(batch) < self._pending[rank]:
+            try:
+                batch.append(ready.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 break
-        self._pending -= len(batch)
-        return [(item, outcome) for _, _, item, outcome in batch]
+        self._pending[rank] -= len(batch)
+        return batch
 
     def close(self) -> None:
         """Stop the loaders; work not yet started is abandoned (its claims are released by

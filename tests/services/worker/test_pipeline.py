@@ -130,3 +130,41 @@ def test_urgent_items_jump_the_loaders_queue() -> None:
     # handed out as soon as it is ready (it may even overtake 0 in the ready queue).
     assert order.index(99) <= 1
     assert [i for i in order if i != 99] == [0, 1, 2, 3, 4, 5]
+
+
+def test_an_urgent_batch_holds_no_bulk_images_even_when_they_are_ready() -> None:
+    loaders: Prefetcher[int, np.ndarray] = Prefetcher(lambda i: np.zeros((2, 2)), threads=2)
+    loaders.submit(range(8))
+    while loaders.ready < 8:  # every bulk image prepared and waiting
+        time.sleep(0.01)
+    loaders.submit([100, 101], urgent=True)
+    first = loaders.next_batch(BatchPolicy(max_batch=8, max_wait_s=1.0))
+    second = loaders.next_batch(BatchPolicy(max_batch=8, max_wait_s=1.0))
+    loaders.close()
+    assert sorted(item for item, _ in first) == [100, 101]
+    assert sorted(item for item, _ in second) == list(range(8))
+
+
+def test_the_next_batch_waits_for_urgent_images_still_being_prepared() -> None:
+    urgent_may_finish = threading.Event()
+
+    def prepare(i: int) -> np.ndarray:
+        if i >= 100:
+            urgent_may_finish.wait(10)
+        return np.zeros((2, 2))
+
+    loaders: Prefetcher[int, np.ndarray] = Prefetcher(prepare, threads=2)
+    loaders.submit(range(4))
+    while loaders.ready < 4:
+        time.sleep(0.01)
+    loaders.submit([100], urgent=True)
+    threading.Timer(0.3, urgent_may_finish.set).start()
+    started = time.monotonic()
+    first = loaders.next_batch(BatchPolicy(max_batch=8, max_wait_s=0.0))
+    waited = time.monotonic() - started
+    rest = loaders.next_batch(BatchPolicy(max_batch=8, max_wait_s=0.0))
+    loaders.close()
+    # Bulk images were ready all along; the forward pass went to the urgent one first.
+    assert [item for item, _ in first] == [100]
+    assert 0.2 < waited < 5.0
+    assert sorted(item for item, _ in rest) == [0, 1, 2, 3]
