@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     # Ingest limits. Enforced while streaming, so an oversized file never lands whole.
     max_file_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
     max_files_per_request: int = Field(default=256, gt=0)
+    # Each uploaded file of a request is held in memory up to this size while the request is
+    # parsed (beyond it, in a temporary file): at most max_files_per_request x this per request.
+    upload_spool_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    # Files of one upload request stored side by side (README "Throughput").
+    ingest_store_threads: int = Field(default=4, gt=0)
     # A whole request body, counted as it arrives (the transport spools uploads to disk).
     max_request_bytes: int = Field(default=4 * 1024**3, gt=0)
     # Decompression bombs: pixels an image's header may declare (a mammogram is 10-30 M).
@@ -71,7 +76,7 @@ class Settings(BaseSettings):
     inference_chunk_size: int = Field(default=16, gt=0)
     # Dynamic batching (README "Throughput"): at most this many images per forward pass,
     # waiting at most this long after the first ready image for more.
-    inference_batch_size: int = Field(default=16, gt=0)
+    inference_batch_size: int = Field(default=8, gt=0)
     inference_max_wait_s: float = Field(default=0.05, ge=0)
     # Threads that read, decode and preprocess while the model runs.
     worker_loader_threads: int = Field(default=2, gt=0)

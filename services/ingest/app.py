@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from fastapi import FastAPI
+from starlette.formparsers import MultiPartParser
 
 from services.ingest.routes import router
 from services.ingest.training import router as training_router
@@ -43,3 +46,9 @@ def bind(app: FastAPI, settings: Settings) -> None:
     app.state.store = ObjectStore(settings)
     app.state.producer = producer(settings)
     app.state.redis = rate_limit_client(settings)
+    app.state.storers = ThreadPoolExecutor(
+        max_workers=settings.ingest_store_threads, thread_name_prefix="store-upload"
+    )
+    # Uploaded files stay in memory up to this size while the form is parsed, instead of
+    # spilling to a temporary file whose every write is a hop to another thread.
+    MultiPartParser.spool_max_size = settings.upload_spool_bytes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 from celery import Celery
@@ -17,4 +18,21 @@ def get_producer(request: Request) -> Celery:
 
 ProducerDep = Annotated[Celery, Depends(get_producer)]
 
-__all__ = ["CallerDep", "ProducerDep", "SessionDep", "SettingsDep", "StoreDep", "TenantDep"]
+
+def get_storers(request: Request) -> ThreadPoolExecutor:
+    """Threads that take uploaded files into object storage, shared by every request."""
+    storers: ThreadPoolExecutor = request.app.state.storers
+    return storers
+
+
+StorersDep = Annotated[ThreadPoolExecutor, Depends(get_storers)]
+
+__all__ = [
+    "CallerDep",
+    "ProducerDep",
+    "SessionDep",
+    "SettingsDep",
+    "StoreDep",
+    "StorersDep",
+    "TenantDep",
+]

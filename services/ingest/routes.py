@@ -12,7 +12,14 @@ from minio.error import S3Error
 from sqlalchemy.exc import OperationalError as DatabaseError
 from urllib3.exceptions import HTTPError as StorageConnectionError
 
-from services.ingest.deps import CallerDep, ProducerDep, SessionDep, SettingsDep, StoreDep
+from services.ingest.deps import (
+    CallerDep,
+    ProducerDep,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    StorersDep,
+)
 from services.ingest.schemas import (
     AcceptedImage,
     BatchCreate,
@@ -119,6 +126,7 @@ def post_images(
     settings: SettingsDep,
     store: StoreDep,
     producer: ProducerDep,
+    storers: StorersDep,
     study_key: Annotated[str | None, Form(max_length=128, pattern=PLAIN_TEXT_PATTERN)] = None,
     patient_id: Annotated[str | None, Form(max_length=128, pattern=PLAIN_TEXT_PATTERN)] = None,
     laterality: Annotated[Laterality | None, Form()] = None,
@@ -144,29 +152,40 @@ def post_images(
     )
     stored: list[StoredUpload] = []
     rejected: list[RejectedFile] = []
-    try:
-        for upload in files:
-            outcome = store_upload(
-                upload,
-                settings=settings,
-                store=store,
-                tenant_id=tenant.id,
-                batch_id=batch_id,
-                hints=hints,
-            )
-            stored.extend(outcome.stored)
-            rejected.extend(
-                RejectedFile(filename=name, code=err.code.value, message=err.message)
-                for name, err in outcome.rejected
-            )
-    except (S3Error, StorageConnectionError) as err:
+    storage_failure: Exception | None = None
+    # The files of a request are checked, de-identified and streamed to storage side by side
+    # (the object store is another process; hashing and socket I/O release the GIL).
+    futures = [
+        storers.submit(
+            store_upload,
+            upload,
+            settings=settings,
+            store=store,
+            tenant_id=tenant.id,
+            batch_id=batch_id,
+            hints=hints,
+        )
+        for upload in files
+    ]
+    for future in futures:  # in upload order, and every one finished before going on
+        try:
+            outcome = future.result()
+        except (S3Error, StorageConnectionError) as err:
+            storage_failure = err
+            continue
+        stored.extend(outcome.stored)
+        rejected.extend(
+            RejectedFile(filename=name, code=err.code.value, message=err.message)
+            for name, err in outcome.rejected
+        )
+    if storage_failure is not None:
         _discard(store, stored)
         raise ApiError(
             503,
             "storage_unavailable",
             "object storage is unavailable; nothing was kept. Retry the upload.",
             headers={"Retry-After": RETRY_AFTER_S},
-        ) from err
+        ) from storage_failure
 
     rejections = [(r.filename, r.code, r.message) for r in rejected]
     if not stored:

@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
+import time
 import uuid
+from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
@@ -11,11 +14,12 @@ from fastapi.testclient import TestClient
 from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from urllib3.exceptions import HTTPError as StorageConnectionError
 
 from shared.config import Settings
 from shared.db.models import Image, ImageStatus, Study
 from shared.imaging.synth import SynthImage
-from shared.storage import ObjectStore
+from shared.storage import ObjectStore, StoredObject
 from tests.factories import make_tenant
 from tests.services.conftest import auth, files_field, queued_task_args
 
@@ -308,3 +312,73 @@ def test_unparsable_body_is_a_400_with_a_stable_code(ingest: TestClient, session
     )
     assert response.status_code in (400, 422)
     assert response.json()["error"]["code"] in ("malformed_request", "invalid_request")
+
+
+class _ConcurrencyRecordingStore(ObjectStore):
+    """The real store, noting how many puts run at once; after `fail_after` stored objects,
+    its puts fail as a lost connection to the object store would."""
+
+    def __init__(self, settings: Settings, *, fail_after: int | None = None) -> None:
+        super().__init__(settings)
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most_at_once = 0
+        self.fail_after = fail_after
+        self.keys: list[str] = []
+
+    def put_stream(self, key: str, stream: BinaryIO, **kwargs: Any) -> StoredObject:
+        with self.lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            time.sleep(0.05)  # long enough for the other files' puts to start meanwhile
+            if self.fail_after is not None and len(self.keys) >= self.fail_after:
+                raise StorageConnectionError("object storage went away mid-request")
+            stored = super().put_stream(key, stream, **kwargs)
+            with self.lock:
+                self.keys.append(key)
+            return stored
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def _upload_with_store(settings: Settings, session: Session, store: ObjectStore, files: Any) -> Any:
+    from services.ingest.app import create_app
+
+    app = create_app(settings)
+    app.state.store = store
+    with TestClient(app, raise_server_exceptions=False) as ingest:
+        _, key = make_tenant(session)
+        batch = _batch(ingest, key)
+        return ingest.post(f"/v1/batches/{batch['id']}/images", files=files, headers=auth(key))
+
+
+def test_files_of_one_request_are_stored_side_by_side_and_answered_in_order(
+    settings: Settings, session: Session, exam: list[SynthImage]
+) -> None:
+    store = _ConcurrencyRecordingStore(settings)
+    files = files_field([i.path for i in exam])
+    files.insert(2, ("files", ("notes.txt", b"not an image", "text/plain")))
+    response = _upload_with_store(settings, session, store, files)
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert [a["filename"] for a in body["accepted"]] == [i.path.name for i in exam]
+    assert [r["filename"] for r in body["rejected"]] == ["notes.txt"]
+    assert store.most_at_once >= 2
+    assert len(session.scalars(select(Image)).all()) == len(exam)
+
+
+def test_a_storage_failure_of_one_file_keeps_nothing_of_the_request(
+    settings: Settings, session: Session, store: ObjectStore, exam: list[SynthImage]
+) -> None:
+    one_at_a_time = settings.model_copy(update={"ingest_store_threads": 1})
+    failing = _ConcurrencyRecordingStore(one_at_a_time, fail_after=2)
+    response = _upload_with_store(
+        one_at_a_time, session, failing, files_field([i.path for i in exam])
+    )
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "storage_unavailable"
+    assert len(failing.keys) == 2  # two were stored before the third failed ...
+    assert session.scalars(select(Image)).all() == []
+    assert list(store.client.list_objects(store.bucket, recursive=True)) == []  # ... and undone
