@@ -13,6 +13,11 @@ Everything is measured on this machine, with the same model and input size, in t
 5. upload_mb_per_s / s3_put_mb_per_s: the same files through the ingest API, and straight
    into the object store, with the same client concurrency (worker stopped).
 
+Around phases 1, 2, 5 it records the CPU-seconds the whole machine spent, and each stack
+process's share (bench/cpu.py): the CPU cost per image of the model, the pipeline, the upload
+and the plain S3 put, and from them `pipeline_to_model_ceiling`, the most the pipeline could
+reach on these cores if its own code cost nothing (see _cpu_figures).
+
 `--local` measures what can be measured without the servers (model, and the worker's
 loader/batching pipeline over files on local disk): for machines where the stack's servers
 cannot be installed, such as a lent GPU machine.
@@ -27,7 +32,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -36,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.cpu import CpuMeter, CpuUsage
 from bench.report import write_and_print
 from services.worker.pipeline import BatchPolicy, Predictor, Prefetcher
 from shared.config import Settings, settings_from_environ
@@ -60,7 +66,7 @@ def device_name(device: torch.device) -> str:
 
 def model_images_per_s(
     model: ScreeningNet, device: torch.device, batch_size: int, seconds: float
-) -> float:
+) -> tuple[float, int]:
     """The forward pass alone, on tensors already prepared, as the worker runs it."""
     predictor = Predictor(model, device, compile_model=False)
     config = model.config
@@ -75,7 +81,7 @@ def model_images_per_s(
     while time.perf_counter() - started < seconds or done < 3 * batch_size:
         predictor(inputs)
         done += batch_size
-    return done / (time.perf_counter() - started)
+    return done / (time.perf_counter() - started), done
 
 
 def local_pipeline_images_per_s(
@@ -211,6 +217,29 @@ def _s3_put_mb_per_s(settings: Settings, paths: Sequence[Path]) -> float:
     return sum(p.stat().st_size for p in paths) / MIB / (time.perf_counter() - started)
 
 
+def _stack_processes(stack_dir: Path) -> dict[str, int]:
+    """The stack's processes by name (read afresh: a restarted worker has a new pid)."""
+    from shared.devstack.stack import StackState
+
+    state = StackState.load(stack_dir.resolve() / "state.json")
+    assert state is not None, "no stack running"
+    return {**state.services, **{s.name: s.pid for s in state.servers}}
+
+
+def _measured(stack_dir: Path, cpu: dict[str, Any], phase: str) -> Any:
+    """Context manager: the machine's and each process's CPU over one phase, into `cpu`."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def measuring() -> Iterator[None]:
+        meter = CpuMeter(_stack_processes(stack_dir), alone={"bench": os.getpid()})
+        start = meter.mark()
+        yield
+        cpu[phase] = meter.since(start)
+
+    return measuring()
+
+
 def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> dict[str, Any]:
     from shared.client import Client
     from shared.devstack.stack import down, kill_service, start_service_again, up
@@ -221,6 +250,7 @@ def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
     stack_dir = Path(tempfile.mkdtemp(prefix="bench-stack-"))
     environ = {**os.environ, "SCREENING_INFERENCE_BATCH_SIZE": str(args.batch_size)}
     state = up(stack_dir, environ=environ)
+    cpu: dict[str, CpuUsage] = {}
     try:
         settings = settings_from_environ(state.service_env)
         results: dict[str, Any] = {}
@@ -241,13 +271,17 @@ def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
                 checkpoint = ObjectStore(settings).get_bytes(version.checkpoint_key)
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             model = load_checkpoint(checkpoint, device=device)
-            results["model_images_per_s"] = model_images_per_s(
-                model, device, args.batch_size, args.model_seconds
-            )
+            if device.type == "cpu" and settings.worker_torch_threads:
+                torch.set_num_threads(settings.worker_torch_threads)  # as the worker runs it
+            with _measured(stack_dir, cpu, "model"):
+                results["model_images_per_s"], model_images = model_images_per_s(
+                    model, device, args.batch_size, args.model_seconds
+                )
             results["device"] = device_name(device)
             del model
 
-            seconds = _screened_in(client, settings, pipeline_paths, name="pipeline")
+            with _measured(stack_dir, cpu, "pipeline"):
+                seconds = _screened_in(client, settings, pipeline_paths, name="pipeline")
             results["pipeline_images_per_s"] = len(pipeline_paths) / seconds
 
             kill_service(stack_dir, "worker", signal.SIGTERM)
@@ -274,12 +308,14 @@ def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
 
             kill_service(stack_dir, "worker", signal.SIGTERM)
             upload_batch = client.create_batch("upload speed")
-            started = time.perf_counter()
-            _upload_all(client, upload_batch["id"], pipeline_paths)
-            upload_s = time.perf_counter() - started
+            with _measured(stack_dir, cpu, "upload"):
+                started = time.perf_counter()
+                _upload_all(client, upload_batch["id"], pipeline_paths)
+                upload_s = time.perf_counter() - started
         megabytes = sum(p.stat().st_size for p in pipeline_paths) / MIB
         results["upload_mb_per_s"] = megabytes / upload_s
-        results["s3_put_mb_per_s"] = _s3_put_mb_per_s(settings, pipeline_paths)
+        with _measured(stack_dir, cpu, "s3_put"):
+            results["s3_put_mb_per_s"] = _s3_put_mb_per_s(settings, pipeline_paths)
         results["upload_to_s3_put"] = results["upload_mb_per_s"] / results["s3_put_mb_per_s"]
         results["pipeline_to_model"] = (
             results["pipeline_images_per_s"] / results["model_images_per_s"]
@@ -288,12 +324,38 @@ def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
             results["pipeline_images_per_s"] / results["naive_images_per_s"]
         )
         results["urgent_to_idle"] = results["urgent_latency_s"] / results["idle_latency_s"]
+        results.update(_cpu_figures(cpu, model_images, len(pipeline_paths), results))
         results["images"] = len(pipeline_paths)
         results["bulk_images"] = len(bulk_paths)
         results["image_size"] = [options.height, options.width]
         return results
     finally:
         down(stack_dir)
+
+
+def _cpu_figures(
+    cpu: dict[str, CpuUsage], model_images: int, images: int, results: dict[str, Any]
+) -> dict[str, Any]:
+    """CPU cost per image of each phase, and the best pipeline_to_model these cores allow.
+
+    The pipeline must at least run the model and put each image's bytes into the object
+    store; on cores it shares with both, even a pipeline whose own code cost nothing and
+    kept every core busy all the time could not beat (cores / (model + S3 put CPU per image)).
+    """
+    cores = os.cpu_count() or 1
+    model_ms = cpu["model"].ms_per_image(model_images)
+    s3_put_ms = cpu["s3_put"].ms_per_image(images)
+    best_pipeline = 1000 * cores / (model_ms + s3_put_ms)
+    return {
+        "cpu_ms_per_image": {
+            "model": round(model_ms, 2),
+            "pipeline": round(cpu["pipeline"].ms_per_image(images), 2),
+            "upload": round(cpu["upload"].ms_per_image(images), 2),
+            "s3_put": round(s3_put_ms, 2),
+        },
+        "cpu_by_phase": {phase: usage.to_json() for phase, usage in cpu.items()},
+        "pipeline_to_model_ceiling": best_pipeline / results["model_images_per_s"],
+    }
 
 
 def run_local(args: argparse.Namespace, data: Path, options: SynthOptions) -> dict[str, Any]:
@@ -308,7 +370,7 @@ def run_local(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
         "device": device_name(device),
         "model_images_per_s": model_images_per_s(
             model, device, args.batch_size, args.model_seconds
-        ),
+        )[0],
         "local_pipeline_images_per_s": local_pipeline_images_per_s(
             paths, model, device, policy, threads
         ),

@@ -25,7 +25,9 @@ STACK_KEYS = {
     "device",
     "torch_version",
     "batch_size",
+    "pipeline_to_model_ceiling",
 }
+CPU_PHASES = {"model", "pipeline", "upload", "s3_put"}
 
 pytestmark = pytest.mark.e2e
 
@@ -38,6 +40,14 @@ def test_stack_benchmark_produces_every_figure(tmp_path: Path) -> None:
     assert STACK_KEYS - set(results) == set()
     numbers = [results[k] for k in STACK_KEYS if k not in ("device", "torch_version")]
     assert all(isinstance(n, int | float) and n > 0 for n in numbers)
+    # Every phase used some CPU, and the services that did the work are named in it.
+    assert set(results["cpu_ms_per_image"]) == CPU_PHASES
+    assert all(v > 0 for v in results["cpu_ms_per_image"].values())
+    phases = results["cpu_by_phase"]
+    assert set(phases) == CPU_PHASES
+    assert phases["pipeline"]["by_process"]["worker"] > 0
+    assert phases["upload"]["by_process"]["ingest"] > 0
+    assert phases["s3_put"]["by_process"]["s3"] > 0
 
 
 def test_local_benchmark_produces_its_figures(tmp_path: Path) -> None:
