@@ -3,15 +3,48 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.api.requests import route_template
 from shared.config import Settings
 from shared.metrics import HttpMetrics, PipelineCollector
+
+
+class HttpMetricsMiddleware:
+    """Counts and times every request by route template (plain ASGI: see requests.py)."""
+
+    def __init__(self, app: ASGIApp, *, service: str, http: HttpMetrics) -> None:
+        self.app = app
+        self.service = service
+        self.http = http
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_status)
+        finally:
+            template = route_template(scope) or "unmatched"
+            method = scope["method"]
+            self.http.requests.labels(self.service, method, template, str(status)).inc()
+            self.http.latency.labels(self.service, method, template).observe(
+                time.perf_counter() - started
+            )
 
 
 def install_metrics(app: FastAPI, service: str, settings: Settings) -> None:
@@ -21,24 +54,7 @@ def install_metrics(app: FastAPI, service: str, settings: Settings) -> None:
     http = HttpMetrics(registry)
     registry.register(PipelineCollector(settings))
     ProcessCollector(registry=registry)
-
-    @app.middleware("http")
-    async def _measure(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            http.requests.labels(service, request.method, template, str(status)).inc()
-            http.latency.labels(service, request.method, template).observe(
-                time.perf_counter() - started
-            )
+    app.add_middleware(HttpMetricsMiddleware, service=service, http=http)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

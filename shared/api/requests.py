@@ -1,4 +1,8 @@
-"""Request ids and one structured access-log line per request."""
+"""Request ids and one structured access-log line per request.
+
+Plain ASGI middleware rather than Starlette's BaseHTTPMiddleware: that one relays every chunk
+of a request body through a task and a memory stream, a real cost on multi-megabyte uploads.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,10 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.logs import log_context
 
@@ -19,33 +24,48 @@ ACCEPTED_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 ID_PARAMS = {"batch_id": "batch_id", "image_id": "image_id", "run_id": "run_id"}
 
 
-def install_request_logging(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def _request_context(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        offered = request.headers.get(REQUEST_ID_HEADER, "")
+def route_template(scope: Scope) -> str | None:
+    """The matched route's path template ("/v1/batches/{batch_id}"), once routing ran."""
+    return getattr(scope.get("route"), "path", None)
+
+
+class RequestContext:
+    """Gives every request an id (the caller's X-Request-ID when plain, else a new one),
+    binds it to the request's log lines, answers with it, and logs one access line."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        offered = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
         request_id = offered if ACCEPTED_REQUEST_ID.match(offered) else uuid.uuid4().hex
         started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append(REQUEST_ID_HEADER, request_id)
+            await send(message)
+
         with log_context(request_id=request_id):
-            status = 500
             try:
-                response = await call_next(request)
-                status = response.status_code
+                await self.app(scope, receive, send_with_id)
             finally:
-                route = getattr(request.scope.get("route"), "path", None) or request.url.path
-                ids = {
-                    field: str(request.path_params[param])
-                    for param, field in ID_PARAMS.items()
-                    if param in request.path_params
-                }
+                params = scope.get("path_params", {})
                 log.info(
                     "%s %s %d %.1fms",
-                    request.method,
-                    route,
+                    scope["method"],
+                    route_template(scope) or scope["path"],
                     status,
                     (time.perf_counter() - started) * 1000,
-                    extra=ids,
+                    extra={field: str(params[p]) for p, field in ID_PARAMS.items() if p in params},
                 )
-        response.headers[REQUEST_ID_HEADER] = request_id
-        return response
+
+
+def install_request_logging(app: FastAPI) -> None:
+    app.add_middleware(RequestContext)
