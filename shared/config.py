@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     inference_chunk_size: int = Field(default=16, gt=0)
     # Dynamic batching (README "Throughput"): at most this many images per forward pass,
     # waiting at most this long after the first ready image for more.
-    inference_batch_size: int = Field(default=8, gt=0)
+    inference_batch_size: int = Field(default=4, gt=0)
     inference_max_wait_s: float = Field(default=0.05, ge=0)
     # Threads that read, decode and preprocess while the model runs.
     worker_loader_threads: int = Field(default=2, gt=0)
@@ -88,7 +88,8 @@ class Settings(BaseSettings):
     worker_compile: bool = False
     # "auto" picks CUDA when torch sees a GPU, else the CPU.
     worker_device: str = "auto"
-    # CPU threads for torch in a worker process; 0 leaves torch's own default.
+    # CPU threads for torch in a worker process. 0: an inference worker takes one fewer than
+    # the cores (its loaders need one), a training worker torch's own default (all of them).
     worker_torch_threads: int = Field(default=0, ge=0)
     # The trained model kept in the repository, registered as the active one when none is
     # (models/screening-synthetic, made by `make bench-model`); "none" registers an untrained

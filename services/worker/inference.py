@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import torch
 from celery import Task
 from celery.signals import worker_shutting_down
 from minio.error import S3Error
@@ -20,7 +21,7 @@ from sqlalchemy.exc import OperationalError as DatabaseError
 from urllib3.exceptions import HTTPError as StorageConnectionError
 
 from services.worker.celery_app import app
-from services.worker.models import LoadedModel, ModelCache
+from services.worker.models import LoadedModel, ModelCache, inference_cpu_threads
 from services.worker.pipeline import BatchPolicy, Prefetcher
 from shared.batches import (
     claim_images,
@@ -86,7 +87,10 @@ def worker_context() -> WorkerContext:
     """Built once per worker process, on its first task."""
     settings = get_settings()
     store = ObjectStore(settings)
-    return WorkerContext(settings, store, ModelCache(settings, store))
+    models = ModelCache(settings, store)
+    if models.device.type == "cpu":
+        torch.set_num_threads(inference_cpu_threads(settings))
+    return WorkerContext(settings, store, models)
 
 
 def backoff_seconds(retries: int) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
 from dataclasses import dataclass
@@ -17,6 +18,16 @@ from shared.ml.model import ScreeningNet
 from shared.storage import ObjectStore
 
 log = logging.getLogger(__name__)
+
+
+def inference_cpu_threads(settings: Settings) -> int:
+    """Threads for the forward pass on the CPU: the setting, or one fewer than the cores.
+
+    The loaders read, decode and preprocess the next batch while the model runs; on two cores
+    a model on both made the whole pipeline slower (README "Throughput" has the figures): its
+    threads spun waiting for each other while the loaders waited for a core.
+    """
+    return settings.worker_torch_threads or max(1, (os.cpu_count() or 1) - 1)
 
 
 def pick_device(preference: str) -> torch.device:
@@ -38,26 +49,24 @@ class LoadedModel:
 class ModelCache:
     def __init__(self, settings: Settings, store: ObjectStore) -> None:
         self._store = store
-        self._device = pick_device(settings.worker_device)
+        self.device = pick_device(settings.worker_device)
         self._models: dict[uuid.UUID, LoadedModel] = {}
         self._lock = threading.Lock()
         self._compile = settings.worker_compile
-        if self._device.type == "cpu" and settings.worker_torch_threads:
-            torch.set_num_threads(settings.worker_torch_threads)
 
     def get(self, version: ModelVersion) -> LoadedModel:
         with self._lock:
             cached = self._models.get(version.id)
             if cached is None:
                 log.info(
-                    "loading model version %s (%s) on %s", version.name, version.id, self._device
+                    "loading model version %s (%s) on %s", version.name, version.id, self.device
                 )
                 model = load_checkpoint(
-                    self._store.get_bytes(version.checkpoint_key), device=self._device
+                    self._store.get_bytes(version.checkpoint_key), device=self.device
                 )
-                predictor = Predictor(model, self._device, compile_model=self._compile)
+                predictor = Predictor(model, self.device, compile_model=self._compile)
                 cached = LoadedModel(
-                    version.id, version.name, version.trained, model, self._device, predictor
+                    version.id, version.name, version.trained, model, self.device, predictor
                 )
                 self._models[version.id] = cached
             return cached

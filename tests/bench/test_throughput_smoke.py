@@ -27,7 +27,7 @@ STACK_KEYS = {
     "batch_size",
     "pipeline_to_model_ceiling",
 }
-CPU_PHASES = {"model", "pipeline", "upload", "s3_put"}
+CPU_PHASES = {"model", "pipeline", "upload", "s3_put", "s3_get", "prepare"}
 
 pytestmark = pytest.mark.e2e
 
@@ -48,6 +48,8 @@ def test_stack_benchmark_produces_every_figure(tmp_path: Path) -> None:
     assert phases["pipeline"]["by_process"]["worker"] > 0
     assert phases["upload"]["by_process"]["ingest"] > 0
     assert phases["s3_put"]["by_process"]["s3"] > 0
+    assert phases["s3_get"]["by_process"]["s3"] > 0
+    assert 0 < results["pipeline_to_model_ceiling"] <= 1
 
 
 def test_local_benchmark_produces_its_figures(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -11,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from services.worker.inference import WorkerContext, run_screening
-from services.worker.models import ModelCache
+from services.worker.models import ModelCache, inference_cpu_threads
 from services.worker.pipeline import BatchPolicy, Prefetcher
 from shared.config import Settings
 from shared.db.models import Batch, BatchPriority, Image, ImageStatus
@@ -168,3 +169,11 @@ def test_the_next_batch_waits_for_urgent_images_still_being_prepared() -> None:
     assert [item for item, _ in first] == [100]
     assert 0.2 < waited < 5.0
     assert sorted(item for item, _ in rest) == [0, 1, 2, 3]
+
+
+def test_the_forward_pass_leaves_a_core_to_the_loaders_unless_told(settings: Settings) -> None:
+    cores = os.cpu_count() or 1
+    assert inference_cpu_threads(settings.model_copy(update={"worker_torch_threads": 0})) == max(
+        1, cores - 1
+    )
+    assert inference_cpu_threads(settings.model_copy(update={"worker_torch_threads": 3})) == 3
