@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from shared.api.errors import error_body
+from shared.api.middleware import HttpMiddleware
 
 
 class BodyTooLarge(Exception):
@@ -25,7 +26,7 @@ def _response(limit: int) -> JSONResponse:
     )
 
 
-class BodySizeLimit:
+class BodySizeLimit(HttpMiddleware):
     """Counts body bytes as they arrive and stops the request at the limit with 413.
 
     A declared Content-Length over the limit is answered before the app runs. A body that
@@ -35,13 +36,7 @@ class BodySizeLimit:
     The limit is read from the app's settings on every request.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit: int = scope["app"].state.settings.max_request_bytes
         declared = dict(scope.get("headers", [])).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:

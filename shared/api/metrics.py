@@ -10,23 +10,21 @@ from prometheus_client.process_collector import ProcessCollector
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.api.middleware import HttpMiddleware
 from shared.api.requests import route_template
 from shared.config import Settings
 from shared.metrics import HttpMetrics, PipelineCollector
 
 
-class HttpMetricsMiddleware:
-    """Counts and times every request by route template (plain ASGI: see requests.py)."""
+class HttpMetricsMiddleware(HttpMiddleware):
+    """Counts and times every request by route template."""
 
     def __init__(self, app: ASGIApp, *, service: str, http: HttpMetrics) -> None:
-        self.app = app
+        super().__init__(app)
         self.service = service
         self.http = http
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         status = 500
 

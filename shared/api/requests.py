@@ -1,8 +1,4 @@
-"""Request ids and one structured access-log line per request.
-
-Plain ASGI middleware rather than Starlette's BaseHTTPMiddleware: that one relays every chunk
-of a request body through a task and a memory stream, a real cost on multi-megabyte uploads.
-"""
+"""Request ids and one structured access-log line per request."""
 
 from __future__ import annotations
 
@@ -13,8 +9,9 @@ import uuid
 
 from fastapi import FastAPI
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
+from shared.api.middleware import HttpMiddleware
 from shared.logs import log_context
 
 log = logging.getLogger("access")
@@ -29,17 +26,11 @@ def route_template(scope: Scope) -> str | None:
     return getattr(scope.get("route"), "path", None)
 
 
-class RequestContext:
+class RequestContext(HttpMiddleware):
     """Gives every request an id (the caller's X-Request-ID when plain, else a new one),
     binds it to the request's log lines, answers with it, and logs one access line."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         offered = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
         request_id = offered if ACCEPTED_REQUEST_ID.match(offered) else uuid.uuid4().hex
         started = time.perf_counter()
