@@ -20,8 +20,15 @@ from shared.config import Settings
 
 
 class Queue(enum.StrEnum):
+    # Declared first: a worker serving both inference queues empties this one first (Redis
+    # transport, queue_order_strategy "priority" below).
+    INFERENCE_URGENT = "inference-urgent"
     INFERENCE = "inference"
     TRAINING = "training"
+
+
+# What an inference worker consumes, in the order it serves them (its `-Q` option).
+INFERENCE_QUEUES = f"{Queue.INFERENCE_URGENT.value},{Queue.INFERENCE.value}"
 
 
 class TaskName(enum.StrEnum):
@@ -59,7 +66,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        "broker_transport_options": {
+            "visibility_timeout": VISIBILITY_TIMEOUT_S,
+            # Poll a worker's queues in their declared order every time, rather than rotating
+            # them after each message: urgent tasks go before any bulk task queued earlier.
+            "queue_order_strategy": "priority",
+        },
         "broker_connection_retry_on_startup": True,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_hijack_root_logger": False,
@@ -83,10 +95,14 @@ def chunked(ids: Sequence[uuid.UUID], size: int) -> Iterable[list[str]]:
         yield [str(i) for i in ids[start : start + size]]
 
 
-def enqueue_screening(app: Celery, image_ids: Sequence[uuid.UUID], *, chunk_size: int) -> int:
-    """Queue inference for committed image rows, `chunk_size` ids per task; returns tasks sent."""
+def enqueue_screening(
+    app: Celery, image_ids: Sequence[uuid.UUID], *, chunk_size: int, urgent: bool = False
+) -> int:
+    """Queue inference for committed image rows, `chunk_size` ids per task, on the urgent
+    lane's queue or the bulk one; returns tasks sent."""
+    queue = Queue.INFERENCE_URGENT if urgent else Queue.INFERENCE
     sent = 0
     for chunk in chunked(image_ids, chunk_size):
-        app.send_task(TaskName.SCREEN_IMAGES.value, args=[chunk], queue=Queue.INFERENCE.value)
+        app.send_task(TaskName.SCREEN_IMAGES.value, args=[chunk], queue=queue.value)
         sent += 1
     return sent

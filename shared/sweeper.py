@@ -21,7 +21,6 @@ wait on or double-handle each other's rows.
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -33,7 +32,7 @@ from sqlalchemy.orm import Session
 from shared.batches import mark_enqueued, refresh_batches
 from shared.config import Settings
 from shared.db.base import session_scope, utcnow
-from shared.db.models import Image, ImageStatus
+from shared.db.models import Batch, BatchPriority, Image, ImageStatus
 from shared.imaging.formats import RejectCode
 from shared.queue import enqueue_screening
 from shared.storage import ObjectStore
@@ -96,21 +95,23 @@ def relay_queued(
 ) -> int:
     """Send queued images that were never sent or seem lost; returns how many were sent."""
     stale = utcnow() - timedelta(seconds=requeue_after_s)
-    ids: list[uuid.UUID] = list(
-        session.scalars(
-            select(Image.id)
-            .where(
-                Image.status == ImageStatus.QUEUED,
-                or_(Image.enqueued_at.is_(None), Image.enqueued_at < stale),
-            )
-            .order_by(Image.id)
-            .limit(SWEEP_LIMIT)
-            .with_for_update(skip_locked=True)
+    rows = session.execute(
+        select(Image.id, Batch.priority == BatchPriority.URGENT)
+        .join(Batch, Batch.id == Image.batch_id)
+        .where(
+            Image.status == ImageStatus.QUEUED,
+            or_(Image.enqueued_at.is_(None), Image.enqueued_at < stale),
         )
-    )
-    if not ids:
+        .order_by(Image.id)
+        .limit(SWEEP_LIMIT)
+        .with_for_update(of=Image, skip_locked=True)
+    ).all()
+    if not rows:
         return 0
-    enqueue_screening(producer, ids, chunk_size=chunk_size)
+    for urgent in (True, False):
+        lane = [image_id for image_id, is_urgent in rows if bool(is_urgent) == urgent]
+        enqueue_screening(producer, lane, chunk_size=chunk_size, urgent=urgent)
+    ids = [image_id for image_id, _ in rows]
     mark_enqueued(session=session, image_ids=ids)
     return len(ids)
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from shared.cli import build_parser
+from shared.queue import INFERENCE_QUEUES
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -52,7 +53,7 @@ def test_every_dockerfile_target_exists() -> None:
 
 
 def test_both_workers_reserve_a_gpu_and_consume_their_queue() -> None:
-    for name, queue in (("worker-inference", "inference"), ("worker-training", "training")):
+    for name, queue in (("worker-inference", INFERENCE_QUEUES), ("worker-training", "training")):
         devices = SERVICES[name]["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["driver"] == "nvidia"
         assert "gpu" in devices[0]["capabilities"]

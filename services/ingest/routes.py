@@ -48,6 +48,7 @@ from shared.batches import (
 from shared.db.models import (
     AuditAction,
     Batch,
+    BatchPriority,
     BatchPurpose,
     BatchStatus,
     Image,
@@ -226,7 +227,12 @@ def post_images(
     if batch.purpose == BatchPurpose.TRAINING:
         image_ids = []  # kept for training, never screened
     try:
-        enqueue_screening(producer, image_ids, chunk_size=settings.inference_chunk_size)
+        enqueue_screening(
+            producer,
+            image_ids,
+            chunk_size=settings.inference_chunk_size,
+            urgent=batch.priority == BatchPriority.URGENT,
+        )
         mark_enqueued(session=session, image_ids=image_ids)
         session.commit()
     except (BrokerError, DatabaseError) as err:

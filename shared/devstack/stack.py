@@ -39,6 +39,7 @@ from shared.devstack.servers import (
     stop_server,
     wait_until,
 )
+from shared.queue import INFERENCE_QUEUES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_TENANT = "demo"
@@ -133,7 +134,7 @@ def service_commands(python: str) -> dict[str, list[str]]:
             "services.worker.celery_app",
             "worker",
             "-Q",
-            "inference",
+            INFERENCE_QUEUES,
             "--concurrency",
             "1",
             "--pool",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import uuid
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -12,9 +15,9 @@ from sqlalchemy.orm import Session
 from shared.client import ApiClientError, Client
 from shared.db.models import Image, ImageStatus, Prediction
 from shared.devstack.servers import pid_alive
-from shared.devstack.stack import StackState, down, up
+from shared.devstack.stack import StackState, down, kill_service, start_service_again, up
 from shared.imaging.synth import DEMO_VARIANTS, SynthImage, SynthOptions, generate_exams
-from tests.factories import make_tenant
+from tests.factories import SMALL_SYNTH, make_tenant
 
 pytestmark = pytest.mark.e2e
 
@@ -82,3 +85,37 @@ def test_the_demo_mix_of_vendor_encodings_is_screened_by_the_real_worker(
         client.close_batch(batch["id"])
         status = client.wait(batch["id"], timeout=180, poll=0.5)
     assert status["counts"] == {"queued": 0, "running": 0, "done": 16, "failed": 0, "stored": 0}
+
+
+def test_an_idle_worker_serves_urgent_tasks_before_bulk_ones_queued_earlier(
+    stack: StackState, session: Session, tmp_path: Path
+) -> None:
+    bulk_paths = [
+        i.path for i in generate_exams(tmp_path / "bulk", exams=3, seed=31, options=SMALL_SYNTH)
+    ]
+    urgent_paths = [
+        i.path for i in generate_exams(tmp_path / "urgent", exams=1, seed=32, options=SMALL_SYNTH)
+    ]
+    kill_service(tmp_path / "stack", "worker", signal.SIGTERM)
+    with Client.from_env(stack.env) as client:
+        bulk = client.create_batch("bulk")
+        client.upload(bulk["id"], bulk_paths)  # 12 images: 4 tasks of 3 on the bulk queue
+        client.close_batch(bulk["id"])
+        urgent = client.create_batch("urgent", priority="urgent")
+        client.upload(urgent["id"], urgent_paths)  # then 2 tasks on the urgent queue
+        client.close_batch(urgent["id"])
+        # Each task screens only its own images, so the order of screening is the order in
+        # which the worker took the tasks off the broker.
+        start_service_again(
+            tmp_path / "stack", "worker", overrides={"SCREENING_WORKER_CLAIM_QUEUED": "false"}
+        )
+        for batch in (urgent, bulk):
+            assert client.wait(batch["id"], timeout=180, poll=0.5)["status"] == "completed"
+
+    def started(batch_id: str) -> list[datetime]:
+        query = select(Image.started_at).where(Image.batch_id == uuid.UUID(batch_id))
+        return [t for t in session.scalars(query) if t is not None]
+
+    assert len(started(urgent["id"])) == 4
+    assert len(started(bulk["id"])) == 12
+    assert max(started(urgent["id"])) < min(started(bulk["id"]))

@@ -22,16 +22,16 @@ def test_each_task_lands_in_its_own_queue(settings: Settings) -> None:
         for queue in app.amqp.queues.values():  # as a worker declares them at start-up
             queue.bind(connection.default_channel).declare()
     app.send_task(TaskName.TRAIN_MODEL.value, args=["run-id"])
-    assert _lengths(settings) == {"inference": 0, "training": 1}
+    assert _lengths(settings) == {"inference-urgent": 0, "inference": 0, "training": 1}
     app.send_task(TaskName.SCREEN_IMAGES.value, args=[["image-id"]])
-    assert _lengths(settings) == {"inference": 1, "training": 1}
+    assert _lengths(settings) == {"inference-urgent": 0, "inference": 1, "training": 1}
 
 
-def test_images_are_queued_in_chunks(settings: Settings) -> None:
+def test_images_are_queued_in_chunks_on_their_lane(settings: Settings) -> None:
     ids = [uuid.uuid4() for _ in range(10)]
-    sent = enqueue_screening(make_celery(settings), ids, chunk_size=4)
-    assert sent == 3
-    assert _lengths(settings)["inference"] == 3
+    assert enqueue_screening(make_celery(settings), ids, chunk_size=4) == 3
+    assert enqueue_screening(make_celery(settings), ids[:2], chunk_size=4, urgent=True) == 1
+    assert _lengths(settings) == {"inference-urgent": 1, "inference": 3, "training": 0}
 
 
 def test_every_queue_has_its_own_exchange_and_routing_key(settings: Settings) -> None:

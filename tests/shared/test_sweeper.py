@@ -9,17 +9,17 @@ from sqlalchemy.orm import Session
 from shared.batches import claim_images, close_batch, mark_enqueued
 from shared.config import Settings
 from shared.db.base import session_factory, utcnow
-from shared.db.models import BatchStatus, Image, ImageStatus
+from shared.db.models import BatchPriority, BatchStatus, Image, ImageStatus
 from shared.queue import make_celery
 from shared.storage import ObjectStore
 from shared.sweeper import delete_orphans, expire_leases, relay_queued, sweep_once
 from tests.factories import make_batch, make_image, make_tenant
 
 
-def _queue_length(settings: Settings) -> int:
+def _queue_length(settings: Settings, queue: str = "inference") -> int:
     client = redis.Redis.from_url(settings.redis_url)
     try:
-        return int(client.llen("inference"))
+        return int(client.llen(queue))
     finally:
         client.close()
 
@@ -91,6 +91,23 @@ def test_relay_sends_unsent_and_lost_work_but_not_fresh_work(
     session.expire_all()
     assert all(i.enqueued_at is not None for i in session.scalars(select(Image)))
     assert _queue_length(settings) == 1  # one task carrying both ids
+
+
+def test_relayed_work_of_an_urgent_batch_goes_back_to_the_urgent_queue(
+    session: Session, settings: Settings
+) -> None:
+    tenant, _ = make_tenant(session)
+    bulk = make_batch(session, tenant, name="bulk")
+    urgent = make_batch(session, tenant, name="urgent", priority=BatchPriority.URGENT)
+    for batch in (bulk, bulk, urgent):
+        make_image(session, batch)
+    sent = relay_queued(
+        session=session, producer=make_celery(settings), chunk_size=10, requeue_after_s=900
+    )
+    session.commit()
+    assert sent == 3
+    assert _queue_length(settings, "inference-urgent") == 1
+    assert _queue_length(settings, "inference") == 1
 
 
 def test_concurrent_sweepers_skip_rows_another_holds(settings: Settings) -> None:

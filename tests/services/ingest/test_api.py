@@ -382,3 +382,19 @@ def test_a_storage_failure_of_one_file_keeps_nothing_of_the_request(
     assert len(failing.keys) == 2  # two were stored before the third failed ...
     assert session.scalars(select(Image)).all() == []
     assert list(store.client.list_objects(store.bucket, recursive=True)) == []  # ... and undone
+
+
+def test_an_urgent_batch_is_queued_on_the_urgent_lane(
+    ingest: TestClient, session: Session, settings: Settings, exam: list[SynthImage]
+) -> None:
+    _, key = make_tenant(session)
+    urgent = _batch(ingest, key, priority="urgent")
+    response = ingest.post(
+        f"/v1/batches/{urgent['id']}/images",
+        files=files_field([i.path for i in exam]),
+        headers=auth(key),
+    )
+    assert response.status_code == 202, response.text
+    queued = [i for args in queued_task_args(settings, "inference-urgent") for i in args]
+    assert sorted(queued) == sorted(a["id"] for a in response.json()["accepted"])
+    assert queued_task_args(settings, "inference") == []
