@@ -40,15 +40,17 @@ def test_stack_benchmark_produces_every_figure(tmp_path: Path) -> None:
     assert STACK_KEYS - set(results) == set()
     numbers = [results[k] for k in STACK_KEYS if k not in ("device", "torch_version")]
     assert all(isinstance(n, int | float) and n > 0 for n in numbers)
-    # Every phase used some CPU, and the services that did the work are named in it.
+    # Every phase is reported. CPU time comes in 10 ms ticks, and a phase over 8 small images
+    # may take less than one in a process, so single phases are only checked for the model
+    # (it runs for half a second) and the services' work over the whole run must show.
+    # (tests/bench/test_cpu.py checks that the attribution is right.)
     assert set(results["cpu_ms_per_image"]) == CPU_PHASES
-    assert all(v > 0 for v in results["cpu_ms_per_image"].values())
+    assert all(v >= 0 for v in results["cpu_ms_per_image"].values())
+    assert results["cpu_ms_per_image"]["model"] > 0
     phases = results["cpu_by_phase"]
     assert set(phases) == CPU_PHASES
-    assert phases["pipeline"]["by_process"]["worker"] > 0
-    assert phases["upload"]["by_process"]["ingest"] > 0
-    assert phases["s3_put"]["by_process"]["s3"] > 0
-    assert phases["s3_get"]["by_process"]["s3"] > 0
+    for service in ("worker", "ingest", "s3"):
+        assert sum(phase["by_process"][service] for phase in phases.values()) > 0, service
     assert 0 < results["pipeline_to_model_ceiling"] <= 1
 
 
