@@ -38,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -252,18 +253,13 @@ def _stack_processes(stack_dir: Path) -> dict[str, int]:
     return {**state.services, **{s.name: s.pid for s in state.servers}}
 
 
-def _measured(stack_dir: Path, cpu: dict[str, Any], phase: str) -> Any:
-    """Context manager: the machine's and each process's CPU over one phase, into `cpu`."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def measuring() -> Iterator[None]:
-        meter = CpuMeter(_stack_processes(stack_dir), alone={"bench": os.getpid()})
-        start = meter.mark()
-        yield
-        cpu[phase] = meter.since(start)
-
-    return measuring()
+@contextmanager
+def _measured(stack_dir: Path, cpu: dict[str, CpuUsage], phase: str) -> Iterator[None]:
+    """The machine's and each process's CPU over one phase, into `cpu[phase]`."""
+    meter = CpuMeter(_stack_processes(stack_dir), alone={"bench": os.getpid()})
+    start = meter.mark()
+    yield
+    cpu[phase] = meter.since(start)
 
 
 def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> dict[str, Any]:

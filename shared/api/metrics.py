@@ -8,9 +8,9 @@ from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from shared.api.middleware import HttpMiddleware
+from shared.api.middleware import HttpMiddleware, NotingSend
 from shared.api.requests import route_template
 from shared.config import Settings
 from shared.metrics import HttpMetrics, PipelineCollector
@@ -26,20 +26,13 @@ class HttpMetricsMiddleware(HttpMiddleware):
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        status = 500
-
-        async def noting_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        noting = NotingSend(send)
         try:
-            await self.app(scope, receive, noting_status)
+            await self.app(scope, receive, noting)
         finally:
             template = route_template(scope) or "unmatched"
             method = scope["method"]
-            self.http.requests.labels(self.service, method, template, str(status)).inc()
+            self.http.requests.labels(self.service, method, template, str(noting.status)).inc()
             self.http.latency.labels(self.service, method, template).observe(
                 time.perf_counter() - started
             )

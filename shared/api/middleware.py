@@ -6,7 +6,9 @@ body through a task and a memory stream: a real cost on multi-megabyte uploads.
 
 from __future__ import annotations
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class HttpMiddleware:
@@ -23,3 +25,20 @@ class HttpMiddleware:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         raise NotImplementedError
+
+
+class NotingSend:
+    """Wraps `send`: notes the response's status (500 until one starts: an exception) and
+    lets `on_start` add to the response-start message, e.g. a header."""
+
+    def __init__(self, send: Send, on_start: Callable[[Message], None] | None = None) -> None:
+        self._send = send
+        self._on_start = on_start
+        self.status = 500
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            if self._on_start is not None:
+                self._on_start(message)
+        await self._send(message)

@@ -9,9 +9,9 @@ import uuid
 
 from fastapi import FastAPI
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from shared.api.middleware import HttpMiddleware
+from shared.api.middleware import HttpMiddleware, NotingSend
 from shared.logs import log_context
 
 log = logging.getLogger("access")
@@ -34,25 +34,19 @@ class RequestContext(HttpMiddleware):
         offered = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
         request_id = offered if ACCEPTED_REQUEST_ID.match(offered) else uuid.uuid4().hex
         started = time.perf_counter()
-        status = 500
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                MutableHeaders(scope=message).append(REQUEST_ID_HEADER, request_id)
-            await send(message)
-
+        noting = NotingSend(
+            send, lambda start: MutableHeaders(scope=start).append(REQUEST_ID_HEADER, request_id)
+        )
         with log_context(request_id=request_id):
             try:
-                await self.app(scope, receive, send_with_id)
+                await self.app(scope, receive, noting)
             finally:
                 params = scope.get("path_params", {})
                 log.info(
                     "%s %s %d %.1fms",
                     scope["method"],
                     route_template(scope) or scope["path"],
-                    status,
+                    noting.status,
                     (time.perf_counter() - started) * 1000,
                     extra={field: str(params[p]) for p, field in ID_PARAMS.items() if p in params},
                 )

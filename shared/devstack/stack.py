@@ -99,6 +99,16 @@ class StackState:
 WORKER_SERVICES = ("worker", "trainer")
 
 
+def _celery_worker(
+    python: str, queues: str, hostname: str, metrics_port: str, pool: list[str]
+) -> list[str]:
+    return [
+        *(python, "-m", "celery", "-A", "services.worker.celery_app", "worker"),
+        *("-Q", queues, *pool, "--hostname", hostname, "--metrics-port", metrics_port),
+        *("--loglevel", "INFO", "--without-gossip", "--without-mingle"),
+    ]
+
+
 def service_commands(python: str) -> dict[str, list[str]]:
     """How each service process is started, with ports filled in later."""
     return {
@@ -126,50 +136,22 @@ def service_commands(python: str) -> dict[str, list[str]]:
             "{results_port}",
             "--no-access-log",
         ],
-        "worker": [
+        "worker": _celery_worker(
             python,
-            "-m",
-            "celery",
-            "-A",
-            "services.worker.celery_app",
-            "worker",
-            "-Q",
             INFERENCE_QUEUES,
-            "--concurrency",
-            "1",
-            "--pool",
-            "prefork",
-            "--hostname",
             "worker-{worker_port}@%h",
-            "--metrics-port",
             "{worker_metrics_port}",
-            "--loglevel",
-            "INFO",
-            "--without-gossip",
-            "--without-mingle",
-        ],
+            ["--concurrency", "1", "--pool", "prefork"],
+        ),
         # Training runs for minutes to hours: its own process, so screening goes on meanwhile.
         # The solo pool runs the task in this process (no fork), and one run at a time.
-        "trainer": [
+        "trainer": _celery_worker(
             python,
-            "-m",
-            "celery",
-            "-A",
-            "services.worker.celery_app",
-            "worker",
-            "-Q",
             "training",
-            "--pool",
-            "solo",
-            "--hostname",
             "trainer-{worker_port}@%h",
-            "--metrics-port",
             "{trainer_metrics_port}",
-            "--loglevel",
-            "INFO",
-            "--without-gossip",
-            "--without-mingle",
-        ],
+            ["--pool", "solo"],
+        ),
     }
 
 
