@@ -52,7 +52,7 @@ bench-model: install ## train through the API on 800 synthetic exams, test on a 
 lint: install ## ruff (lint and format check) and mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy shared services bench
+	$(BIN)/mypy shared services bench cli devstack client/mammoscreen_client
 
 format: install ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff format .

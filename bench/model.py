@@ -34,10 +34,10 @@ import torch
 
 from bench.report import write_and_print
 from bench.throughput import device_name
+from devstack.synth import LABEL_FIELDS, generate_exams, variant_mix
 from shared.db.models import Laterality, View
 from shared.imaging.decode import decode_image
 from shared.imaging.preprocess import Preprocess
-from shared.imaging.synth import LABEL_FIELDS, generate_exams, variant_mix
 from shared.ml.baseline import brightest_blob_score
 from shared.ml.evaluation import ScoredView, bootstrap_auc_interval, exam_outcomes
 from shared.ml.model import ScreeningNet
@@ -125,11 +125,11 @@ def train_through_api(
     args: argparse.Namespace, train_dir: Path
 ) -> tuple[dict[str, Any], bytes, dict[str, Any]]:
     """(the finished run, its model's checkpoint, its registry row as JSON)."""
-    from shared.client import Client, submit_training_folder
+    from devstack.stack import down, up
+    from mammoscreen_client import Client, submit_training_folder
     from shared.config import settings_from_environ
     from shared.db.base import session_scope
     from shared.db.models import ModelVersion
-    from shared.devstack.stack import down, up
     from shared.storage import ObjectStore
 
     stack_dir = Path(tempfile.mkdtemp(prefix="bench-model-stack-"))

@@ -48,12 +48,12 @@ import torch
 
 from bench.cpu import CpuMeter, CpuUsage
 from bench.report import write_and_print
+from devstack.synth import SynthOptions, generate_exams
 from services.worker.models import inference_cpu_threads
 from services.worker.pipeline import BatchPolicy, Predictor, Prefetcher
 from shared.config import Settings, settings_from_environ
 from shared.imaging.decode import decode_image
 from shared.imaging.preprocess import Preprocess
-from shared.imaging.synth import SynthOptions, generate_exams
 from shared.ml.model import ScreeningNet, ScreeningNetConfig
 
 MIB = 1024 * 1024
@@ -246,7 +246,7 @@ def _prepare_all(paths: Sequence[Path], config: ScreeningNetConfig, threads: int
 
 def _stack_processes(stack_dir: Path) -> dict[str, int]:
     """The stack's processes by name (read afresh: a restarted worker has a new pid)."""
-    from shared.devstack.stack import StackState
+    from devstack.stack import StackState
 
     state = StackState.load(stack_dir.resolve() / "state.json")
     assert state is not None, "no stack running"
@@ -263,8 +263,8 @@ def _measured(stack_dir: Path, cpu: dict[str, CpuUsage], phase: str) -> Iterator
 
 
 def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> dict[str, Any]:
-    from shared.client import Client
-    from shared.devstack.stack import down, kill_service, start_service_again, up
+    from devstack.stack import down, kill_service, start_service_again, up
+    from mammoscreen_client import Client
 
     pipeline_paths = _synth(data / "pipeline", args.images, 101, options)
     urgent_paths = _synth(data / "urgent", 4, 202, options)

@@ -9,7 +9,8 @@ so the results service (which never loads torch) can compute these on read.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from shared.db.models import Laterality, View
@@ -49,6 +50,14 @@ def breast_scores(view_scores: Iterable[ViewScore]) -> list[BreastScore]:
 def exam_score(breasts: Iterable[BreastScore]) -> float | None:
     scores = [b.score for b in breasts]
     return max(scores) if scores else None
+
+
+def calibrated_probability(score: float, calibration: Mapping[str, float]) -> float:
+    """A model's score as a probability, through its Platt scaling: sigmoid(a * logit(s) + b)
+    (the score clipped to [1e-6, 1 - 1e-6] first, as when the scaling was fitted)."""
+    clipped = min(max(score, 1e-6), 1 - 1e-6)
+    logit = math.log(clipped / (1 - clipped))
+    return 1 / (1 + math.exp(-(calibration["a"] * logit + calibration["b"])))
 
 
 def roc_auc(scores: Iterable[float], labels: Iterable[bool]) -> float:

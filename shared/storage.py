@@ -1,10 +1,14 @@
-"""Object storage over the S3 API (MinIO in production, SeaweedFS locally)."""
+"""Object storage over the S3 API (MinIO in production, SeaweedFS locally), and the layout of
+every key the system writes."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import BinaryIO, cast
 
 from minio import Minio
@@ -15,6 +19,48 @@ from shared.config import Settings
 
 # Multipart part size: the most of one upload held in memory at once.
 PART_SIZE = 8 * 1024 * 1024
+
+
+class Keys:
+    """Where each kind of object lives. Nothing else spells a key.
+
+    Uploaded images live under `UPLOADS`, and only they do: the orphan sweep deletes any
+    object there that no image row names. Derived objects (heatmaps, previews) and model
+    files live elsewhere, and rows refer to them.
+    """
+
+    UPLOADS = "tenants/"
+
+    @staticmethod
+    def image(tenant_id: uuid.UUID, batch_id: uuid.UUID, image_id: uuid.UUID) -> str:
+        """An uploaded image's de-identified copy."""
+        return f"{Keys.UPLOADS}{tenant_id}/batches/{batch_id}/images/{image_id}"
+
+    @staticmethod
+    def heatmap(image_id: uuid.UUID, model_version_id: uuid.UUID) -> str:
+        """The greyscale per-position probability map (0..1 as 0..255) at 1/4 size."""
+        return f"heatmaps/{image_id}/{model_version_id}.png"
+
+    @staticmethod
+    def heatmap_overlay(image_id: uuid.UUID, model_version_id: uuid.UUID) -> str:
+        """The same map as a transparent colour overlay, as viewers lay it on the image."""
+        return f"heatmaps/{image_id}/{model_version_id}-overlay.png"
+
+    @staticmethod
+    def preview(image_id: uuid.UUID) -> str:
+        """The image as an 8-bit PNG at 1/4 size, written when it is screened."""
+        return f"previews/{image_id}.png"
+
+    @staticmethod
+    def training_checkpoint(run_id: uuid.UUID, epoch: int) -> str:
+        return f"training/{run_id}/checkpoint-epoch{epoch:04d}.pt"
+
+    @staticmethod
+    def model_checkpoint(name: str) -> str:
+        return f"models/{name}/checkpoint.pt"
+
+
+MISSING_OBJECT_CODES = ("NoSuchKey", "NoSuchObject", "ResourceNotFound")
 
 
 class ObjectTooLarge(Exception):
@@ -117,6 +163,15 @@ class ObjectStore:
             response.close()
             response.release_conn()
 
+    def get_bytes_or_none(self, key: str) -> bytes | None:
+        """The object's bytes, or None when there is no such object."""
+        try:
+            return self.get_bytes(key)
+        except S3Error as err:
+            if err.code in MISSING_OBJECT_CODES:
+                return None
+            raise
+
     def delete(self, key: str) -> None:
         self.client.remove_object(self.bucket, key)
 
@@ -124,7 +179,16 @@ class ObjectStore:
         try:
             self.client.stat_object(self.bucket, key)
         except S3Error as err:
-            if err.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+            if err.code in MISSING_OBJECT_CODES:
                 return False
             raise
         return True
+
+    def list_keys(self, prefix: str, *, older_than: datetime | None = None) -> Iterator[str]:
+        """Keys under `prefix`, all of them or those last written before `older_than`."""
+        for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
+            if older_than is not None and (
+                obj.last_modified is None or obj.last_modified >= older_than
+            ):
+                continue
+            yield str(obj.object_name)

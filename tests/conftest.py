@@ -8,9 +8,9 @@ import psycopg
 import pytest
 from sqlalchemy.orm import Session
 
+from devstack.synth import SynthImage, SynthOptions, generate_exams
 from shared.config import Settings
 from shared.db.base import get_engine, session_factory
-from shared.imaging.synth import SynthImage, SynthOptions, generate_exams
 from shared.storage import ObjectStore
 from tests.infra import (
     Infra,

@@ -8,9 +8,17 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from devstack.synth import SynthOptions
 from shared.batches import create_batch, get_or_create_study
-from shared.db.models import Batch, BatchPriority, Image, Laterality, Tenant, View
-from shared.imaging.synth import SynthOptions
+from shared.db.models import (
+    Batch,
+    BatchPriority,
+    Image,
+    Laterality,
+    ModelVersion,
+    Tenant,
+    View,
+)
 from shared.storage import ObjectStore
 from shared.tenants import create_tenant, issue_api_key
 
@@ -68,6 +76,16 @@ def make_image(
     session.add(image)
     session.commit()
     return image
+
+
+def make_model_version(session: Session, *, trained: bool = False) -> ModelVersion:
+    """A committed model version row (no checkpoint object behind it)."""
+    version = ModelVersion(
+        name=f"m-{uuid.uuid4().hex[:6]}", architecture={}, checkpoint_key="k", trained=trained
+    )
+    session.add(version)
+    session.commit()
+    return version
 
 
 def make_stored_image(session: Session, store: ObjectStore, batch: Batch, data: bytes) -> Image:

@@ -15,9 +15,9 @@ from pathlib import Path
 import psycopg
 import redis
 
+from devstack.servers import start_postgres, start_redis, start_s3, stop_server
+from devstack.stack import REPO_ROOT
 from shared.config import Settings
-from shared.devstack.servers import start_postgres, start_redis, start_s3, stop_server
-from shared.devstack.stack import REPO_ROOT
 from shared.storage import ObjectStore
 
 TEMPLATE_DB = "screening_template"

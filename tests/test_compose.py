@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from shared.cli import build_parser
+from cli.main import build_parser
 from shared.queue import INFERENCE_QUEUES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,17 @@ def test_every_command_points_at_code_that_exists(name: str) -> None:
         assert callable(args.func)
     else:
         pytest.fail(f"{name}: unrecognised command {command}")
+
+
+def test_the_image_copies_every_package_the_project_installs() -> None:
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    where = find["find"]["where"]
+    packages = {p.rstrip("*") for p in find["find"]["include"]}
+    for package in packages:
+        folder = next(w for w in where if (ROOT / w / package).is_dir())
+        top = package if folder == "." else folder
+        assert f"COPY {top} {top}" in dockerfile, package
 
 
 def test_every_dockerfile_target_exists() -> None:

@@ -13,7 +13,7 @@ from shared.api.errors import install_error_handlers
 from shared.api.health import router as health_router
 from shared.api.limits import BodySizeLimit
 from shared.api.metrics import install_metrics
-from shared.api.ratelimit import rate_limit_client
+from shared.api.ratelimit import WALL_CLOCK, rate_limit_client
 from shared.api.requests import install_request_logging
 from shared.config import Settings, get_settings
 from shared.logs import configure_logging
@@ -46,6 +46,7 @@ def bind(app: FastAPI, settings: Settings) -> None:
     app.state.store = ObjectStore(settings)
     app.state.producer = producer(settings)
     app.state.redis = rate_limit_client(settings)
+    app.state.clock = WALL_CLOCK  # the rate limit's windows
     app.state.storers = ThreadPoolExecutor(
         max_workers=settings.ingest_store_threads, thread_name_prefix="store-upload"
     )

@@ -27,7 +27,7 @@ from services.ingest.schemas import (
     UploadResult,
     WebhookSecret,
 )
-from services.ingest.uploads import StoredUpload, UploadHints, store_upload
+from services.ingest.uploads import store_upload
 from shared.api.deps import Caller
 from shared.api.errors import ApiError
 from shared.api.schemas import (
@@ -36,15 +36,7 @@ from shared.api.schemas import (
     BatchPublic,
     error_responses,
 )
-from shared.batches import (
-    close_batch,
-    create_batch,
-    get_batch,
-    get_or_create_study,
-    image_count,
-    mark_enqueued,
-    record_rejections,
-)
+from shared.batches import create_batch, get_batch, image_count, record_rejections
 from shared.db.models import (
     AuditAction,
     Batch,
@@ -52,12 +44,12 @@ from shared.db.models import (
     BatchPurpose,
     BatchStatus,
     Image,
-    ImageStatus,
     Laterality,
     View,
 )
+from shared.imaging.intake import IntakeHints, StoredImage, discard
+from shared.lifecycle import accept_images, close_batch, mark_enqueued
 from shared.queue import enqueue_screening
-from shared.storage import ObjectStore
 from shared.webhooks import SIGNATURE_HEADER, tenant_secret
 
 log = logging.getLogger(__name__)
@@ -79,14 +71,6 @@ def _not_open(batch: Batch) -> ApiError:
         f"batch {batch.id} is {batch.status.value}; it takes no more images. "
         "Create a new batch for further uploads.",
     )
-
-
-def _discard(store: ObjectStore, uploads: list[StoredUpload]) -> None:
-    for upload in uploads:
-        try:
-            store.delete(upload.stored.key)
-        except (S3Error, StorageConnectionError):
-            log.exception("could not remove orphaned object %s", upload.stored.key)
 
 
 @router.post("/batches", status_code=201, response_model=BatchPublic)
@@ -148,10 +132,10 @@ def post_images(
         )
     session.rollback()  # release the snapshot while files stream; re-checked under lock below
 
-    hints = UploadHints(
+    hints = IntakeHints(
         study_key=study_key, patient_id=patient_id, laterality=laterality, view=view
     )
-    stored: list[StoredUpload] = []
+    stored: list[StoredImage] = []
     rejected: list[RejectedFile] = []
     storage_failure: Exception | None = None
     # The files of a request are checked, de-identified and streamed to storage side by side
@@ -180,7 +164,7 @@ def post_images(
             for name, err in outcome.rejected
         )
     if storage_failure is not None:
-        _discard(store, stored)
+        discard(store, stored)
         raise ApiError(
             503,
             "storage_unavailable",
@@ -208,11 +192,11 @@ def post_images(
             max_images=settings.max_images_per_batch,
         )
     except ApiError:
-        _discard(store, stored)
+        discard(store, stored)
         raise
     except DatabaseError as err:
         session.rollback()
-        _discard(store, stored)
+        discard(store, stored)
         raise ApiError(
             503,
             "database_unavailable",
@@ -268,7 +252,7 @@ def _record_images(
     session: SessionDep,
     caller: Caller,
     batch_id: uuid.UUID,
-    uploads: list[StoredUpload],
+    uploads: list[StoredImage],
     rejections: list[tuple[str, str, str]],
     max_images: int,
 ) -> list[Image]:
@@ -282,7 +266,7 @@ def _record_images(
     if batch.status != BatchStatus.OPEN:
         session.rollback()
         raise _not_open(batch)
-    already = image_count(session=session, batch_id=batch_id)
+    already = image_count(session=session, tenant_id=tenant_id, batch_id=batch_id)
     if already + len(uploads) > max_images:
         session.rollback()
         raise ApiError(
@@ -292,33 +276,7 @@ def _record_images(
             "start a new batch for the rest",
             detail={"images": already, "limit": max_images},
         )
-    images = []
-    for upload in uploads:
-        study = get_or_create_study(
-            session=session,
-            tenant_id=tenant_id,
-            batch_id=batch_id,
-            study_key=upload.study_key,
-            patient_key=upload.patient_key,
-        )
-        image = Image(
-            id=upload.image_id,
-            tenant_id=tenant_id,
-            batch_id=batch_id,
-            study_id=study.id,
-            filename=upload.filename,
-            object_key=upload.stored.key,
-            sha256=upload.stored.sha256,
-            size_bytes=upload.stored.size,
-            media_type=upload.media_type.value,
-            laterality=upload.laterality,
-            view=upload.view,
-            status=(
-                ImageStatus.STORED if batch.purpose == BatchPurpose.TRAINING else ImageStatus.QUEUED
-            ),
-        )
-        session.add(image)
-        images.append(image)
+    images = accept_images(session=session, batch=batch, accepted=uploads)
     record_rejections(
         session=session, tenant_id=tenant_id, batch_id=batch_id, rejections=rejections
     )

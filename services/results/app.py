@@ -11,7 +11,7 @@ from services.results.viewer import router as viewer_router
 from shared.api.errors import install_error_handlers
 from shared.api.health import router as health_router
 from shared.api.metrics import install_metrics
-from shared.api.ratelimit import rate_limit_client
+from shared.api.ratelimit import WALL_CLOCK, rate_limit_client
 from shared.api.requests import install_request_logging
 from shared.config import Settings, get_settings
 from shared.logs import configure_logging
@@ -42,4 +42,5 @@ def bind(app: FastAPI, settings: Settings) -> None:
     """Point the app at the servers `settings` names (no connection is opened here)."""
     app.state.settings = settings
     app.state.redis = rate_limit_client(settings)
+    app.state.clock = WALL_CLOCK  # the rate limit's windows
     app.state.store = ObjectStore(settings)  # heatmaps

@@ -11,7 +11,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
@@ -20,14 +20,12 @@ from sqlalchemy.orm import Session
 
 from services.results import cursors
 from services.results.deps import CallerDep, SessionDep, SettingsDep, StoreDep
+from services.results.presenters import exam_public, heatmap_url, latest_prediction
 from services.results.schemas import (
     AuditEventPublic,
     AuditPage,
     BatchDetail,
     BatchPage,
-    BreastResult,
-    Exam,
-    ExamImage,
     ExamsPage,
     ImageCounts,
     ImageResult,
@@ -53,26 +51,17 @@ from shared.batches import (
 )
 from shared.config import Settings
 from shared.db.base import session_scope
-from shared.db.models import AuditAction, Image, Laterality, Prediction, Study, View
-from shared.imaging.heatmaps import overlay_png
-from shared.ml.evaluation import calibrated_probability
-from shared.scores import ViewScore, breast_scores, exam_score
+from shared.db.models import AuditAction, Image, Prediction
+from shared.storage import Keys
 
 router = APIRouter(prefix="/v1", tags=["results"], responses=COMMON_ERRORS)
 
-SCREENING_VIEWS = [f"{lat.value}-{view.value}" for lat in Laterality for view in View]
 MAX_WAIT_S = 60.0
 LONG_POLL_INTERVAL_S = 0.5
 UNTRAINED_WARNING = (
     "scores in this batch come from an untrained (randomly initialised) model and carry no "
     "diagnostic meaning"
 )
-
-
-def _heatmap_url(image: Image, prediction: Prediction | None) -> str | None:
-    if prediction is None or prediction.heatmap_key is None:
-        return None
-    return f"/v1/images/{image.id}/heatmap.png"
 
 
 def _image_result(image: Image, prediction: Prediction | None) -> ImageResult:
@@ -92,7 +81,7 @@ def _image_result(image: Image, prediction: Prediction | None) -> ImageResult:
         model_version=(
             ModelVersionPublic.model_validate(prediction.model_version) if prediction else None
         ),
-        heatmap_url=_heatmap_url(image, prediction),
+        heatmap_url=heatmap_url(image, prediction),
         created_at=image.created_at,
         finished_at=image.finished_at,
     )
@@ -120,14 +109,14 @@ def _batch_detail(session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID) -
     batch = get_batch(session=session, tenant_id=tenant_id, batch_id=batch_id)
     if batch is None:
         raise ApiError(404, "batch_not_found", f"no batch {batch_id} exists for this API key")
-    counts = image_counts(session=session, batch_id=batch.id)
-    versions = model_versions_used(session=session, batch_id=batch.id)
+    counts = image_counts(session=session, tenant_id=tenant_id, batch_id=batch.id)
+    versions = model_versions_used(session=session, tenant_id=tenant_id, batch_id=batch.id)
     warnings = [UNTRAINED_WARNING] if any(not v.trained for v in versions) else []
     return BatchDetail(
         **BatchPublic.model_validate(batch).model_dump(),
         counts=ImageCounts(**counts),
         total_images=sum(counts.values()),
-        rejected_files=rejection_count(session=session, batch_id=batch.id),
+        rejected_files=rejection_count(session=session, tenant_id=tenant_id, batch_id=batch.id),
         model_versions=[ModelVersionPublic.model_validate(v) for v in versions],
         warnings=warnings,
     )
@@ -203,7 +192,9 @@ def get_batch_results(
         session=session, tenant_id=caller.tenant.id, batch_id=batch_id, limit=limit + 1, after=after
     )
     page, next_cursor = cursors.id_page(images, limit, lambda image: image.id)
-    predictions = latest_predictions(session=session, image_ids=[i.id for i in page])
+    predictions = latest_predictions(
+        session=session, tenant_id=caller.tenant.id, image_ids=[i.id for i in page]
+    )
     caller.audit(session, AuditAction.READ, "batch_results", batch_id, images=len(page))
     session.commit()
     return ResultsPage(
@@ -212,62 +203,17 @@ def get_batch_results(
     )
 
 
+def _no_heatmap(image_id: uuid.UUID) -> ApiError:
+    return ApiError(
+        404,
+        "heatmap_not_found",
+        f"image {image_id} has no heatmap yet; it is written when the image is screened",
+    )
+
+
 def _batch_or_404(session: SessionDep, caller: CallerDep, batch_id: uuid.UUID) -> None:
     if get_batch(session=session, tenant_id=caller.tenant.id, batch_id=batch_id) is None:
         raise ApiError(404, "batch_not_found", f"no batch {batch_id} exists for this API key")
-
-
-def _exam(study: Study, images: list[Image], predictions: dict[uuid.UUID, Prediction]) -> Exam:
-    present = sorted(
-        {f"{i.laterality.value}-{i.view.value}" for i in images if i.laterality and i.view}
-    )
-    breasts = breast_scores(
-        ViewScore(i.laterality, i.view, predictions[i.id].malignancy_score)
-        for i in images
-        if i.id in predictions and i.laterality is not None and i.view is not None
-    )
-    score = exam_score(breasts)
-    return Exam(
-        id=study.id,
-        study_key=study.study_key,
-        patient_key=study.patient_key,
-        images=[
-            ExamImage(
-                id=i.id,
-                laterality=i.laterality,
-                view=i.view,
-                status=i.status,
-                score=predictions[i.id].malignancy_score if i.id in predictions else None,
-                error_code=i.error_code,
-                heatmap_url=_heatmap_url(i, predictions.get(i.id)),
-            )
-            for i in images
-        ],
-        views_present=present,
-        missing_views=[v for v in SCREENING_VIEWS if v not in present],
-        breasts=[
-            BreastResult(laterality=b.laterality, score=b.score, views=list(b.views))
-            for b in breasts
-        ],
-        exam_score=score,
-        **_recommendation(score, [predictions[i.id] for i in images if i.id in predictions]),
-    )
-
-
-def _recommendation(score: float | None, predictions: list[Prediction]) -> dict[str, Any]:
-    """Recall or routine, from the model that scored the exam: only when one evaluated model
-    scored every view (a threshold belongs to one model's score scale)."""
-    versions = {p.model_version.id: p.model_version for p in predictions}
-    if score is None or len(versions) != 1:
-        return {}
-    (version,) = versions.values()
-    result: dict[str, Any] = {"model_version": ModelVersionPublic.model_validate(version)}
-    if version.recall_threshold is not None:
-        result["recall"] = "recall" if score >= version.recall_threshold else "routine"
-        result["recall_threshold"] = version.recall_threshold
-    if version.calibration is not None:
-        result["exam_probability"] = calibrated_probability(score, version.calibration)
-    return result
 
 
 @router.get("/batches/{batch_id}/exams", response_model=ExamsPage)
@@ -286,11 +232,13 @@ def get_batch_exams(
     )
     page, next_cursor = cursors.id_page(exams, limit, lambda exam: exam[0].id)
     image_ids = [image.id for _, images in page for image in images]
-    predictions = latest_predictions(session=session, image_ids=image_ids)
+    predictions = latest_predictions(
+        session=session, tenant_id=caller.tenant.id, image_ids=image_ids
+    )
     caller.audit(session, AuditAction.READ, "batch_exams", batch_id, exams=len(page))
     session.commit()
     return ExamsPage(
-        items=[_exam(study, images, predictions) for study, images in page],
+        items=[exam_public(study, images, predictions) for study, images in page],
         next_cursor=next_cursor,
     )
 
@@ -325,7 +273,9 @@ def _export_rows(
                 limit=EXPORT_PAGE,
                 after=after,
             )
-            predictions = latest_predictions(session=session, image_ids=[i.id for i in images])
+            predictions = latest_predictions(
+                session=session, tenant_id=tenant_id, image_ids=[i.id for i in images]
+            )
             rows = [_export_row(image, predictions.get(image.id)) for image in images]
         yield from rows
         if len(images) < EXPORT_PAGE:
@@ -433,7 +383,7 @@ def get_image_result(image_id: uuid.UUID, session: SessionDep, caller: CallerDep
     image = get_image(session=session, tenant_id=caller.tenant.id, image_id=image_id)
     if image is None:
         raise ApiError(404, "image_not_found", f"no image {image_id} exists for this API key")
-    prediction = latest_predictions(session=session, image_ids=[image.id]).get(image.id)
+    prediction = latest_prediction(session, caller, image)
     caller.audit(session, AuditAction.READ, "image", image.id)
     session.commit()
     return _image_result(image, prediction)
@@ -475,17 +425,19 @@ def get_image_heatmap(
     image = get_image(session=session, tenant_id=caller.tenant.id, image_id=image_id)
     if image is None:
         raise ApiError(404, "image_not_found", f"no image {image_id} exists for this API key")
-    prediction = latest_predictions(session=session, image_ids=[image.id]).get(image.id)
+    prediction = latest_prediction(session, caller, image)
     if prediction is None or prediction.heatmap_key is None:
-        raise ApiError(
-            404,
-            "heatmap_not_found",
-            f"image {image_id} has no heatmap yet; it is written when the image is screened",
-        )
+        raise _no_heatmap(image_id)
     caller.audit(session, AuditAction.READ, "heatmap", image.id)
     session.commit()
-    grey = store.get_bytes(prediction.heatmap_key)
-    body = grey if style == "grey" else overlay_png(grey)
+    key = (
+        prediction.heatmap_key
+        if style == "grey"
+        else Keys.heatmap_overlay(image.id, prediction.model_version_id)
+    )
+    body = store.get_bytes_or_none(key)
+    if body is None:
+        raise _no_heatmap(image_id)
     return Response(
         content=body, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
     )

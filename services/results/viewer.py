@@ -9,20 +9,17 @@ queries as the API, and reads are audited like the API's.
 
 from __future__ import annotations
 
-import io
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import APIRouter, Cookie, Depends, Form, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
-from PIL import Image as PILImage
 from sqlalchemy.orm import Session
 
-from services.results.routes import _exam
+from services.results.presenters import exam_public, latest_prediction
 from services.results.schemas import Exam, ExamImage
 from shared.api.deps import Caller, SessionDep, SettingsDep, StoreDep
 from shared.batches import (
@@ -35,13 +32,10 @@ from shared.batches import (
     list_batches,
 )
 from shared.db.models import AuditAction, ImageStatus
-from shared.imaging.decode import decode_image
-from shared.imaging.formats import ImageRejected
-from shared.imaging.heatmaps import overlay_png
+from shared.storage import Keys
 from shared.tenants import authenticate_key
 
 COOKIE = "mammoscreen_key"
-PREVIEW_SHRINK = 4  # previews at 1/4 of the image, the heatmaps' size
 MAX_EXAMS_SHOWN = 1000
 # Hanging order: right breast on the viewer's left, as readers hang them.
 SLOTS = ("R-CC", "L-CC", "R-MLO", "L-MLO")
@@ -124,8 +118,8 @@ class BatchRow:
     finished: int
 
 
-def _progress(session: Session, batch_id: uuid.UUID) -> tuple[int, int]:
-    counts = image_counts(session=session, batch_id=batch_id)
+def _progress(session: Session, caller: Caller, batch_id: uuid.UUID) -> tuple[int, int]:
+    counts = image_counts(session=session, tenant_id=caller.tenant.id, batch_id=batch_id)
     finished = counts[ImageStatus.DONE] + counts[ImageStatus.FAILED] + counts[ImageStatus.STORED]
     return sum(counts.values()), finished
 
@@ -134,7 +128,7 @@ def _progress(session: Session, batch_id: uuid.UUID) -> tuple[int, int]:
 def batches_page(request: Request, session: SessionDep, caller: ViewerDep) -> HTMLResponse:
     rows = []
     for batch in list_batches(session=session, tenant_id=caller.tenant.id, limit=100, before=None):
-        total, finished = _progress(session, batch.id)
+        total, finished = _progress(session, caller, batch.id)
         rows.append(
             BatchRow(batch.id, batch.name, batch.status.value, batch.created_at, total, finished)
         )
@@ -146,7 +140,7 @@ def batch_progress(batch_id: uuid.UUID, session: SessionDep, caller: ViewerDep) 
     batch = get_batch(session=session, tenant_id=caller.tenant.id, batch_id=batch_id)
     if batch is None:
         return JSONResponse({"error": "batch_not_found"}, status_code=404)
-    total, finished = _progress(session, batch.id)
+    total, finished = _progress(session, caller, batch.id)
     return JSONResponse({"status": batch.status.value, "total": total, "finished": finished})
 
 
@@ -165,9 +159,11 @@ def batch_page(
         after=None,
     )
     predictions = latest_predictions(
-        session=session, image_ids=[i.id for _, images in studies for i in images]
+        session=session,
+        tenant_id=caller.tenant.id,
+        image_ids=[i.id for _, images in studies for i in images],
     )
-    exams = [_exam(study, images, predictions) for study, images in studies]
+    exams = [exam_public(study, images, predictions) for study, images in studies]
     exams.sort(key=lambda e: -1.0 if e.exam_score is None else e.exam_score, reverse=True)
     caller.audit(session, AuditAction.READ, "batch_exams", batch_id, exams=len(exams), via="viewer")
     session.commit()
@@ -188,8 +184,10 @@ def exam_page(
     if found is None:
         return HTMLResponse("<p>No such exam for this key.</p>", status_code=404)
     study, images = found
-    predictions = latest_predictions(session=session, image_ids=[i.id for i in images])
-    exam: Exam = _exam(study, images, predictions)
+    predictions = latest_predictions(
+        session=session, tenant_id=caller.tenant.id, image_ids=[i.id for i in images]
+    )
+    exam: Exam = exam_public(study, images, predictions)
     by_view = {f"{i.laterality}-{i.view}": i for i in exam.images if i.laterality and i.view}
     slots = [Slot(name, by_view.get(name)) for name in SLOTS]
     caller.audit(session, AuditAction.READ, "exam", exam_id, via="viewer")
@@ -197,36 +195,24 @@ def exam_page(
     return _page(request, "exam.html", caller, exam=exam, slots=slots)
 
 
+PRIVATE = {"Cache-Control": "private"}
+
+
 @router.get("/images/{image_id}/view.png")
 def image_preview(
-    image_id: uuid.UUID,
-    session: SessionDep,
-    settings: SettingsDep,
-    store: StoreDep,
-    caller: ViewerDep,
+    image_id: uuid.UUID, session: SessionDep, store: StoreDep, caller: ViewerDep
 ) -> Response:
-    """The stored image as an 8-bit PNG at 1/4 size, in its own orientation (as heatmaps)."""
+    """The image as an 8-bit PNG at 1/4 size, in its own orientation (as heatmaps), as the
+    worker stored it when it screened the image; 404 before that."""
     image = get_image(session=session, tenant_id=caller.tenant.id, image_id=image_id)
     if image is None:
         return Response(status_code=404)
     caller.audit(session, AuditAction.READ, "image", image.id, via="viewer")
     session.commit()
-    try:
-        pixels = decode_image(
-            store.get_bytes(image.object_key),
-            image.media_type,
-            max_pixels=settings.max_image_pixels,
-        )
-    except ImageRejected:
-        return Response(status_code=422)
-    height, width = pixels.shape
-    grey = PILImage.fromarray(np.round(pixels * 255).astype(np.uint8), mode="L").resize(
-        (max(1, width // PREVIEW_SHRINK), max(1, height // PREVIEW_SHRINK)),
-        PILImage.Resampling.BILINEAR,
-    )
-    buffer = io.BytesIO()
-    grey.save(buffer, format="PNG")
-    return Response(buffer.getvalue(), media_type="image/png", headers={"Cache-Control": "private"})
+    preview = store.get_bytes_or_none(Keys.preview(image.id))
+    if preview is None:
+        return Response(status_code=404)
+    return Response(preview, media_type="image/png", headers=PRIVATE)
 
 
 @router.get("/images/{image_id}/heatmap.png")
@@ -234,13 +220,10 @@ def image_heatmap(
     image_id: uuid.UUID, session: SessionDep, store: StoreDep, caller: ViewerDep
 ) -> Response:
     image = get_image(session=session, tenant_id=caller.tenant.id, image_id=image_id)
-    prediction = (
-        latest_predictions(session=session, image_ids=[image.id]).get(image.id) if image else None
-    )
-    if prediction is None or prediction.heatmap_key is None:
+    prediction = latest_prediction(session, caller, image) if image else None
+    if image is None or prediction is None or prediction.heatmap_key is None:
         return Response(status_code=404)
-    return Response(
-        overlay_png(store.get_bytes(prediction.heatmap_key)),
-        media_type="image/png",
-        headers={"Cache-Control": "private"},
-    )
+    overlay = store.get_bytes_or_none(Keys.heatmap_overlay(image.id, prediction.model_version_id))
+    if overlay is None:
+        return Response(status_code=404)
+    return Response(overlay, media_type="image/png", headers=PRIVATE)

@@ -23,7 +23,15 @@ from urllib3.exceptions import HTTPError as StorageConnectionError
 from services.worker.celery_app import app
 from services.worker.models import LoadedModel, ModelCache, inference_cpu_threads
 from services.worker.pipeline import BatchPolicy, Prefetcher
-from shared.batches import (
+from shared.config import Settings, get_settings
+from shared.db.base import session_scope
+from shared.db.models import Image, InferenceBatch, Laterality
+from shared.imaging.decode import decode_image
+from shared.imaging.formats import ImageRejected, RejectCode
+from shared.imaging.preprocess import InputGeometry, Preprocess, heatmap_on_image
+from shared.imaging.renders import heatmap_pngs, preview_png
+from shared.lifecycle import (
+    abandon_images,
     claim_images,
     claim_next_images,
     record_failure,
@@ -31,17 +39,10 @@ from shared.batches import (
     refresh_batches,
     release_images,
 )
-from shared.config import Settings, get_settings
-from shared.db.base import session_scope
-from shared.db.models import Image, ImageStatus, InferenceBatch, Laterality
-from shared.imaging.decode import decode_image
-from shared.imaging.formats import ImageRejected, RejectCode
-from shared.imaging.heatmaps import heatmap_png
-from shared.imaging.preprocess import InputGeometry, Preprocess, heatmap_on_image
 from shared.logs import log_context
 from shared.ml.registry import ensure_active_model, shipped_model_dir
 from shared.queue import Queue, TaskName
-from shared.storage import ObjectStore
+from shared.storage import MISSING_OBJECT_CODES, Keys, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ log = logging.getLogger(__name__)
 # itself (cannot be decoded, object missing) fails that image at once and is never retried.
 TRANSIENT_ERRORS = (StorageConnectionError, DatabaseError, ConnectionError, TimeoutError)
 MAX_RETRIES = 6
-OBJECT_MISSING_CODES = ("NoSuchKey", "NoSuchObject")
+# Previews (and heatmaps) at 1/4 of the image's size: enough for a viewer's four-up page.
+PREVIEW_SHRINK = 4
 
 # Set in the worker's main process when a warm shutdown begins; created at import, before the
 # pool forks, so the pool's children share it and stop claiming more work.
@@ -73,6 +75,7 @@ class WorkItem:
 class PreparedImage:
     inputs: np.ndarray
     geometry: InputGeometry
+    preview: bytes  # PNG, written with the image's results
 
 
 @dataclass(frozen=True)
@@ -113,13 +116,14 @@ def screen_images(self: Task, image_ids: list[str]) -> dict[str, int]:
     except TRANSIENT_ERRORS as err:
         if self.request.retries >= MAX_RETRIES:
             log.error("giving up on %d images after %d retries: %s", len(ids), MAX_RETRIES, err)
-            fail_unfinished(
-                ids,
-                database_url=get_settings().database_url,
-                code=RejectCode.DEPENDENCY_UNAVAILABLE.value,
-                message=f"a dependency stayed unavailable after {MAX_RETRIES} "
-                f"retries: {type(err).__name__}",
-            )
+            with session_scope(get_settings().database_url) as session:
+                abandon_images(
+                    session=session,
+                    image_ids=ids,
+                    code=RejectCode.DEPENDENCY_UNAVAILABLE.value,
+                    message=f"a dependency stayed unavailable after {MAX_RETRIES} "
+                    f"retries: {type(err).__name__}",
+                )
             return {"done": 0, "failed": len(ids)}
         countdown = backoff_seconds(self.request.retries)
         log.warning(
@@ -151,11 +155,6 @@ def run_screening(image_ids: list[uuid.UUID], ctx: WorkerContext) -> dict[str, i
                 "could not release %d images; their leases will expire", len(run.unfinished)
             )
         raise
-
-
-def heatmap_key(item: WorkItem, model_version_id: uuid.UUID) -> str:
-    # Not under tenants/ (the orphan sweep's prefix for uploads): rows refer to it instead.
-    return f"heatmaps/{item.id}/{model_version_id}.png"
 
 
 def _work_item(image: Image) -> WorkItem:
@@ -192,11 +191,12 @@ class ScreeningRun:
         try:
             data = self.ctx.store.get_bytes(item.object_key)
         except S3Error as err:
-            if err.code not in OBJECT_MISSING_CODES:
+            if err.code not in MISSING_OBJECT_CODES:
                 raise StorageConnectionError(str(err)) from err
             raise ImageRejected.missing_object(item.object_key) from err
         pixels = decode_image(data, item.media_type, max_pixels=self.ctx.settings.max_image_pixels)
-        return PreparedImage(*self.preprocess.with_geometry(pixels, item.laterality))
+        inputs, geometry = self.preprocess.with_geometry(pixels, item.laterality)
+        return PreparedImage(inputs, geometry, preview_png(pixels, PREVIEW_SHRINK))
 
     def _may_claim_more(self) -> bool:
         settings = self.ctx.settings
@@ -252,20 +252,33 @@ class ScreeningRun:
     def _forward(
         self, ready: list[tuple[WorkItem, PreparedImage]]
     ) -> tuple[list[float], list[str | None]]:
-        """Scores, and the keys of the heatmaps written to object storage (when enabled)."""
-        inputs = [prepared.inputs for _, prepared in ready]
-        if not self.ctx.settings.worker_heatmaps:
-            return self.loaded.predictor(inputs), [None] * len(ready)
-        scores, maps = self.loaded.predictor.with_heatmaps(inputs)
+        """Scores, and the keys of the heatmaps written to object storage (when enabled).
 
-        def store(index: int) -> str:
+        Each image's preview, and its heatmap with the heatmap's colour overlay, are written
+        now, while the pixels are at hand, so the results service only streams stored bytes.
+        """
+        inputs = [prepared.inputs for _, prepared in ready]
+        store = self.ctx.store
+        version_id = self.loaded.version_id
+        with_heatmaps = self.ctx.settings.worker_heatmaps
+        if with_heatmaps:
+            scores, maps = self.loaded.predictor.with_heatmaps(inputs)
+        else:
+            scores = self.loaded.predictor(inputs)
+
+        def write(index: int) -> str | None:
             item, prepared = ready[index]
-            key = heatmap_key(item, self.loaded.version_id)
-            png = heatmap_png(heatmap_on_image(maps[index], prepared.geometry))
-            self.ctx.store.put_bytes(key, png, content_type="image/png")
+            store.put_bytes(Keys.preview(item.id), prepared.preview, content_type="image/png")
+            if not with_heatmaps:
+                return None
+            grey, overlay = heatmap_pngs(heatmap_on_image(maps[index], prepared.geometry))
+            overlay_key = Keys.heatmap_overlay(item.id, version_id)
+            store.put_bytes(overlay_key, overlay, content_type="image/png")
+            key = Keys.heatmap(item.id, version_id)
+            store.put_bytes(key, grey, content_type="image/png")
             return key
 
-        return scores, list(self.writers.map(store, range(len(ready))))
+        return scores, list(self.writers.map(write, range(len(ready))))
 
     def _screen_batch(
         self, batch: list[tuple[WorkItem, PreparedImage | BaseException]]
@@ -326,24 +339,3 @@ class ScreeningRun:
             self.loaded.name,
         )
         return len(ready), len(failures)
-
-
-def fail_unfinished(
-    image_ids: list[uuid.UUID], *, database_url: str, code: str, message: str
-) -> None:
-    """Last resort after retries: fail what is still running, so no image stays stuck."""
-    with session_scope(database_url) as session:
-        rows = list(
-            session.scalars(
-                select(Image).where(
-                    Image.id.in_(image_ids),
-                    Image.status.in_([ImageStatus.QUEUED, ImageStatus.RUNNING]),
-                )
-            )
-        )
-        for image in rows:
-            image.status = ImageStatus.RUNNING  # the guarded transition starts from running
-        session.flush()
-        for image in rows:
-            record_failure(session=session, image=image, code=code, message=message)
-        refresh_batches(session=session, batch_ids=[r.batch_id for r in rows])

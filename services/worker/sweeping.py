@@ -1,4 +1,4 @@
-"""Runs the sweeper (shared/sweeper.py) in a thread of each worker's main process."""
+"""Runs the sweeper (`sweeper.py`) in a thread of each worker's main process."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from typing import Any
 
 from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutdown
 
+from services.worker.sweeper import sweep_once
 from shared.config import Settings, get_settings
 from shared.db.base import forget_engines_after_fork
 from shared.logs import configure_logging
 from shared.queue import producer
 from shared.storage import ObjectStore
-from shared.sweeper import sweep_once
 
 log = logging.getLogger(__name__)
 

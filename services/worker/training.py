@@ -40,7 +40,7 @@ from shared.ml.training import (
     predict,
 )
 from shared.queue import Queue, TaskName
-from shared.storage import ObjectStore
+from shared.storage import Keys, ObjectStore
 from shared.training_runs import (
     DatasetImage,
     RunNotClaimable,
@@ -71,10 +71,6 @@ def train_model(run_id: str) -> str:
     ctx = worker_context()
     with log_context(run_id=run_id):
         return run_training(uuid.UUID(run_id), settings=ctx.settings, store=ctx.store)
-
-
-def checkpoint_key(run_id: uuid.UUID, epoch: int) -> str:
-    return f"training/{run_id}/checkpoint-epoch{epoch:04d}.pt"
 
 
 class Heartbeat(threading.Thread):
@@ -216,7 +212,7 @@ def train_epochs(
         result = trainer.run_epoch()
         buffer = io.BytesIO()
         torch.save(trainer.state(), buffer)
-        key = checkpoint_key(run_id, result.epoch)
+        key = Keys.training_checkpoint(run_id, result.epoch)
         store.put_bytes(key, buffer.getvalue(), content_type="application/octet-stream")
         with session_scope(settings.database_url) as session:
             run = session.get_one(TrainingRun, run_id, with_for_update=True)
@@ -288,7 +284,7 @@ def register(
         target_sensitivity=config.target_sensitivity,
         epochs_trained=trainer.next_epoch,
     )
-    key = f"models/{name}/checkpoint.pt"
+    key = Keys.model_checkpoint(name)
     store.put_bytes(
         key,
         checkpoint_bytes(model, extra={"trained": True, "training_run_id": str(run_id)}),

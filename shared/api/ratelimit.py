@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import redis
 from fastapi import Request
@@ -20,6 +21,10 @@ def rate_limit_client(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=1)
 
 
+Clock = Callable[[], float]
+WALL_CLOCK: Clock = time.time  # apps keep theirs in app.state.clock; tests set their own
+
+
 def enforce_rate_limit(request: Request, key_prefix: str) -> None:
     """Count this request against its key's one-minute window; 429 once over the limit.
 
@@ -30,7 +35,7 @@ def enforce_rate_limit(request: Request, key_prefix: str) -> None:
     if settings.rate_limit_per_minute == 0:
         return
     client: redis.Redis = request.app.state.redis
-    now = time.time()
+    now = request.app.state.clock()
     window = int(now // WINDOW_S)
     counter = f"ratelimit:{key_prefix}:{window}"
     try:

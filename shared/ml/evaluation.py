@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from shared.db.models import Laterality, View
-from shared.scores import ViewScore, breast_scores, exam_score, roc_auc
+from shared.scores import ViewScore, breast_scores, calibrated_probability, exam_score, roc_auc
 
 
 @dataclass(frozen=True)
@@ -124,11 +124,6 @@ def fit_calibration(scores: Sequence[float], labels: Sequence[bool]) -> dict[str
         if improved < 1e-10:
             break
     return {"a": float(params[0]), "b": float(params[1])}
-
-
-def calibrated_probability(score: float, calibration: dict[str, float]) -> float:
-    value = float(_logit(np.asarray([score]))[0])
-    return 1 / (1 + math.exp(-(calibration["a"] * value + calibration["b"])))
 
 
 def calibration_error(

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from shared.config import Settings
 from shared.db.base import utcnow
 from shared.db.models import ModelStatus, ModelVersion
-from shared.storage import ObjectStore
+from shared.storage import Keys, ObjectStore
 
 UNTRAINED_MODEL_NAME = "untrained-seed0"
 REGISTRY_LOCK_KEY = 0x6D616D6D6F  # any constant unique to this lock
@@ -69,7 +69,7 @@ def ensure_active_model(
     torch.manual_seed(0)
     config = ScreeningNetConfig()
     model = build_model(config)
-    key = f"models/{UNTRAINED_MODEL_NAME}/checkpoint.pt"
+    key = Keys.model_checkpoint(UNTRAINED_MODEL_NAME)
     store.put_bytes(
         key,
         checkpoint_bytes(model, extra={"trained": False}),
@@ -95,7 +95,7 @@ def _register_shipped(*, session: Session, store: ObjectStore, directory: Path) 
     )
     if version is None:
         checkpoint = (directory / "checkpoint.pt").read_bytes()
-        key = f"models/{record['name']}/checkpoint.pt"
+        key = Keys.model_checkpoint(record["name"])
         store.put_bytes(key, checkpoint, content_type="application/octet-stream")
         version = ModelVersion(
             name=record["name"],

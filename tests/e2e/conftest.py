@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from devstack.stack import StackState, down, up
 from shared.config import CONNECTION_FIELDS, Settings, settings_to_environ
-from shared.devstack.stack import StackState, down, up
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.devstack.stack import StackState
-from shared.imaging.synth import SynthOptions, generate_exams
+from devstack.stack import StackState
+from devstack.synth import SynthOptions, generate_exams
 
 pytestmark = pytest.mark.e2e
 
@@ -24,7 +24,7 @@ SMALL = SynthOptions(height=256, width=208, pixel_spacing_mm=0.8)
 def screening(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SCREENING_")}
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         env={**clean, **env, "HOME": str(Path(env.get("HOME", "/nonexistent")))},
         capture_output=True,
         text=True,

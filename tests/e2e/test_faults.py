@@ -10,7 +10,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +18,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from shared.client import ApiClientError, Client
-from shared.config import settings_from_environ
-from shared.db.base import get_engine, session_factory
-from shared.db.models import Image, ImageStatus, Prediction
-from shared.devstack.servers import (
+from devstack.servers import (
     RunningServer,
     restart_server,
     start_postgres,
@@ -30,9 +26,14 @@ from shared.devstack.servers import (
     start_s3,
     stop_server,
 )
-from shared.devstack.stack import StackState, down, kill_service, start_service_again, up
-from shared.imaging.synth import SynthOptions, generate_exams
+from devstack.stack import StackState, down, kill_service, start_service_again, up
+from devstack.synth import SynthOptions, generate_exams
+from mammoscreen_client import ApiClientError, Client
+from shared.config import settings_from_environ
+from shared.db.base import get_engine, session_factory
+from shared.db.models import Image, ImageStatus, Prediction
 from shared.storage import ObjectStore
+from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
@@ -138,14 +139,6 @@ def counts(stack: FaultStack, batch_id: str) -> dict[str, int]:
         "predictions": int(predictions),
         "most_predictions_per_image": int(most),
     }
-
-
-def wait_for(condition: Callable[[], bool], *, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.25)
 
 
 def assert_exactly_once(stack: FaultStack, batch_id: str, total: int) -> None:

@@ -14,11 +14,11 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.client import ApiClientError, Client
+from devstack.stack import StackState
+from devstack.synth import SynthImage
+from mammoscreen_client import ApiClientError, Client
 from shared.config import Settings
 from shared.db.models import Image
-from shared.devstack.stack import StackState
-from shared.imaging.synth import SynthImage
 from shared.storage import ObjectStore
 
 pytestmark = pytest.mark.e2e

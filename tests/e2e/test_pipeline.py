@@ -12,11 +12,11 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.client import ApiClientError, Client
+from devstack.servers import pid_alive
+from devstack.stack import StackState, down, kill_service, start_service_again, up
+from devstack.synth import DEMO_VARIANTS, SynthImage, SynthOptions, generate_exams
+from mammoscreen_client import ApiClientError, Client
 from shared.db.models import Image, ImageStatus, Prediction
-from shared.devstack.servers import pid_alive
-from shared.devstack.stack import StackState, down, kill_service, start_service_again, up
-from shared.imaging.synth import DEMO_VARIANTS, SynthImage, SynthOptions, generate_exams
 from tests.factories import SMALL_SYNTH, make_tenant
 
 pytestmark = pytest.mark.e2e

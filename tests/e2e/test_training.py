@@ -8,21 +8,21 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
-from shared.client import Client, submit_training_folder
+from devstack.stack import StackState, down, kill_service, start_service_again, up
+from devstack.synth import generate_exams
+from mammoscreen_client import Client, submit_training_folder
 from shared.config import CONNECTION_FIELDS, Settings, settings_to_environ
 from shared.db.base import session_scope
 from shared.db.models import TrainingEpoch
-from shared.devstack.stack import StackState, down, kill_service, start_service_again, up
-from shared.imaging.synth import generate_exams
 from tests.factories import SMALL_SYNTH, TINY_TRAINING
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -51,14 +51,6 @@ def training_stack(settings: Settings, tmp_path: Path) -> Iterator[StackState]:
     state = up(tmp_path / "stack", environ=environ)
     yield state
     assert down(tmp_path / "stack") == [], "processes left running after down"
-
-
-def wait_for(condition: Callable[[], bool], *, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def test_a_killed_trainer_resumes_from_its_last_checkpoint(
@@ -96,7 +88,7 @@ def test_a_killed_trainer_resumes_from_its_last_checkpoint(
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         env={**os.environ, **env},
         capture_output=True,
         text=True,

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from shared.client import Client
-from shared.devstack.stack import StackState
-from shared.imaging.synth import SynthOptions, generate_exams
+from devstack.stack import StackState
+from devstack.synth import SynthOptions, generate_exams
+from mammoscreen_client import Client
 
 pytestmark = pytest.mark.e2e
 

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import base64
-import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from services.ingest.app import create_app as create_ingest
 from services.results.app import create_app as create_results
 from shared.config import Settings
-from shared.db.models import Image
-from shared.storage import ObjectStore
 
 
 @pytest.fixture
@@ -30,50 +22,3 @@ def ingest(settings: Settings) -> Iterator[TestClient]:
 def results(settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_results(settings), raise_server_exceptions=False) as client:
         yield client
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def files_field(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
-
-
-def upload_batch(
-    ingest: TestClient, key: str, paths: list[Path], *, name: str = "batch"
-) -> tuple[dict[str, object], dict[str, object]]:
-    """Create a batch and upload `paths` in one request: (the batch, the upload's answer)."""
-    batch = ingest.post("/v1/batches", json={"name": name}, headers=auth(key)).json()
-    upload = ingest.post(
-        f"/v1/batches/{batch['id']}/images", files=files_field(paths), headers=auth(key)
-    )
-    assert upload.status_code == 202, upload.text
-    return batch, upload.json()
-
-
-def queued_task_args(settings: Settings, queue: str = "inference") -> list[list[str]]:
-    """Image-id lists of the tasks waiting in a Celery queue on the real Redis."""
-    client = redis.Redis.from_url(settings.redis_url)
-    try:
-        messages = client.lrange(queue, 0, -1)
-    finally:
-        client.close()
-    args = []
-    for raw in messages:
-        envelope = json.loads(raw)
-        body = json.loads(base64.b64decode(envelope["body"]))
-        args.append(body[0][0])
-    return args
-
-
-def screen_everything(session: Session, settings: Settings, store: ObjectStore) -> None:
-    """Run the inference worker in-process over every image in the test's database."""
-    from services.worker.inference import WorkerContext, run_screening
-    from services.worker.models import ModelCache
-
-    ctx = WorkerContext(settings, store, ModelCache(settings, store))
-    ids = [image.id for image in session.scalars(select(Image))]
-    for start in range(0, len(ids), 16):
-        run_screening(ids[start : start + 16], ctx)
-    session.expire_all()

@@ -7,12 +7,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from devstack.synth import SynthImage
 from shared.config import Settings
 from shared.db.models import Image
-from shared.imaging.synth import SynthImage
 from shared.storage import ObjectStore
 from tests.factories import make_tenant
-from tests.services.conftest import auth, screen_everything, upload_batch
+from tests.helpers import auth, screen_everything, upload_batch
 
 
 def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

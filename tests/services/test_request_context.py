@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from shared.logs import JsonFormatter
 from tests.factories import make_tenant
-from tests.services.conftest import auth
+from tests.helpers import auth
 
 GENERATED_ID = re.compile(r"^[0-9a-f]{32}$")
 

@@ -13,7 +13,7 @@ from services.results.app import create_app as create_results
 from shared.config import Settings
 from shared.db.models import TrainingRun
 from tests.factories import make_batch, make_image, make_tenant
-from tests.services.conftest import auth
+from tests.helpers import auth
 
 APPS = {"ingest": create_ingest, "results": create_results}
 # Model versions belong to the deployment, not to a tenant (docs/security.md says so): every
@@ -80,15 +80,13 @@ def test_each_key_is_rate_limited_on_its_own_with_retry_after(
     settings: Settings, session: Session
 ) -> None:
     limited = settings.model_copy(update={"rate_limit_per_minute": 5})
-    seconds_into_window = time.time() % 60
-    if seconds_into_window > 55:  # start in a fresh one-minute window, not at its edge
-        time.sleep(60 - seconds_into_window + 0.1)
     _, busy_key = make_tenant(session)
     _, quiet_key = make_tenant(session)
-    with (
-        TestClient(create_results(limited)) as results,
-        TestClient(create_ingest(limited)) as ingest,
-    ):
+    apps = create_results(limited), create_ingest(limited)
+    now = [time.time() // 60 * 60 + 10.0]  # 10 s into a one-minute window, for both services
+    for app in apps:
+        app.state.clock = lambda: now[0]
+    with TestClient(apps[0]) as results, TestClient(apps[1]) as ingest:
         # The count is per key across services: 3 results reads and 2 ingest calls use it up.
         statuses = [
             results.get("/v1/batches", headers=auth(busy_key)).status_code for _ in range(3)
@@ -101,5 +99,7 @@ def test_each_key_is_rate_limited_on_its_own_with_retry_after(
         refused = results.get("/v1/batches", headers=auth(busy_key))
         assert refused.status_code == 429
         assert refused.json()["error"]["code"] == "rate_limited"
-        assert 1 <= int(refused.headers["Retry-After"]) <= 61
+        assert refused.headers["Retry-After"] == "51"  # the window ends 50 s from now, + 1
         assert results.get("/v1/batches", headers=auth(quiet_key)).status_code == 200
+        now[0] += 60  # the next window
+        assert results.get("/v1/batches", headers=auth(busy_key)).status_code == 200

@@ -13,13 +13,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from devstack.synth import generate_exams
 from services.worker.training import run_training
 from shared.config import Settings
 from shared.db.models import Image, ImageStatus, ModelVersion, TrainingExample
-from shared.imaging.synth import generate_exams
 from shared.storage import ObjectStore
 from tests.factories import SMALL_SYNTH, TINY_TRAINING, make_tenant
-from tests.services.conftest import auth, files_field, queued_task_args
+from tests.helpers import auth, files_field, queued_task_args
 
 SMALL = SMALL_SYNTH
 TINY = {**TINY_TRAINING, "epochs": 3}

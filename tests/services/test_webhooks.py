@@ -14,14 +14,14 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from devstack.synth import SynthImage
 from shared.config import Settings
 from shared.db.base import session_scope
 from shared.db.models import DeliveryStatus, WebhookDelivery
-from shared.imaging.synth import SynthImage
 from shared.storage import ObjectStore
 from shared.webhooks import SIGNATURE_HEADER, deliver_due, verify_signature
 from tests.factories import make_tenant
-from tests.services.conftest import auth, files_field, screen_everything
+from tests.helpers import auth, files_field, screen_everything
 
 
 class Receiver(ThreadingHTTPServer):

@@ -3,10 +3,12 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from shared.storage import PART_SIZE, ObjectStore, ObjectTooLarge
+from shared.storage import PART_SIZE, Keys, ObjectStore, ObjectTooLarge
 
 
 def test_streamed_object_round_trips_with_its_hash(store: ObjectStore) -> None:
@@ -34,3 +36,25 @@ def test_ping_fails_for_a_missing_bucket(store: ObjectStore) -> None:
     store.bucket = "no-such-bucket-here"
     with pytest.raises(RuntimeError, match="does not exist"):
         store.ping()
+
+
+def test_list_keys_lists_a_prefix_and_leaves_out_what_is_newer_than_the_cutoff(
+    store: ObjectStore,
+) -> None:
+    tenant, batch = uuid.uuid4(), uuid.uuid4()
+    uploads = [Keys.image(tenant, batch, uuid.uuid4()) for _ in range(3)]
+    for key in (*uploads, Keys.preview(uuid.uuid4())):
+        store.put_bytes(key, b"x", content_type="application/octet-stream")
+
+    assert sorted(store.list_keys(Keys.UPLOADS)) == sorted(uploads)
+    assert all(key.startswith(Keys.UPLOADS) for key in uploads)
+    later = datetime.now(UTC) + timedelta(minutes=1)
+    earlier = datetime.now(UTC) - timedelta(minutes=1)
+    assert sorted(store.list_keys(Keys.UPLOADS, older_than=later)) == sorted(uploads)
+    assert list(store.list_keys(Keys.UPLOADS, older_than=earlier)) == []
+
+
+def test_get_bytes_or_none_tells_a_missing_object_apart(store: ObjectStore) -> None:
+    store.put_bytes("present", b"abc", content_type="text/plain")
+    assert store.get_bytes_or_none("present") == b"abc"
+    assert store.get_bytes_or_none("absent") is None

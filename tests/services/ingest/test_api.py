@@ -16,12 +16,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from urllib3.exceptions import HTTPError as StorageConnectionError
 
+from devstack.synth import SynthImage
 from shared.config import Settings
 from shared.db.models import Image, ImageStatus, Study
-from shared.imaging.synth import SynthImage
 from shared.storage import ObjectStore, StoredObject
 from tests.factories import make_tenant
-from tests.services.conftest import auth, files_field, queued_task_args
+from tests.helpers import auth, files_field, queued_task_args
 
 
 def _batch(ingest: TestClient, key: str, **body: str) -> dict[str, str]:
@@ -231,8 +231,8 @@ def test_queue_outage_keeps_the_upload_and_the_sweeper_queues_it_later(
     session: Session, settings: Settings, store: ObjectStore, exam: list[SynthImage]
 ) -> None:
     from services.ingest.app import create_app
+    from services.worker.sweeper import relay_queued
     from shared.queue import make_celery
-    from shared.sweeper import relay_queued
 
     no_broker = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
     with TestClient(create_app(no_broker)) as ingest:
@@ -298,7 +298,7 @@ def test_control_characters_are_refused_in_text_and_stripped_from_file_names(
     ],
 )
 def test_safe_filename(raw: str | None, safe: str) -> None:
-    from services.ingest.uploads import safe_filename
+    from shared.imaging.intake import safe_filename
 
     assert safe_filename(raw) == safe
 

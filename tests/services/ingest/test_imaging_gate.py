@@ -25,14 +25,14 @@ from pydicom.uid import MPEG2MPML, UID
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from devstack.synth import SynthImage
 from shared.config import Settings
 from shared.db.models import Image, ImageStatus, Study
 from shared.imaging.deid import profile_tables
 from shared.imaging.formats import RejectCode
-from shared.imaging.synth import SynthImage
 from shared.storage import ObjectStore
 from tests.factories import make_tenant
-from tests.services.conftest import auth, screen_everything
+from tests.helpers import auth, screen_everything
 
 PYDICOM_TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 DOCUMENTED_CODES = {code.value for code in RejectCode}

@@ -15,13 +15,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from devstack.synth import SynthImage
 from services.ingest.app import create_app
 from shared.config import Settings
 from shared.db.models import Image
-from shared.imaging.synth import SynthImage
 from shared.storage import ObjectStore
 from tests.factories import make_tenant
-from tests.services.conftest import auth
+from tests.helpers import auth
 
 
 def _client(settings: Settings, **limits: int) -> TestClient:

@@ -1,23 +1,11 @@
 from __future__ import annotations
 
-import uuid
-
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from shared.batches import claim_images, record_failure, record_prediction
-from shared.db.models import ModelVersion
-from tests.factories import make_batch, make_image, make_tenant
-from tests.services.conftest import auth
-
-
-def _model(session: Session, *, trained: bool = False) -> ModelVersion:
-    version = ModelVersion(
-        name=f"m-{uuid.uuid4().hex[:6]}", architecture={}, checkpoint_key="k", trained=trained
-    )
-    session.add(version)
-    session.commit()
-    return version
+from shared.lifecycle import claim_images, record_failure, record_prediction
+from tests.factories import make_batch, make_image, make_model_version, make_tenant
+from tests.helpers import auth
 
 
 def test_results_page_through_every_image_exactly_once(
@@ -26,7 +14,7 @@ def test_results_page_through_every_image_exactly_once(
     tenant, key = make_tenant(session)
     batch = make_batch(session, tenant)
     images = [make_image(session, batch, study_key=f"s{i // 4}") for i in range(11)]
-    version = _model(session)
+    version = make_model_version(session)
     claimed = claim_images(session=session, image_ids=[i.id for i in images[:6]], lease_s=60)
     for index, image in enumerate(claimed):
         record_prediction(
@@ -70,7 +58,7 @@ def test_batch_detail_counts_and_untrained_warning(results: TestClient, session:
     tenant, key = make_tenant(session)
     batch = make_batch(session, tenant)
     images = [make_image(session, batch) for _ in range(3)]
-    version = _model(session, trained=False)
+    version = make_model_version(session, trained=False)
     first, second, _ = claim_images(session=session, image_ids=[i.id for i in images], lease_s=60)
     record_prediction(session=session, image=first, model_version_id=version.id, score=0.5)
     record_failure(session=session, image=second, code="decode_failed", message="bad pixels")
@@ -96,7 +84,10 @@ def test_trained_model_carries_no_untrained_warning(results: TestClient, session
     batch = make_batch(session, tenant)
     (image,) = claim_images(session=session, image_ids=[make_image(session, batch).id], lease_s=60)
     record_prediction(
-        session=session, image=image, model_version_id=_model(session, trained=True).id, score=0.1
+        session=session,
+        image=image,
+        model_version_id=make_model_version(session, trained=True).id,
+        score=0.1,
     )
     session.commit()
     assert results.get(f"/v1/batches/{batch.id}", headers=auth(key)).json()["warnings"] == []

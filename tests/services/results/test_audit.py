@@ -6,9 +6,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from shared.imaging.synth import SynthImage
+from devstack.synth import SynthImage
 from tests.factories import make_tenant
-from tests.services.conftest import auth, files_field
+from tests.helpers import auth, files_field
 
 
 def test_every_write_and_read_of_patient_data_is_recorded_with_its_key(

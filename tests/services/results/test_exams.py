@@ -9,11 +9,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
+from devstack.synth import SynthImage
 from shared.config import Settings
-from shared.imaging.synth import SynthImage
 from shared.storage import ObjectStore
 from tests.factories import make_tenant
-from tests.services.conftest import auth, files_field, screen_everything
+from tests.helpers import auth, files_field, screen_everything
 
 
 def test_an_exam_missing_a_view_is_scored_and_the_gap_and_refusals_are_reported(

@@ -6,17 +6,18 @@ import csv
 import io
 import json
 import threading
-import time
 
 import httpx
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from devstack.synth import SynthImage
 from shared.config import Settings
-from shared.imaging.synth import SynthImage
+from shared.db.models import AuditAction, AuditEvent
 from shared.storage import ObjectStore
 from tests.factories import make_tenant
-from tests.services.conftest import auth, files_field, screen_everything
+from tests.helpers import auth, files_field, screen_everything, wait_for
 
 
 def _uploaded_batch(ingest: TestClient, key: str, exam: list[SynthImage]) -> str:
@@ -49,6 +50,16 @@ def test_etag_gives_304_until_the_batch_changes(
     assert changed.json()["status"] == "processing"
 
 
+def _batch_reads(session: Session) -> int:
+    session.rollback()  # a fresh snapshot: the reads are committed by the results service
+    count = session.scalar(
+        select(func.count())
+        .select_from(AuditEvent)
+        .where(AuditEvent.action == AuditAction.READ, AuditEvent.resource_type == "batch")
+    )
+    return int(count or 0)
+
+
 def test_long_poll_returns_when_the_batch_changes_and_304_when_it_does_not(
     ingest: TestClient, results: TestClient, session: Session, exam: list[SynthImage]
 ) -> None:
@@ -71,9 +82,11 @@ def test_long_poll_returns_when_the_batch_changes_and_304_when_it_does_not(
             headers={**auth(key), "If-None-Match": etag},
         )
 
+    reads_before = _batch_reads(session)
     poller = threading.Thread(target=poll)
     poller.start()
-    time.sleep(1.0)  # the poller is waiting now
+    # The long poll audits its read before it starts waiting: then it is waiting.
+    wait_for(lambda: _batch_reads(session) > reads_before, timeout=30, what="the poller")
     assert "response" not in answer
     ingest.post(f"/v1/batches/{batch_id}/close", headers=auth(key))
     poller.join(timeout=30)

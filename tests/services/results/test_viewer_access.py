@@ -6,12 +6,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from devstack.synth import SynthImage
 from shared.config import Settings
-from shared.db.models import Image, Study
-from shared.imaging.synth import SynthImage
-from shared.storage import ObjectStore
+from shared.db.models import Image, Prediction, Study
+from shared.storage import Keys, ObjectStore
 from tests.factories import make_tenant
-from tests.services.conftest import screen_everything, upload_batch
+from tests.helpers import auth, screen_everything, upload_batch
 
 
 def test_viewer_needs_a_login_and_hides_other_tenants(
@@ -62,3 +62,36 @@ def test_viewer_needs_a_login_and_hides_other_tenants(
     assert (preview.status_code, preview.headers["content-type"]) == (200, "image/png")
     progress = results.get(f"/viewer/batches/{batch['id']}/progress.json").json()
     assert progress == {"status": "open", "total": 4, "finished": 4}
+
+
+def test_previews_and_heatmaps_are_the_bytes_the_worker_stored(
+    ingest: TestClient,
+    results: TestClient,
+    session: Session,
+    settings: Settings,
+    store: ObjectStore,
+    exam: list[SynthImage],
+) -> None:
+    _, key = make_tenant(session)
+    upload_batch(ingest, key, [s.path for s in exam[:1]])
+    (image,) = session.scalars(select(Image)).all()
+    results.post("/viewer/login", data={"api_key": key}, follow_redirects=False)
+    # Not screened yet: nothing to show, and nothing is rendered on request.
+    assert results.get(f"/viewer/images/{image.id}/view.png").status_code == 404
+    screen_everything(session, settings, store)
+    (prediction,) = session.scalars(select(Prediction)).all()
+    overlay_key = Keys.heatmap_overlay(image.id, prediction.model_version_id)
+
+    stored = {
+        f"/viewer/images/{image.id}/view.png": store.get_bytes(Keys.preview(image.id)),
+        f"/viewer/images/{image.id}/heatmap.png": store.get_bytes(overlay_key),
+        f"/v1/images/{image.id}/heatmap.png": store.get_bytes(overlay_key),
+        f"/v1/images/{image.id}/heatmap.png?style=grey": store.get_bytes(prediction.heatmap_key),
+    }
+    for url, body in stored.items():
+        response = results.get(url, headers=auth(key))
+        assert (response.status_code, response.content) == (200, body), url
+
+    store.delete(overlay_key)  # e.g. a prediction made before overlays were stored
+    missing = results.get(f"/v1/images/{image.id}/heatmap.png", headers=auth(key))
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "heatmap_not_found")

@@ -10,13 +10,13 @@ from fastapi.testclient import TestClient
 from PIL import Image as PILImage
 from sqlalchemy.orm import Session
 
+from devstack.synth import Finding, SynthOptions, generate_exams
 from shared.config import Settings
-from shared.imaging.synth import Finding, SynthOptions, generate_exams
 from shared.ml.registry import shipped_model_dir
 from shared.scores import roc_auc
 from shared.storage import ObjectStore
 from tests.factories import make_tenant
-from tests.services.conftest import auth, files_field, screen_everything
+from tests.helpers import auth, files_field, screen_everything
 
 SHRINK = 4  # heatmaps are stored at 1/4 of the image's size
 

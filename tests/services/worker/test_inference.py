@@ -7,17 +7,18 @@ import numpy as np
 import pydicom
 import pytest
 import urllib3
+from PIL import Image as PILImage
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from devstack.synth import SynthImage
 from services.worker.inference import TRANSIENT_ERRORS, WorkerContext, run_screening
 from services.worker.models import ModelCache
-from shared.batches import close_batch
 from shared.config import Settings
 from shared.db.models import BatchStatus, Image, ImageStatus, ModelVersion, Prediction
-from shared.imaging.synth import SynthImage
+from shared.lifecycle import close_batch
 from shared.ml.registry import REPO_ROOT
-from shared.storage import ObjectStore
+from shared.storage import Keys, ObjectStore
 from tests.factories import make_batch, make_image, make_stored_image, make_tenant
 
 
@@ -182,3 +183,33 @@ def test_a_mammogram_with_nothing_but_background_fails_as_empty_breast_region(
     failed = session.get(Image, image.id)
     assert failed is not None
     assert (failed.status, failed.error_code) == (ImageStatus.FAILED, "empty_breast_region")
+
+
+def test_screening_stores_each_images_preview_heatmap_and_overlay_once(
+    ctx: WorkerContext, session: Session, store: ObjectStore, exam: list[SynthImage]
+) -> None:
+    tenant, _ = make_tenant(session)
+    images = _stored_exam(session, store, exam, make_batch(session, tenant))
+
+    run_screening([i.id for i in images], ctx)
+
+    for image, synth in zip(images, exam, strict=True):
+        prediction = session.scalars(
+            select(Prediction).where(Prediction.image_id == image.id)
+        ).one()
+        assert prediction.heatmap_key == Keys.heatmap(image.id, prediction.model_version_id)
+        grey = PILImage.open(io.BytesIO(store.get_bytes(prediction.heatmap_key)))
+        overlay_key = Keys.heatmap_overlay(image.id, prediction.model_version_id)
+        overlay = PILImage.open(io.BytesIO(store.get_bytes(overlay_key)))
+        preview = PILImage.open(io.BytesIO(store.get_bytes(Keys.preview(image.id))))
+        header = pydicom.dcmread(synth.path, stop_before_pixels=True)
+        quarter = (header.Columns // 4, header.Rows // 4)
+        assert (grey.mode, grey.size) == ("L", quarter)
+        assert (overlay.mode, overlay.size) == ("RGBA", quarter)
+        assert (preview.mode, preview.size) == ("L", quarter)
+        # The overlay is drawn from the very values of the stored greyscale map: transparent
+        # wherever the map is at or below one half.
+        heat = np.asarray(grey)
+        alpha = np.asarray(overlay)[..., 3]
+        assert np.all(alpha[heat <= 127] == 0)
+        assert np.all(alpha[heat >= 140] > 0)

@@ -11,12 +11,12 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from devstack.synth import SynthImage
 from services.worker.inference import WorkerContext, run_screening
 from services.worker.models import ModelCache, inference_cpu_threads
 from services.worker.pipeline import BatchPolicy, Prefetcher
 from shared.config import Settings
 from shared.db.models import Batch, BatchPriority, Image, ImageStatus
-from shared.imaging.synth import SynthImage
 from shared.storage import ObjectStore
 from tests.factories import make_batch, make_stored_image, make_tenant
 

@@ -6,9 +6,9 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, pool
 
+from devstack.stack import REPO_ROOT
 from shared.config import Settings
 from shared.db.base import Base
-from shared.devstack.stack import REPO_ROOT
 from tests.infra import Infra, fresh_settings
 
 

@@ -8,9 +8,9 @@ import pydicom
 import pytest
 from PIL import Image as PILImage
 
+from devstack.synth import SynthOptions, generate_exams
 from shared.imaging.decode import decode_image
 from shared.imaging.formats import ImageRejected, MediaType, RejectCode, sniff_media_type
-from shared.imaging.synth import SynthOptions, generate_exams
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,7 @@ import pydicom
 import pytest
 from pydicom.uid import UID
 
-from shared.db.models import Laterality
-from shared.imaging.decode import decode_image
-from shared.imaging.formats import ImageRejected, MediaType, RejectCode
-from shared.imaging.preprocess import BreastCrop, CanonicalOrientation
-from shared.imaging.synth import (
+from devstack.synth import (
     COMPRESSED_SYNTAXES,
     LOSSY_SYNTAXES,
     UNCOMPRESSED_SYNTAXES,
@@ -26,6 +22,10 @@ from shared.imaging.synth import (
     SynthOptions,
     generate_exams,
 )
+from shared.db.models import Laterality
+from shared.imaging.decode import decode_image
+from shared.imaging.formats import ImageRejected, MediaType, RejectCode
+from shared.imaging.preprocess import BreastCrop, CanonicalOrientation
 
 SMALL = SynthOptions(height=256, width=208, pixel_spacing_mm=0.8)
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"

@@ -8,7 +8,6 @@ from shared.ml.evaluation import (
     ExamOutcome,
     ScoredView,
     bootstrap_auc_interval,
-    calibrated_probability,
     calibration_error,
     choose_operating_point,
     evaluate_exams,
@@ -17,7 +16,7 @@ from shared.ml.evaluation import (
     sensitivity_specificity,
     threshold_for_sensitivity,
 )
-from shared.scores import roc_auc
+from shared.scores import calibrated_probability, roc_auc
 
 L, R = Laterality.LEFT, Laterality.RIGHT
 

@@ -21,13 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from shared.config import (
-    CONNECTION_FIELDS,
-    Settings,
-    settings_from_environ,
-    settings_to_environ,
-)
-from shared.devstack.servers import (
+from devstack.servers import (
     RunningServer,
     ServerStartError,
     free_port,
@@ -39,9 +33,15 @@ from shared.devstack.servers import (
     stop_server,
     wait_until,
 )
+from shared.config import (
+    CONNECTION_FIELDS,
+    Settings,
+    settings_from_environ,
+    settings_to_environ,
+)
 from shared.queue import INFERENCE_QUEUES
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_TENANT = "demo"
 
 

@@ -22,7 +22,7 @@ from typing import IO, Any
 import httpx
 from tqdm import tqdm
 
-from shared.client import MEDIA_TYPES, ApiClientError, BatchStatus, Client, ImageResult
+from mammoscreen_client import MEDIA_TYPES, ApiClientError, BatchStatus, Client, ImageResult
 
 DEFAULT_CONFIG = Path("~/.config/mammoscreen/config.toml")
 UPLOADABLE = {*MEDIA_TYPES, ".zip"}

@@ -10,16 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.db.models import Laterality, View
-from shared.imaging.decode import decode_image
-from shared.imaging.preprocess import Preprocess
-from shared.imaging.synth import (
+from devstack.synth import (
     Finding,
     SynthOptions,
     _draw_lesion,
     _draw_lesion_spec,
     generate_exams,
 )
+from shared.db.models import Laterality, View
+from shared.imaging.decode import decode_image
+from shared.imaging.preprocess import Preprocess
 from shared.ml.baseline import brightest_blob_score
 from shared.ml.evaluation import ScoredView, exam_outcomes
 from shared.scores import roc_auc

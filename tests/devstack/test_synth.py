@@ -7,7 +7,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from shared.imaging.synth import Finding, SynthOptions, _power_law_texture, generate_exams
+from devstack.synth import Finding, SynthOptions, _power_law_texture, generate_exams
 
 SMALL = SynthOptions(
     height=512, width=416, pixel_spacing_mm=0.4, malignant_prevalence=0.5, benign_prevalence=0.5
@@ -87,7 +87,7 @@ def test_right_breast_chest_wall_is_on_the_right(exams: Path) -> None:
 
 
 def test_variants_cycle_per_exam_and_are_recorded_in_the_labels(tmp_path: Path) -> None:
-    from shared.imaging.synth import DEMO_VARIANTS, variant_mix
+    from devstack.synth import DEMO_VARIANTS, variant_mix
 
     images = generate_exams(tmp_path, exams=4, seed=2, options=SMALL, variants=DEMO_VARIANTS)
     by_exam: dict[str, set[str]] = {}

@@ -14,8 +14,11 @@ wait on or double-handle each other's rows.
 3. Training runs: a `running` run whose heartbeat stopped for `training_stale_s` (its worker
    died) is sent again and resumes from its last checkpoint; a `queued` run never sent (the
    broker was down) is sent.
-4. Orphan objects: an object under `tenants/` older than `orphan_grace_s` with no image row
-   (an upload whose commit failed and whose clean-up also failed) is deleted.
+4. Orphan objects: an uploaded image's object (`Keys.UPLOADS`) older than `orphan_grace_s`
+   with no image row (an upload whose commit failed and whose clean-up also failed) is
+   deleted.
+
+The status changes themselves are `shared/lifecycle.py`'s.
 """
 
 from __future__ import annotations
@@ -29,20 +32,18 @@ from celery import Celery
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from shared.batches import mark_enqueued, refresh_batches
 from shared.config import Settings
 from shared.db.base import session_scope, utcnow
 from shared.db.models import Batch, BatchPriority, Image, ImageStatus
-from shared.imaging.formats import RejectCode
+from shared.lifecycle import expire_leases, mark_enqueued
 from shared.queue import enqueue_screening
-from shared.storage import ObjectStore
+from shared.storage import Keys, ObjectStore
 from shared.training_runs import resend_stalled_runs
 from shared.webhooks import DELIVERY_TIMEOUT_S, deliver_due
 
 log = logging.getLogger(__name__)
 
 SWEEP_LIMIT = 1000  # rows per step per sweep; the next sweep takes the rest
-IMAGE_PREFIX = "tenants/"
 
 
 @dataclass(frozen=True)
@@ -52,42 +53,6 @@ class SweepReport:
     sent: int = 0
     orphans_deleted: int = 0
     training_runs_resent: int = 0
-
-
-def expire_leases(*, session: Session, max_attempts: int) -> tuple[int, int]:
-    """Return (requeued, failed) for running images whose lease has expired."""
-    expired = list(
-        session.scalars(
-            select(Image)
-            .where(Image.status == ImageStatus.RUNNING, Image.lease_expires_at < utcnow())
-            .order_by(Image.id)
-            .limit(SWEEP_LIMIT)
-            .with_for_update(skip_locked=True)
-        )
-    )
-    requeued = failed = 0
-    for image in expired:
-        image.lease_expires_at = None
-        if image.attempts >= max_attempts:
-            image.status = ImageStatus.FAILED
-            image.error_code = RejectCode.TOO_MANY_ATTEMPTS.value
-            image.error_message = (
-                f"the worker processing this image stopped {image.attempts} times; it was "
-                "not retried again"
-            )
-            image.finished_at = utcnow()
-            failed += 1
-        else:
-            image.status = ImageStatus.QUEUED
-            image.enqueued_at = None  # send again on this very sweep
-            requeued += 1
-    session.flush()
-    if failed:
-        refresh_batches(
-            session=session,
-            batch_ids=[i.batch_id for i in expired if i.status == ImageStatus.FAILED],
-        )
-    return requeued, failed
 
 
 def relay_queued(
@@ -131,10 +96,8 @@ def delete_orphans(*, session: Session, store: ObjectStore, grace_s: float) -> i
         page.clear()
         return len(orphans)
 
-    for obj in store.client.list_objects(store.bucket, prefix=IMAGE_PREFIX, recursive=True):
-        if obj.last_modified is not None and obj.last_modified > cutoff:
-            continue
-        page.append(str(obj.object_name))
+    for key in store.list_keys(Keys.UPLOADS, older_than=cutoff):
+        page.append(key)
         if len(page) >= 500:
             deleted += flush()
     if page:
@@ -146,7 +109,9 @@ def sweep_once(
     settings: Settings, *, store: ObjectStore, producer: Celery, orphans: bool = False
 ) -> SweepReport:
     with session_scope(settings.database_url) as session:
-        requeued, failed = expire_leases(session=session, max_attempts=settings.max_attempts)
+        requeued, failed = expire_leases(
+            session=session, max_attempts=settings.max_attempts, limit=SWEEP_LIMIT
+        )
     with session_scope(settings.database_url) as session:
         sent = relay_queued(
             session=session,

@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from shared.client import Client
+    from mammoscreen_client import Client
 
-from shared.cli_client import add_commands, run_guarded
+from cli.remote import add_commands, run_guarded
 
 DEFAULT_STACK_DIR = Path(".stack")
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from shared.imaging.synth import SynthOptions, generate_exams, variant_mix
+    from devstack.synth import SynthOptions, generate_exams, variant_mix
 
     defaults = SynthOptions()
     options = SynthOptions(
@@ -114,8 +114,8 @@ def _cmd_db_upgrade(_: argparse.Namespace) -> int:
     from alembic import command
     from alembic.config import Config
 
+    from devstack.stack import REPO_ROOT
     from shared.config import get_settings
-    from shared.devstack.stack import REPO_ROOT
 
     config = Config(str(REPO_ROOT / "alembic.ini"))
     config.set_main_option("sqlalchemy.url", get_settings().database_url)
@@ -147,7 +147,7 @@ def _cmd_models_ensure_default(_: argparse.Namespace) -> int:
 
 
 def _client_from_settings() -> Client:
-    from shared.client import Client
+    from mammoscreen_client import Client
     from shared.config import get_settings
 
     settings = get_settings()
@@ -176,7 +176,7 @@ def _print_epoch(run: dict[str, Any]) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     """Upload a labelled folder through the API and train on it."""
-    from shared.client import submit_training_folder
+    from mammoscreen_client import submit_training_folder
 
     hyperparameters = dict(json.loads(args.hyperparameters)) if args.hyperparameters else {}
     if args.epochs is not None:
@@ -259,7 +259,7 @@ def _cmd_models_rollback(_: argparse.Namespace) -> int:
 
 
 def _cmd_stack_up(args: argparse.Namespace) -> int:
-    from shared.devstack.stack import up
+    from devstack.stack import up
 
     state = up(Path(args.dir))
     print(f"stack up; environment in {Path(args.dir) / 'env'} (source it):")
@@ -275,7 +275,7 @@ def _cmd_stack_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_stack_down(args: argparse.Namespace) -> int:
-    from shared.devstack.stack import down
+    from devstack.stack import down
 
     survivors = down(Path(args.dir))
     if survivors:
@@ -329,9 +329,9 @@ def format_exams_table(
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from shared.client import Client
-    from shared.devstack.stack import StackState, down, up
-    from shared.imaging.synth import DEMO_VARIANTS, generate_exams
+    from devstack.stack import StackState, down, up
+    from devstack.synth import DEMO_VARIANTS, generate_exams
+    from mammoscreen_client import Client
 
     stack_dir = Path(args.dir)
     started_here = StackState.load(stack_dir / "state.json") is None

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy.orm import Session
 
-from shared.cli import main
+from cli.main import main
 from shared.config import Settings, get_settings
 from shared.tenants import authenticate
 

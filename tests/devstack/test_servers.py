@@ -8,7 +8,7 @@ from pathlib import Path
 import psycopg
 import redis
 
-from shared.devstack.servers import pid_alive, start_postgres, start_redis, stop_server
+from devstack.servers import pid_alive, start_postgres, start_redis, stop_server
 
 
 def _port_of(url: str) -> int:

@@ -1,0 +1,80 @@
+"""The exam rule: from an exam's images and their predictions to breast and exam scores and
+the recall recommendation. The results API, the viewer and the DICOM report all say what this
+says; none of them computes it on its own."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from shared.db.models import Image, Laterality, ModelVersion, Prediction, View
+from shared.scores import BreastScore, ViewScore, breast_scores, calibrated_probability, exam_score
+
+# The four views of a screening exam, as "L-CC" ... "R-MLO".
+SCREENING_VIEWS = tuple(f"{lat.value}-{view.value}" for lat in Laterality for view in View)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """What the model that scored the exam says of it."""
+
+    model_version: ModelVersion
+    recall: bool | None  # None: the version has no threshold (an untrained model)
+    recall_threshold: float | None
+    exam_probability: float | None  # None: the version has no calibration
+
+
+@dataclass(frozen=True)
+class ExamAssessment:
+    views_present: list[str]
+    missing_views: list[str]
+    breasts: list[BreastScore]
+    exam_score: float | None
+    # Only when one model version scored every scored view: a threshold and a calibration
+    # belong to one model's score scale.
+    recommendation: Recommendation | None
+
+
+def assess_exam(
+    images: Sequence[Image], predictions: Mapping[uuid.UUID, Prediction]
+) -> ExamAssessment:
+    """Score an exam from its images' latest predictions (`predictions` by image id); an exam
+    may lack views, or have views not scored yet, and still be scored from those that are."""
+    present = sorted(
+        {f"{i.laterality.value}-{i.view.value}" for i in images if i.laterality and i.view}
+    )
+    breasts = breast_scores(
+        ViewScore(i.laterality, i.view, predictions[i.id].malignancy_score)
+        for i in images
+        if i.id in predictions and i.laterality is not None and i.view is not None
+    )
+    score = exam_score(breasts)
+    used = [predictions[i.id] for i in images if i.id in predictions]
+    return ExamAssessment(
+        views_present=present,
+        missing_views=[v for v in SCREENING_VIEWS if v not in present],
+        breasts=breasts,
+        exam_score=score,
+        recommendation=recommend(score, used),
+    )
+
+
+def recommend(score: float | None, predictions: Sequence[Prediction]) -> Recommendation | None:
+    """Recall or routine, from the model that scored the exam: only when one model version
+    made every prediction."""
+    versions = {p.model_version.id: p.model_version for p in predictions}
+    if score is None or len(versions) != 1:
+        return None
+    (version,) = versions.values()
+    threshold = version.recall_threshold
+    return Recommendation(
+        model_version=version,
+        recall=None if threshold is None else score >= threshold,
+        recall_threshold=threshold,
+        exam_probability=(
+            None
+            if version.calibration is None
+            else calibrated_probability(score, version.calibration)
+        ),
+    )

@@ -1,0 +1,269 @@
+"""The one way an image comes in, whatever carried it (an HTTP upload, a file in a zip
+archive, a DICOM C-STORE or STOW-RS): sniff its format from its bytes, read its header without
+its pixels, apply the quality gate, de-identify it, and stream the clean copy to object storage.
+
+Nothing is stored as received: DICOM headers are de-identified (`deid.py`), PNG/JPEG metadata
+is stripped (`raster.py`). A refused file raises `ImageRejected` with a stable code
+(`formats.py`), and nothing of it is kept. The caller records the rows
+(`shared.lifecycle.accept_images`) and queues them after its commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import logging
+import re
+import tempfile
+import uuid
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import PurePosixPath
+from typing import Any, BinaryIO, TypeVar, cast
+
+from minio.error import S3Error
+from PIL import Image as PILImage
+from urllib3.exceptions import HTTPError as StorageConnectionError
+
+from shared.config import Settings
+from shared.db.base import new_id
+from shared.db.models import Laterality, View
+from shared.imaging.deid import Deidentifier
+from shared.imaging.dicom import read_header, screenable_metadata, write_deidentified
+from shared.imaging.formats import (
+    SNIFF_BYTES,
+    ImageMetadata,
+    ImageRejected,
+    MediaType,
+    RejectCode,
+    parse_laterality,
+    parse_view,
+    require_laterality_and_view,
+    sniff_media_type,
+)
+from shared.imaging.raster import strip_jpeg_metadata, strip_png_metadata
+from shared.storage import Keys, ObjectStore, ObjectTooLarge, StoredObject
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# PNG/JPEG carry no DICOM header; their laterality and view may come from the file name:
+# <study>_<L|R>_<CC|MLO>.<ext>, e.g. "exam17_L_MLO.png".
+RASTER_NAME = re.compile(r"^(?P<study>.+)_(?P<lat>[LR])_(?P<view>CC|MLO)$", re.IGNORECASE)
+# A de-identified copy stays in memory up to this size, then spills to a temporary file.
+SPOOL_MEMORY_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class IntakeHints:
+    """What the sender says of files that carry no metadata of their own (PNG, JPEG): form
+    fields, or a row of an archive's manifest."""
+
+    study_key: str | None = None
+    patient_id: str | None = None
+    laterality: Laterality | None = None
+    view: View | None = None
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """An image stored in object storage, de-identified, with what its row needs."""
+
+    image_id: uuid.UUID
+    filename: str
+    media_type: MediaType
+    stored: StoredObject
+    study_key: str
+    patient_key: str
+    laterality: Laterality
+    view: View
+
+
+def patient_key(secret: str, tenant_id: uuid.UUID, patient_id: str) -> str:
+    """Keyed hash of a patient id: stable per patient, meaningless without the secret.
+
+    The tenant is part of the key: the same id string at two sites is two patients, and
+    keys must not link one tenant's patients to another's.
+    """
+    message = f"{tenant_id}:{patient_id}".encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+@lru_cache(maxsize=4)
+def deidentifier_for(secret: str) -> Deidentifier:
+    return Deidentifier(secret)
+
+
+def safe_filename(name: str | None) -> str:
+    """The base name only (no folders), without control characters, at most 255 characters."""
+    base = PurePosixPath((name or "").replace("\\", "/")).name
+    printable = "".join(ch for ch in base if ch.isprintable())
+    return printable[:255] or "unnamed"
+
+
+@dataclass
+class IntakeOutcome:
+    """What one received file (or archive) became: accepted images and refused files."""
+
+    stored: list[StoredImage] = field(default_factory=list)
+    rejected: list[tuple[str, ImageRejected]] = field(default_factory=list)
+
+
+def _raster_metadata(stream: BinaryIO, filename: str, hints: IntakeHints) -> ImageMetadata:
+    """Size from the PNG/JPEG header (pixels are not decoded); the rest from hints or name."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+        try:
+            with PILImage.open(stream) as img:
+                width, height = img.size
+        except PILImage.DecompressionBombError as err:
+            raise ImageRejected(RejectCode.IMAGE_TOO_LARGE, f"{filename}: {err}") from err
+        except (OSError, ValueError, SyntaxError) as err:
+            raise ImageRejected(
+                RejectCode.INVALID_IMAGE, f"{filename} has an unreadable image header: {err}"
+            ) from err
+    match = RASTER_NAME.match(PurePosixPath(filename).stem)
+    return ImageMetadata(
+        laterality=hints.laterality or (parse_laterality(match["lat"]) if match else None),
+        view=hints.view or (parse_view(match["view"]) if match else None),
+        patient_id=hints.patient_id,
+        study_uid=hints.study_key or (match["study"] if match else None),
+        pixels=width * height,
+    )
+
+
+def _stream_size(stream: BinaryIO) -> int:
+    position = stream.tell()
+    size = stream.seek(0, io.SEEK_END)
+    stream.seek(position)
+    return size
+
+
+def take_in(
+    stream: BinaryIO,
+    filename: str,
+    *,
+    settings: Settings,
+    store: ObjectStore,
+    tenant_id: uuid.UUID,
+    batch_id: uuid.UUID,
+    hints: IntakeHints,
+    size: int | None = None,
+) -> StoredImage:
+    """Check one seekable file and store its de-identified copy; raises ImageRejected.
+
+    `size` is the file's length where the caller knows it without seeking (zip entries).
+    """
+    size = _stream_size(stream) if size is None else size
+    if size > settings.max_file_bytes:
+        raise ImageRejected(
+            RejectCode.FILE_TOO_LARGE,
+            f"{filename} is {size} bytes, larger than the limit of {settings.max_file_bytes}",
+        )
+    head = stream.read(SNIFF_BYTES)
+    if not head:
+        raise ImageRejected(RejectCode.EMPTY_FILE, f"{filename} is empty")
+    media_type = sniff_media_type(head)
+    if media_type is None:
+        raise ImageRejected(
+            RejectCode.UNSUPPORTED_MEDIA_TYPE,
+            f"{filename} is not DICOM, PNG or JPEG (judged by its content, not its name)",
+        )
+    stream.seek(0)
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES) as clean:
+        if media_type == MediaType.DICOM:
+            header = read_header(stream, filename)
+            metadata = _guard_dicom(filename, screenable_metadata, header, filename)
+        else:
+            metadata = _raster_metadata(stream, filename, hints)
+        _refuse_oversized(metadata, filename, settings)
+        require_laterality_and_view(metadata, filename)
+        image_id = new_id()
+        # Without a study id, each such file is its own study.
+        study_key = metadata.study_uid or f"image:{image_id}"
+        key_of_patient = patient_key(
+            settings.patient_key_secret, tenant_id, metadata.patient_id or f"study:{study_key}"
+        )
+        if media_type == MediaType.DICOM:
+            deidentifier = deidentifier_for(settings.patient_key_secret)
+            _guard_dicom(
+                filename,
+                write_deidentified,
+                stream,
+                header,
+                cast(BinaryIO, clean),
+                deidentifier=deidentifier,
+                patient_key=key_of_patient,
+                filename=filename,
+            )
+            study_key = deidentifier.pseudonymous_uid(study_key)
+        else:
+            stream.seek(0)
+            strip = strip_png_metadata if media_type == MediaType.PNG else strip_jpeg_metadata
+            strip(stream, cast(BinaryIO, clean), filename)
+        clean.seek(0)
+        key = Keys.image(tenant_id, batch_id, image_id)
+        try:
+            stored = store.put_stream(
+                key,
+                cast(BinaryIO, clean),
+                content_type=media_type.value,
+                limit=settings.max_file_bytes,
+            )
+        except ObjectTooLarge as err:
+            raise ImageRejected(
+                RejectCode.FILE_TOO_LARGE,
+                f"{filename} is larger than the limit of {err.limit} bytes",
+            ) from err
+    assert metadata.laterality is not None  # require_laterality_and_view checked both
+    assert metadata.view is not None
+    return StoredImage(
+        image_id=image_id,
+        filename=filename,
+        media_type=media_type,
+        stored=stored,
+        study_key=study_key[:128],
+        patient_key=key_of_patient,
+        laterality=metadata.laterality,
+        view=metadata.view,
+    )
+
+
+def _guard_dicom(label: str, step: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a step over an untrusted DICOM header: any failure of it is the file's fault.
+
+    pydicom raises what its parsers happen to raise (KeyError, struct.error, ValueError on a
+    malformed value met while writing); the uploader gets invalid_dicom, never a 500.
+    """
+    try:
+        return step(*args, **kwargs)
+    except ImageRejected:
+        raise
+    except Exception as err:
+        raise ImageRejected(
+            RejectCode.INVALID_DICOM,
+            f"{label}: the DICOM header is malformed ({type(err).__name__}: {err}); send a "
+            "valid DICOM Part 10 file",
+        ) from err
+
+
+def _refuse_oversized(metadata: ImageMetadata, filename: str, settings: Settings) -> None:
+    if metadata.pixels is not None and metadata.pixels > settings.max_image_pixels:
+        raise ImageRejected(
+            RejectCode.IMAGE_TOO_LARGE,
+            f"{filename} declares {metadata.pixels} pixels; the limit is "
+            f"{settings.max_image_pixels}",
+        )
+
+
+def discard(store: ObjectStore, accepted: Iterable[StoredImage]) -> None:
+    """Remove stored copies whose rows will not be written (the orphan sweep is the backstop
+    for any that cannot be removed now)."""
+    for image in accepted:
+        try:
+            store.delete(image.stored.key)
+        except (S3Error, StorageConnectionError):
+            log.exception("could not remove orphaned object %s", image.stored.key)
