@@ -88,9 +88,11 @@ class Settings(BaseSettings):
     worker_compile: bool = False
     # "auto" picks CUDA when torch sees a GPU, else the CPU.
     worker_device: str = "auto"
-    # CPU threads for torch in a worker process. 0: an inference worker takes one fewer than
-    # the cores (its loaders need one), a training worker torch's own default (all of them).
+    # CPU threads for torch in an inference worker. 0: one fewer than the cores (its image
+    # loaders need one).
     worker_torch_threads: int = Field(default=0, ge=0)
+    # CPU threads for torch in a training worker. 0: every core.
+    training_torch_threads: int = Field(default=0, ge=0)
     # The trained model kept in the repository, registered as the active one when none is
     # (models/screening-synthetic, made by `make bench-model`); "none" registers an untrained
     # one.

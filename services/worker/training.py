@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -21,8 +24,7 @@ import torch
 from sqlalchemy import select
 
 from services.worker.celery_app import app
-from services.worker.inference import worker_context
-from shared.config import Settings
+from shared.config import Settings, get_settings
 from shared.db.base import session_scope
 from shared.db.models import ModelStatus, ModelVersion, Split, TrainingLabel, TrainingRun
 from shared.imaging.decode import decode_image
@@ -66,9 +68,32 @@ class DatasetUnusable(Exception):
         self.message = message
 
 
+def training_cpu_threads(settings: Settings) -> int:
+    """Threads for training on the CPU: the trainer's own setting, or every core.
+
+    Not the inference worker's count: that leaves a core to its image loaders, while a
+    training epoch is all forward and backward passes over images already in memory.
+    """
+    return settings.training_torch_threads or os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class TrainerContext:
+    settings: Settings
+    store: ObjectStore
+
+
+@lru_cache(maxsize=1)
+def trainer_context() -> TrainerContext:
+    """Built once per trainer process, on its first run."""
+    settings = get_settings()
+    torch.set_num_threads(training_cpu_threads(settings))
+    return TrainerContext(settings, ObjectStore(settings))
+
+
 @app.task(name=TaskName.TRAIN_MODEL.value, queue=Queue.TRAINING.value, acks_late=True)
 def train_model(run_id: str) -> str:
-    ctx = worker_context()
+    ctx = trainer_context()
     with log_context(run_id=run_id):
         return run_training(uuid.UUID(run_id), settings=ctx.settings, store=ctx.store)
 
@@ -108,8 +133,6 @@ def run_training(run_id: uuid.UUID, *, settings: Settings, store: ObjectStore) -
     except RunNotClaimable as reason:
         log.info("not training: %s", reason)
         return "skipped"
-    if settings.worker_torch_threads:
-        torch.set_num_threads(settings.worker_torch_threads)
     heartbeat = Heartbeat(settings, run_id, attempt)
     heartbeat.start()
     try:
