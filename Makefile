@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 STACK_DIR := .stack
 
 .DEFAULT_GOAL := help
-.PHONY: help install up down demo test test-fast lint format clean bench bench-model browser
+.PHONY: help install up down demo test test-fast lint format clean bench bench-model browser dicom-tools
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,7 +32,7 @@ down: ## stop everything `make up` started
 demo: install ## start the stack, screen 8 synthetic exams end to end, print results, stop
 	$(BIN)/screening demo --dir $(STACK_DIR) --exams 8
 
-test: install browser ## run the whole test suite against real servers
+test: install browser dicom-tools ## run the whole test suite against real servers
 	$(BIN)/python -m pytest
 
 # The viewer's browser tests drive Debian's Chromium through Playwright (no browser download).
@@ -42,6 +42,13 @@ browser: ## install Debian's Chromium for the browser tests, when missing
 	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 	@$(CHROMIUM) --version
+
+# The DICOM tests talk to tools and servers others wrote: dcmtk (echoscu, storescu) and
+# Orthanc as the hospital PACS, from Debian.
+dicom-tools: ## install Debian's dcmtk and Orthanc for the DICOM tests, when missing
+	@{ command -v storescu >/dev/null && command -v Orthanc >/dev/null; } || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends dcmtk orthanc >/dev/null; }
+	@storescu --version | head -1; Orthanc --version | head -1
 
 bench: install ## throughput benchmark on the real stack: prints and writes bench/results.json
 	$(BIN)/python -m bench.throughput --out bench/results.json

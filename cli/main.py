@@ -110,6 +110,50 @@ def _cmd_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dicom_node(args: argparse.Namespace) -> int:
+    from shared.config import get_settings
+    from shared.db.base import session_scope
+    from shared.dicom_nodes import NodeError, add_node, list_nodes, remove_node
+    from shared.tenants import find_tenant
+
+    with session_scope(get_settings().database_url) as session:
+        tenant = find_tenant(session=session, name_or_id=args.tenant)
+        if tenant is None:
+            print(f"error: no tenant named or with id {args.tenant!r}", file=sys.stderr)
+            return 2
+        if args.node_command == "add":
+            try:
+                node = add_node(
+                    session=session,
+                    tenant_id=tenant.id,
+                    ae_title=args.ae_title,
+                    host=args.host,
+                    port=args.port,
+                )
+            except NodeError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            where = f" from {node.host}" if node.host else " from any host"
+            print(f"DICOM node {node.ae_title}{where} sends studies for {tenant.name}")
+        elif args.node_command == "remove":
+            if not remove_node(
+                session=session, tenant_id=tenant.id, ae_title=args.ae_title, host=args.host
+            ):
+                print(
+                    f"error: {tenant.name} has no node {args.ae_title!r}"
+                    f"{' at ' + args.host if args.host else ''}; see "
+                    f"'screening admin dicom-node list {args.tenant}'",
+                    file=sys.stderr,
+                )
+                return 2
+            print(f"removed {args.ae_title}")
+        else:
+            for node in list_nodes(session=session, tenant_id=tenant.id):
+                address = f"{node.host or '*'}:{node.port or '-'}"
+                print(f"{node.ae_title:16}  {address}  added {node.created_at:%Y-%m-%d %H:%M}")
+    return 0
+
+
 def _cmd_db_upgrade(_: argparse.Namespace) -> int:
     from alembic import command
     from alembic.config import Config
@@ -269,6 +313,9 @@ def _cmd_stack_up(args: argparse.Namespace) -> int:
         "SCREENING_DATABASE_URL",
         "SCREENING_REDIS_URL",
         "SCREENING_S3_ENDPOINT",
+        "SCREENING_DICOM_HOST",
+        "SCREENING_DICOM_PORT",
+        "SCREENING_DICOM_AE_TITLE",
     ):
         print(f"  {name}={state.env[name]}")
     return 0
@@ -432,6 +479,23 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "revoke":
             sub.add_argument("prefix", help="the key's visible prefix, e.g. msk_1a2b3c4d")
         sub.set_defaults(func=_cmd_key)
+
+    node = admin.add_parser(
+        "dicom-node", help="DICOM nodes (PACS, modalities) that may send a tenant's studies"
+    ).add_subparsers(dest="node_command", required=True)
+    for name, text in (
+        ("add", "allow a calling AE title (from one host, if given) to send studies"),
+        ("list", "the tenant's nodes"),
+        ("remove", "no longer accept associations from this AE title (and host)"),
+    ):
+        sub = node.add_parser(name, help=text)
+        sub.add_argument("tenant", help="tenant name or id")
+        if name != "list":
+            sub.add_argument("--ae-title", required=True, help="the node's calling AE title")
+            sub.add_argument("--host", help="only from this IP address")
+        if name == "add":
+            sub.add_argument("--port", type=int, help="where the node takes results back")
+        sub.set_defaults(func=_cmd_dicom_node)
 
     db = commands.add_parser("db", help="database").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="apply migrations up to head").set_defaults(func=_cmd_db_upgrade)

@@ -275,7 +275,7 @@ def cmd_batches(args: argparse.Namespace) -> int:
         for batch in client.batches(limit=args.limit):
             print(
                 f"{batch['id']}  {batch['status']:<10}  {batch['priority']:<6}  "
-                f"{batch['created_at'][:19]}  {batch['name']}"
+                f"{batch['created_at'][:19]}  {batch.get('source', 'api'):<8}  {batch['name']}"
             )
     return 0
 

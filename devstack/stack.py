@@ -96,7 +96,8 @@ class StackState:
         return [*self.services.values(), *(s.pid for s in self.servers)]
 
 
-WORKER_SERVICES = ("worker", "trainer")
+# Services that print a " ready." line once they serve (the web services answer /healthz).
+WORKER_SERVICES = ("worker", "trainer", "gateway")
 
 
 def _celery_worker(
@@ -143,6 +144,11 @@ def service_commands(python: str) -> dict[str, list[str]]:
             "{worker_metrics_port}",
             ["--concurrency", "1", "--pool", "prefork"],
         ),
+        # The DICOM node PACS send studies to (C-STORE); its port is in .stack/env.
+        "gateway": [
+            *(python, "-m", "services.gateway", "--host", "127.0.0.1"),
+            *("--port", "{gateway_port}", "--metrics-port", "{gateway_metrics_port}"),
+        ],
         # Training runs for minutes to hours: its own process, so screening goes on meanwhile.
         # The solo pool runs the task in this process (no fork), and one run at a time.
         "trainer": _celery_worker(
@@ -259,6 +265,8 @@ def up(
             "worker_port": free_port(),
             "worker_metrics_port": free_port(),
             "trainer_metrics_port": free_port(),
+            "gateway_port": free_port(),
+            "gateway_metrics_port": free_port(),
         }
         settings = base.model_copy(
             update={
@@ -267,11 +275,17 @@ def up(
                 "s3_endpoint": s3_endpoint,
                 "ingest_url": f"http://127.0.0.1:{ports['ingest_port']}",
                 "results_url": f"http://127.0.0.1:{ports['results_port']}",
+                "dicom_host": "127.0.0.1",
+                "dicom_port": ports["gateway_port"],
+                "dicom_ae_title": base.dicom_ae_title,
             }
         )
         api_key = prepare_infrastructure(settings)
         state.env = {
-            **settings_to_environ(settings, ("ingest_url", "results_url")),
+            **settings_to_environ(
+                settings,
+                ("ingest_url", "results_url", "dicom_host", "dicom_port", "dicom_ae_title"),
+            ),
             "SCREENING_API_KEY": api_key,
             **settings_to_environ(settings, CONNECTION_FIELDS),
         }

@@ -106,6 +106,19 @@ class Settings(BaseSettings):
     training_heartbeat_s: float = Field(default=10, gt=0)
     training_stale_s: float = Field(default=120, gt=0)
 
+    # The DICOM gateway (services/gateway): its AE title and where it listens.
+    dicom_ae_title: str = Field(default="MAMMOSCREEN", min_length=1, max_length=16)
+    dicom_host: str = "0.0.0.0"  # noqa: S104 (a DICOM node listens for the site's PACS)
+    dicom_port: int = Field(default=11112, ge=0, le=65535)
+    # A study counts as complete this long after its last instance arrived; its batch then
+    # closes. A later instance of the study goes into a follow-up batch.
+    dicom_study_quiet_s: float = Field(default=30, gt=0)
+    dicom_max_associations: int = Field(default=8, gt=0)
+    dicom_max_pdu_bytes: int = Field(default=262_144, ge=0)  # 0: no limit
+    dicom_acse_timeout_s: float = Field(default=30, gt=0)
+    dicom_dimse_timeout_s: float = Field(default=60, gt=0)
+    dicom_network_timeout_s: float = Field(default=60, gt=0)
+
     @model_validator(mode="after")
     def _refuse_placeholder_secrets_outside_development(self) -> Settings:
         if self.env in ("dev", "test"):

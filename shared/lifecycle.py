@@ -97,11 +97,19 @@ def initial_status(purpose: BatchPurpose) -> ImageStatus:
 
 
 def accept_images(
-    *, session: Session, batch: Batch, accepted: Sequence[StoredImage]
+    *,
+    session: Session,
+    batch: Batch,
+    accepted: Sequence[StoredImage],
+    one_per_sop_instance: bool = False,
 ) -> list[Image]:
     """The rows of images the intake stored for `batch`: each in its study (one row per study
     key, shared by concurrent uploads), starting in the batch purpose's initial status. The
-    caller commits, and only then queues them."""
+    caller commits, and only then queues them.
+
+    `one_per_sop_instance` (DICOM received from a node) records each SOP instance's key, so a
+    second copy of the instance fails the commit instead of becoming a second image.
+    """
     images = []
     for item in accepted:
         study = get_or_create_study(
@@ -123,6 +131,7 @@ def accept_images(
             media_type=item.media_type.value,
             laterality=item.laterality,
             view=item.view,
+            sop_instance_key=item.sop_instance_key if one_per_sop_instance else None,
             status=initial_status(batch.purpose),
         )
         session.add(image)

@@ -40,6 +40,8 @@ def test_every_command_points_at_code_that_exists(name: str) -> None:
         from shared.queue import Queue
 
         assert declared <= {q.value for q in Queue}
+    elif command[:2] == ["python", "-m"]:
+        assert importlib.util.find_spec(command[2]) is not None
     elif command[0] == "screening":
         args = build_parser().parse_args(command[1:])
         assert callable(args.func)

@@ -46,6 +46,9 @@ class BatchStatus(TypedDict):
     closed_at: str | None
     completed_at: str | None
     callback_url: str | None
+    source: str  # api, dicom (sent to the DICOM gateway) or dicomweb (STOW-RS)
+    sent_by: str | None  # the sending DICOM node's AE title
+    accession_key: str | None  # keyed hash of the study's accession number
     counts: ImageCounts
     total_images: int
     rejected_files: int

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fastapi import FastAPI
 from starlette.formparsers import MultiPartParser
 
+from services.ingest.dicomweb import router as dicomweb_router
 from services.ingest.routes import router
 from services.ingest.training import router as training_router
 from shared.api.errors import install_error_handlers
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_router)
     app.include_router(router)
     app.include_router(training_router)
+    app.include_router(dicomweb_router)
     return app
 
 

@@ -6,17 +6,20 @@ from __future__ import annotations
 import csv
 import io
 import re
-import uuid
 import zipfile
 import zlib
 from dataclasses import replace
 from pathlib import PurePosixPath
 from typing import BinaryIO, cast
 
-from shared.config import Settings
 from shared.imaging.formats import ImageRejected, RejectCode, parse_laterality, parse_view
-from shared.imaging.intake import IntakeHints, IntakeOutcome, safe_filename, take_in
-from shared.storage import ObjectStore
+from shared.imaging.intake import (
+    Destination,
+    IntakeHints,
+    IntakeOutcome,
+    safe_filename,
+    take_in,
+)
 
 ZIP_MAGIC = b"PK\x03\x04"
 MANIFEST_NAME = "manifest.csv"
@@ -47,10 +50,7 @@ def store_archive(
     stream: BinaryIO,
     archive_name: str,
     *,
-    settings: Settings,
-    store: ObjectStore,
-    tenant_id: uuid.UUID,
-    batch_id: uuid.UUID,
+    to: Destination,
     hints: IntakeHints,
 ) -> IntakeOutcome:
     """Each image of a zip archive, within the entry-count and uncompressed-size limits.
@@ -75,26 +75,26 @@ def store_archive(
         )
         return outcome
     declared = sum(info.file_size for info in entries)
-    if len(entries) > settings.max_zip_entries:
+    if len(entries) > to.settings.max_zip_entries:
         outcome.rejected.append(
             (
                 archive_name,
                 ImageRejected(
                     RejectCode.ARCHIVE_TOO_MANY_ENTRIES,
                     f"{archive_name} holds {len(entries)} files; the limit is "
-                    f"{settings.max_zip_entries} per archive",
+                    f"{to.settings.max_zip_entries} per archive",
                 ),
             )
         )
         return outcome
-    if declared > settings.max_zip_bytes:
+    if declared > to.settings.max_zip_bytes:
         outcome.rejected.append(
             (
                 archive_name,
                 ImageRejected(
                     RejectCode.ARCHIVE_TOO_LARGE,
                     f"{archive_name} expands to {declared} bytes; the limit is "
-                    f"{settings.max_zip_bytes}",
+                    f"{to.settings.max_zip_bytes}",
                 ),
             )
         )
@@ -140,10 +140,7 @@ def store_archive(
                         take_in(
                             cast(BinaryIO, entry),
                             safe_filename(info.filename),
-                            settings=settings,
-                            store=store,
-                            tenant_id=tenant_id,
-                            batch_id=batch_id,
+                            to=to,
                             hints=entry_hints,
                             size=info.file_size,
                         )
@@ -162,7 +159,7 @@ def store_archive(
     except BaseException:
         # Storage failed part-way: remove what this archive already stored, then report.
         for done in outcome.stored:
-            store.delete(done.stored.key)
+            to.store.delete(done.stored.key)
         raise
     for missing in sorted(set(manifest) - used_rows):
         outcome.rejected.append(

@@ -47,7 +47,7 @@ from shared.db.models import (
     Laterality,
     View,
 )
-from shared.imaging.intake import IntakeHints, StoredImage, discard
+from shared.imaging.intake import Destination, IntakeHints, StoredImage, discard
 from shared.lifecycle import accept_images, close_batch, mark_enqueued
 from shared.queue import enqueue_screening
 from shared.webhooks import SIGNATURE_HEADER, tenant_secret
@@ -132,6 +132,7 @@ def post_images(
         )
     session.rollback()  # release the snapshot while files stream; re-checked under lock below
 
+    destination = Destination(settings, store, tenant.id, batch_id)
     hints = IntakeHints(
         study_key=study_key, patient_id=patient_id, laterality=laterality, view=view
     )
@@ -141,16 +142,7 @@ def post_images(
     # The files of a request are checked, de-identified and streamed to storage side by side
     # (the object store is another process; hashing and socket I/O release the GIL).
     futures = [
-        storers.submit(
-            store_upload,
-            upload,
-            settings=settings,
-            store=store,
-            tenant_id=tenant.id,
-            batch_id=batch_id,
-            hints=hints,
-        )
-        for upload in files
+        storers.submit(store_upload, upload, to=destination, hints=hints) for upload in files
     ]
     for future in futures:  # in upload order, and every one finished before going on
         try:

@@ -116,6 +116,7 @@ class BatchRow:
     created_at: Any
     total: int
     finished: int
+    source: str
 
 
 def _progress(session: Session, caller: Caller, batch_id: uuid.UUID) -> tuple[int, int]:
@@ -130,7 +131,15 @@ def batches_page(request: Request, session: SessionDep, caller: ViewerDep) -> HT
     for batch in list_batches(session=session, tenant_id=caller.tenant.id, limit=100, before=None):
         total, finished = _progress(session, caller, batch.id)
         rows.append(
-            BatchRow(batch.id, batch.name, batch.status.value, batch.created_at, total, finished)
+            BatchRow(
+                batch.id,
+                batch.name,
+                batch.status.value,
+                batch.created_at,
+                total,
+                finished,
+                f"DICOM from {batch.sent_by}" if batch.sent_by else batch.source.value,
+            )
         )
     return _page(request, "batches.html", caller, batches=rows)
 

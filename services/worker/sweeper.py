@@ -14,7 +14,9 @@ wait on or double-handle each other's rows.
 3. Training runs: a `running` run whose heartbeat stopped for `training_stale_s` (its worker
    died) is sent again and resumes from its last checkpoint; a `queued` run never sent (the
    broker was down) is sent.
-4. Orphan objects: an uploaded image's object (`Keys.UPLOADS`) older than `orphan_grace_s`
+4. DICOM studies: a study's open batch that received no instance for `dicom_study_quiet_s`
+   is closed (shared/dicom_studies.py).
+5. Orphan objects: an uploaded image's object (`Keys.UPLOADS`) older than `orphan_grace_s`
    with no image row (an upload whose commit failed and whose clean-up also failed) is
    deleted.
 
@@ -35,6 +37,7 @@ from sqlalchemy.orm import Session
 from shared.config import Settings
 from shared.db.base import session_scope, utcnow
 from shared.db.models import Batch, BatchPriority, Image, ImageStatus
+from shared.dicom_studies import close_quiet_studies
 from shared.lifecycle import expire_leases, mark_enqueued
 from shared.queue import enqueue_screening
 from shared.storage import Keys, ObjectStore
@@ -53,6 +56,7 @@ class SweepReport:
     sent: int = 0
     orphans_deleted: int = 0
     training_runs_resent: int = 0
+    studies_closed: int = 0
 
 
 def relay_queued(
@@ -126,6 +130,8 @@ def sweep_once(
             stale_s=settings.training_stale_s,
             requeue_after_s=settings.requeue_after_s,
         )
+    with session_scope(settings.database_url) as session:
+        studies_closed = close_quiet_studies(session=session, quiet_s=settings.dicom_study_quiet_s)
     with (
         session_scope(settings.database_url) as session,
         httpx.Client(timeout=DELIVERY_TIMEOUT_S) as http,
@@ -137,7 +143,7 @@ def sweep_once(
             orphans_deleted = delete_orphans(
                 session=session, store=store, grace_s=settings.orphan_grace_s
             )
-    report = SweepReport(requeued, failed, sent, orphans_deleted, runs_resent)
+    report = SweepReport(requeued, failed, sent, orphans_deleted, runs_resent, studies_closed)
     if report != SweepReport():
         log.info("sweep: %s", report)
     return report

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
-from shared.db.models import BatchPriority, BatchPurpose, BatchStatus
+from shared.db.models import BatchPriority, BatchPurpose, BatchSource, BatchStatus
 
 # User-supplied text: no control characters (Postgres refuses NUL; the rest are never
 # meaningful in a name and confuse logs and terminals).
@@ -28,6 +28,10 @@ class BatchPublic(BaseModel):
     completed_at: datetime | None
     callback_url: str | None = None
     purpose: BatchPurpose = BatchPurpose.SCREENING
+    # api (POST /v1/batches), dicom (a study sent to the gateway) or dicomweb (STOW-RS).
+    source: BatchSource = BatchSource.API
+    sent_by: str | None = None  # the sending node's AE title (source dicom)
+    accession_key: str | None = None  # keyed hash of the study's accession number
 
 
 class ErrorDetail(BaseModel):

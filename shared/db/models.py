@@ -47,6 +47,12 @@ class BatchPurpose(enum.StrEnum):
     TRAINING = "training"  # images are kept for training runs and never screened
 
 
+class BatchSource(enum.StrEnum):
+    API = "api"  # created by POST /v1/batches, filled by uploads
+    DICOM = "dicom"  # one study's instances sent to the DICOM gateway by C-STORE
+    DICOMWEB = "dicomweb"  # one study's instances posted by STOW-RS
+
+
 class ImageStatus(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -122,6 +128,49 @@ class Batch(Base):
     purpose: Mapped[BatchPurpose] = mapped_column(
         _enum(BatchPurpose, "batch_purpose"), default=BatchPurpose.SCREENING
     )
+    # A batch assembled from DICOM (C-STORE or STOW-RS) holds one study: its pseudonymous
+    # Study Instance UID, the node that sent it (C-STORE), and a keyed hash of its accession
+    # number. It closes after a quiet period without new instances (shared/dicom_studies.py).
+    source: Mapped[BatchSource] = mapped_column(
+        _enum(BatchSource, "batch_source"), default=BatchSource.API
+    )
+    dicom_study_key: Mapped[str | None] = mapped_column(String(128))
+    dicom_node_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("dicom_nodes.id"))
+    accession_key: Mapped[str | None] = mapped_column(String(64))
+
+    dicom_node: Mapped[DicomNode | None] = relationship()
+
+    @property
+    def sent_by(self) -> str | None:
+        """The calling AE title of the node that sent the study (C-STORE batches)."""
+        return self.dicom_node.ae_title if self.dicom_node is not None else None
+
+
+# At most one open batch assembles a study's instances; a later instance of a closed study
+# starts a follow-up batch.
+Index(
+    "uq_batches_open_dicom_study",
+    Batch.tenant_id,
+    Batch.dicom_study_key,
+    unique=True,
+    postgresql_where=text("status = 'open' AND dicom_study_key IS NOT NULL"),
+)
+
+
+class DicomNode(Base):
+    """A DICOM node (PACS, modality, router) allowed to send a tenant's studies: its calling AE
+    title, and its host when set (then only that host may use the title). Results go back to
+    its host and port."""
+
+    __tablename__ = "dicom_nodes"
+    __table_args__ = (UniqueConstraint("ae_title", "host", postgresql_nulls_not_distinct=True),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), index=True)
+    ae_title: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str | None] = mapped_column(String(255))
+    port: Mapped[int | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Study(Base):
@@ -153,6 +202,14 @@ class Image(Base):
             postgresql_where=text("status IN ('queued', 'running')"),
         ),
         CheckConstraint("size_bytes >= 0", name="size_nonnegative"),
+        # A DICOM instance sent twice (a sender's retry) is one image.
+        Index(
+            "uq_images_tenant_sop_instance",
+            "tenant_id",
+            "sop_instance_key",
+            unique=True,
+            postgresql_where=text("sop_instance_key IS NOT NULL"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
@@ -166,6 +223,8 @@ class Image(Base):
     media_type: Mapped[str] = mapped_column(String(64))
     laterality: Mapped[Laterality | None] = mapped_column(_enum(Laterality, "laterality"))
     view: Mapped[View | None] = mapped_column(_enum(View, "view_position"))
+    # DICOM received over the network (C-STORE, STOW-RS): the pseudonymous SOP Instance UID.
+    sop_instance_key: Mapped[str | None] = mapped_column(String(128))
     status: Mapped[ImageStatus] = mapped_column(
         _enum(ImageStatus, "image_status"), default=ImageStatus.QUEUED
     )

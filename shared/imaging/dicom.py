@@ -178,6 +178,7 @@ def screenable_metadata(ds: Dataset, filename: str) -> ImageMetadata:
         patient_id=str(ds.get("PatientID") or "") or None,
         study_uid=str(ds.get("StudyInstanceUID") or "") or None,
         pixels=pixels,
+        sop_instance_uid=str(ds.get("SOPInstanceUID") or "") or None,
     )
 
 

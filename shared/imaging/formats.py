@@ -55,6 +55,7 @@ class RejectCode(enum.StrEnum):
     UNKNOWN_LATERALITY = "unknown_laterality"
     UNKNOWN_VIEW = "unknown_view"
     EMPTY_BREAST_REGION = "empty_breast_region"
+    STUDY_MISMATCH = "study_mismatch"
 
 
 class ImageRejected(Exception):
@@ -88,6 +89,7 @@ class ImageMetadata:
     patient_id: str | None = None
     study_uid: str | None = None
     pixels: int | None = None  # as declared by the header, before any decoding
+    sop_instance_uid: str | None = None
 
 
 def parse_laterality(value: object) -> Laterality | None:

@@ -80,6 +80,8 @@ class StoredImage:
     patient_key: str
     laterality: Laterality
     view: View
+    # DICOM: the pseudonymous SOP Instance UID (the de-identified copy's own).
+    sop_instance_key: str | None = None
 
 
 def patient_key(secret: str, tenant_id: uuid.UUID, patient_id: str) -> str:
@@ -142,14 +144,21 @@ def _stream_size(stream: BinaryIO) -> int:
     return size
 
 
+@dataclass(frozen=True)
+class Destination:
+    """Where accepted images go: a tenant's batch, in this object store, under these limits."""
+
+    settings: Settings
+    store: ObjectStore
+    tenant_id: uuid.UUID
+    batch_id: uuid.UUID
+
+
 def take_in(
     stream: BinaryIO,
     filename: str,
     *,
-    settings: Settings,
-    store: ObjectStore,
-    tenant_id: uuid.UUID,
-    batch_id: uuid.UUID,
+    to: Destination,
     hints: IntakeHints,
     size: int | None = None,
 ) -> StoredImage:
@@ -157,6 +166,7 @@ def take_in(
 
     `size` is the file's length where the caller knows it without seeking (zip entries).
     """
+    settings, store, tenant_id, batch_id = to.settings, to.store, to.tenant_id, to.batch_id
     size = _stream_size(stream) if size is None else size
     if size > settings.max_file_bytes:
         raise ImageRejected(
@@ -182,6 +192,7 @@ def take_in(
         _refuse_oversized(metadata, filename, settings)
         require_laterality_and_view(metadata, filename)
         image_id = new_id()
+        sop_instance_key: str | None = None
         # Without a study id, each such file is its own study.
         study_key = metadata.study_uid or f"image:{image_id}"
         key_of_patient = patient_key(
@@ -200,6 +211,8 @@ def take_in(
                 filename=filename,
             )
             study_key = deidentifier.pseudonymous_uid(study_key)
+            if metadata.sop_instance_uid:
+                sop_instance_key = deidentifier.pseudonymous_uid(metadata.sop_instance_uid)
         else:
             stream.seek(0)
             strip = strip_png_metadata if media_type == MediaType.PNG else strip_jpeg_metadata
@@ -229,6 +242,7 @@ def take_in(
         patient_key=key_of_patient,
         laterality=metadata.laterality,
         view=metadata.view,
+        sop_instance_key=sop_instance_key,
     )
 
 

@@ -12,7 +12,7 @@ from devstack.synth import SynthImage
 from shared.config import Settings
 from shared.db.models import Laterality
 from shared.imaging.formats import ImageRejected, MediaType, RejectCode
-from shared.imaging.intake import IntakeHints, discard, patient_key, take_in
+from shared.imaging.intake import Destination, IntakeHints, discard, patient_key, take_in
 from shared.storage import Keys, ObjectStore
 
 
@@ -26,10 +26,7 @@ def test_a_dicom_file_is_gated_deidentified_and_stored_under_its_key(
         image = take_in(
             stream,
             synth.path.name,
-            settings=settings,
-            store=store,
-            tenant_id=tenant,
-            batch_id=batch,
+            to=Destination(settings, store, tenant, batch),
             hints=IntakeHints(),
         )
 
@@ -54,10 +51,7 @@ def test_a_refused_file_raises_its_code_and_stores_nothing(
         take_in(
             io.BytesIO(b"%PDF-1.7 not an image"),
             "report.pdf",
-            settings=settings,
-            store=store,
-            tenant_id=uuid.uuid4(),
-            batch_id=uuid.uuid4(),
+            to=Destination(settings, store, uuid.uuid4(), uuid.uuid4()),
             hints=IntakeHints(),
         )
     assert refused.value.code == RejectCode.UNSUPPORTED_MEDIA_TYPE

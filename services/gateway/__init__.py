@@ -1,0 +1,1 @@
+"""The DICOM gateway: the node that PACS and modalities send studies to (C-STORE)."""
