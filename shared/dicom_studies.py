@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 from celery import Celery
 from kombu.exceptions import OperationalError as BrokerError
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.exc import OperationalError as DatabaseError
@@ -48,6 +48,8 @@ from shared.queue import enqueue_screening
 from shared.storage import ObjectStore
 
 log = logging.getLogger(__name__)
+
+OPEN_STUDY_BATCH = text("status = 'open' AND dicom_study_key IS NOT NULL")
 
 
 @dataclass(frozen=True)
@@ -210,7 +212,9 @@ def open_study_batch(
             )
             .on_conflict_do_nothing(
                 index_elements=[Batch.tenant_id, Batch.dicom_study_key],
-                index_where=(Batch.status == BatchStatus.OPEN) & Batch.dicom_study_key.is_not(None),
+                # The index's own predicate, as literal SQL: with a bound parameter Postgres
+                # cannot match the index once the statement runs on a generic plan.
+                index_where=OPEN_STUDY_BATCH,
             )
         )
         batch = session.scalar(

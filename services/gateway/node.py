@@ -269,9 +269,7 @@ class Gateway:
                     producer=self.producer,
                 )
         except TRANSIENT_ERRORS as err:
-            log.warning(
-                "instance from %s not stored, the sender should retry: %s", sender.label, err
-            )
+            log.warning("instance from %s not stored; the sender retries: %s", sender.label, err)
             self._count(record, "retry")
             return _status(OUT_OF_RESOURCES, "storage or database unavailable; retry")
         self._count(record, receipt.outcome.value)

@@ -153,7 +153,7 @@ Index(
     Batch.tenant_id,
     Batch.dicom_study_key,
     unique=True,
-    postgresql_where=text("status = 'open' AND dicom_study_key IS NOT NULL"),
+    postgresql_where=text("status = 'open' AND dicom_study_key IS NOT NULL"),  # see dicom_studies
 )
 
 

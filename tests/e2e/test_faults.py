@@ -7,7 +7,9 @@ no image lost (all `done`), none screened twice (one prediction each), none stuc
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,18 +33,21 @@ from devstack.synth import SynthOptions, generate_exams
 from mammoscreen_client import ApiClientError, Client
 from shared.config import settings_from_environ
 from shared.db.base import get_engine, session_factory
-from shared.db.models import Image, ImageStatus, Prediction
+from shared.db.models import Batch, BatchSource, Image, ImageStatus, Prediction
+from shared.dicom_nodes import add_node
 from shared.storage import ObjectStore
 from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
 S3_KEYS = {"access_key": "fault-access", "secret_key": "fault-secret-key"}
+SMALL_FAULT_IMAGES = SynthOptions(height=256, width=208, pixel_spacing_mm=0.8)
 FAST_RECOVERY = {
     "SCREENING_LEASE_S": "6",
     "SCREENING_SWEEP_INTERVAL_S": "1",
     "SCREENING_REQUEUE_AFTER_S": "30",
     "SCREENING_INFERENCE_CHUNK_SIZE": "8",
+    "SCREENING_DICOM_STUDY_QUIET_S": "2",
 }
 
 
@@ -263,3 +268,141 @@ def test_sigterm_lets_the_worker_finish_its_chunk(fault_stack: FaultStack) -> No
     assert counts(fault_stack, batch_id)["done"] < len(paths), "stopped too late to tell"
     start_service_again(fault_stack.dir, "worker")
     assert_exactly_once(fault_stack, batch_id, total=len(paths))
+
+
+# -- the DICOM gateway ----------------------------------------------------------------------
+
+
+def _register_pacs(stack: FaultStack, ae_title: str) -> None:
+    with session_factory(stack.database_url)() as session:
+        tenant_id = session.scalars(select(Batch.tenant_id)).first()
+        if tenant_id is None:  # no batch yet: the demo tenant the stack made
+            from shared.db.models import Tenant
+
+            tenant_id = session.scalars(select(Tenant.id).where(Tenant.name == "demo")).one()
+        add_node(session=session, tenant_id=tenant_id, ae_title=ae_title)
+        session.commit()
+
+
+def _storescu(stack: FaultStack, ae_title: str, folder: Path) -> list[str]:
+    assert shutil.which("storescu"), "storescu is missing: `make dicom-tools` installs dcmtk"
+    env = stack.state.env
+    return [
+        "storescu", "-aet", ae_title, "-aec", env["SCREENING_DICOM_AE_TITLE"], "-nh",
+        "+sd", "+sp", "*.dcm", "127.0.0.1", env["SCREENING_DICOM_PORT"], str(folder),
+    ]  # fmt: skip
+
+
+def _dicom_counts(stack: FaultStack) -> dict[str, int]:
+    """Images that came by DICOM, with their predictions, from Postgres."""
+    with session_factory(stack.database_url)() as session:
+        dicom = select(Batch.id).where(Batch.source == BatchSource.DICOM)
+        images = session.scalar(
+            select(func.count()).select_from(Image).where(Image.batch_id.in_(dicom))
+        )
+        done = session.scalar(
+            select(func.count())
+            .select_from(Image)
+            .where(Image.batch_id.in_(dicom), Image.status == ImageStatus.DONE)
+        )
+        predictions = session.scalar(
+            select(func.count())
+            .select_from(Prediction)
+            .join(Image, Image.id == Prediction.image_id)
+            .where(Image.batch_id.in_(dicom))
+        )
+        open_batches = session.scalar(
+            select(func.count())
+            .select_from(Batch)
+            .where(Batch.source == BatchSource.DICOM, Batch.status != "completed")
+        )
+    return {
+        "images": int(images or 0),
+        "done": int(done or 0),
+        "predictions": int(predictions or 0),
+        "unfinished_batches": int(open_batches or 0),
+    }
+
+
+def test_gateway_sigkilled_mid_association_and_the_sender_resends(
+    fault_stack: FaultStack, tmp_path: Path
+) -> None:
+    _register_pacs(fault_stack, "FAULTPACS")
+    folder = tmp_path / "studies"
+    # Full-size images, so the send is still going when the gateway is killed.
+    sent = generate_exams(folder, exams=8, seed=41)
+    sender = subprocess.Popen(
+        _storescu(fault_stack, "FAULTPACS", folder),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for(
+        lambda: _dicom_counts(fault_stack)["images"] >= 6, timeout=120, what="instances to arrive"
+    )
+    kill_service(fault_stack.dir, "gateway")
+    output, _ = sender.communicate(timeout=60)
+    assert sender.returncode != 0, output  # the association broke off mid-send
+    received = _dicom_counts(fault_stack)["images"]
+    assert received < len(sent), "the kill came too late to break the send"
+
+    start_service_again(fault_stack.dir, "gateway")
+    again = subprocess.run(
+        _storescu(fault_stack, "FAULTPACS", folder), capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+
+    wait_for(
+        lambda: (
+            (c := _dicom_counts(fault_stack))["done"] == len(sent) and c["unfinished_batches"] == 0
+        ),
+        timeout=240,
+        what="every sent instance to be screened",
+    )
+    final = _dicom_counts(fault_stack)
+    # 0 lost, 0 duplicated: one image and one prediction per sent instance.
+    assert final == {
+        "images": len(sent),
+        "done": len(sent),
+        "predictions": len(sent),
+        "unfinished_batches": 0,
+    }
+
+
+def test_postgres_stopped_mid_association_gets_retry_statuses_and_keeps_nothing(
+    fault_stack: FaultStack, tmp_path: Path
+) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import DigitalMammographyXRayImageStorageForPresentation
+
+    _register_pacs(fault_stack, "OUTAGEPACS")
+    exam = generate_exams(tmp_path / "exam", exams=1, seed=43, options=SMALL_FAULT_IMAGES)
+    store = ObjectStore(settings_from_environ(fault_stack.state.env))
+    env = fault_stack.state.env
+    scu = AE(ae_title="OUTAGEPACS")
+    scu.add_requested_context(DigitalMammographyXRayImageStorageForPresentation)
+    association = scu.associate(
+        "127.0.0.1", int(env["SCREENING_DICOM_PORT"]), ae_title=env["SCREENING_DICOM_AE_TITLE"]
+    )
+    assert association.is_established
+    try:
+        first = association.send_c_store(str(exam[0].path))
+        assert first.Status == 0x0000
+        before = _dicom_counts(fault_stack)["images"]
+        objects_before = sum(1 for _ in store.list_keys("tenants/"))
+
+        stop_server(fault_stack.servers["postgres"])
+        during = association.send_c_store(str(exam[1].path))
+        assert during.Status == 0xA700  # out of resources: the sender retries later
+        assert sum(1 for _ in store.list_keys("tenants/")) == objects_before
+
+        fault_stack.restart("postgres")
+        get_engine(fault_stack.database_url).dispose()
+        wait_for(
+            lambda: association.send_c_store(str(exam[1].path)).Status == 0x0000,
+            timeout=60,
+            what="the gateway to store again once Postgres is back",
+        )
+    finally:
+        association.release()
+    assert _dicom_counts(fault_stack)["images"] == before + 1  # the retried one, once
