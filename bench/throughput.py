@@ -12,8 +12,10 @@ Everything is measured on this machine, with the same model and input size, in t
    same exam submitted right after a bulk batch of `--bulk` images was uploaded.
 5. upload_mb_per_s / s3_put_mb_per_s: the same files through the ingest API, and straight
    into the object store, with the same client concurrency (worker stopped).
+6. dicom_store_mb_per_s: the same files sent to the DICOM gateway by storescu (C-STORE, four
+   associations at once, as a PACS sends), beside the HTTP upload of them (worker stopped).
 
-6. For the CPU accounting only: the same files read back from the object store, and decoded
+7. For the CPU accounting only: the same files read back from the object store, and decoded
    and preprocessed in this process.
 
 Around phases 1, 2, 5 and 6 it records the CPU-seconds the whole machine spent, and each
@@ -32,7 +34,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sqlalchemy import select
 
 from bench.cpu import CpuMeter, CpuUsage
 from bench.report import write_and_print
@@ -58,7 +63,9 @@ from shared.ml.model import ScreeningNet, ScreeningNetConfig
 
 MIB = 1024 * 1024
 # Phases measured over the pipeline's images (the model's over its own count).
-PER_IMAGE_PHASES = ("pipeline", "upload", "s3_put", "s3_get", "prepare")
+PER_IMAGE_PHASES = ("pipeline", "upload", "dicom_store", "s3_put", "s3_get", "prepare")
+# A PACS sends a study over a few associations at once.
+DICOM_ASSOCIATIONS = 4
 # What any pipeline must do per image; their CPU bounds its speed (see _cpu_figures).
 ESSENTIAL_PHASES = ("model", "s3_put", "s3_get", "prepare")
 FILES_PER_REQUEST = 8
@@ -244,6 +251,43 @@ def _prepare_all(paths: Sequence[Path], config: ScreeningNetConfig, threads: int
         list(pool.map(lambda raw: preprocess(decode_image(raw, "application/dicom"), None), data))
 
 
+def _dicom_store_all(env: dict[str, str], settings: Settings, paths: Sequence[Path]) -> None:
+    """Send `paths` to the stack's DICOM gateway with dcmtk's storescu, as a PACS does: a
+    registered node, `DICOM_ASSOCIATIONS` associations side by side, each file in its own
+    transfer syntax."""
+    from shared.db.base import session_scope
+    from shared.db.models import Tenant
+    from shared.dicom_nodes import add_node, node_for
+
+    if shutil.which("storescu") is None:
+        raise RuntimeError("storescu is missing: `make dicom-tools` installs Debian's dcmtk")
+    with session_scope(settings.database_url) as session:
+        if node_for(session=session, ae_title="BENCHPACS", host="127.0.0.1") is None:
+            tenant = session.scalars(select(Tenant).where(Tenant.name == "demo")).one()
+            add_node(session=session, tenant_id=tenant.id, ae_title="BENCHPACS")
+    senders = [
+        subprocess.Popen(
+            [
+                *("storescu", "-aet", "BENCHPACS", "-aec", env["SCREENING_DICOM_AE_TITLE"]),
+                *(
+                    "127.0.0.1",
+                    env["SCREENING_DICOM_PORT"],
+                    *map(str, paths[i::DICOM_ASSOCIATIONS]),
+                ),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(DICOM_ASSOCIATIONS)
+        if paths[i::DICOM_ASSOCIATIONS]
+    ]
+    for sender in senders:
+        output, _ = sender.communicate()
+        if sender.returncode != 0:
+            raise RuntimeError(f"storescu failed: {output[-2000:]}")
+
+
 def _stack_processes(stack_dir: Path) -> dict[str, int]:
     """The stack's processes by name (read afresh: a restarted worker has a new pid)."""
     from devstack.stack import StackState
@@ -344,8 +388,16 @@ def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
                 started = time.perf_counter()
                 _upload_all(client, upload_batch["id"], pipeline_paths)
                 upload_s = time.perf_counter() - started
+            with _measured(stack_dir, cpu, "dicom_store"):
+                started = time.perf_counter()
+                _dicom_store_all(state.env, settings, pipeline_paths)
+                dicom_s = time.perf_counter() - started
         megabytes = sum(p.stat().st_size for p in pipeline_paths) / MIB
         results["upload_mb_per_s"] = megabytes / upload_s
+        results["dicom_store_mb_per_s"] = megabytes / dicom_s
+        results["dicom_store_to_upload"] = (
+            results["dicom_store_mb_per_s"] / results["upload_mb_per_s"]
+        )
         with _measured(stack_dir, cpu, "s3_put"):
             results["s3_put_mb_per_s"] = _s3_put_mb_per_s(settings, pipeline_paths)
         with _measured(stack_dir, cpu, "s3_get"):

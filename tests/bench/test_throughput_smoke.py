@@ -19,6 +19,8 @@ STACK_KEYS = {
     "upload_mb_per_s",
     "s3_put_mb_per_s",
     "upload_to_s3_put",
+    "dicom_store_mb_per_s",
+    "dicom_store_to_upload",
     "urgent_latency_s",
     "idle_latency_s",
     "urgent_to_idle",
@@ -27,7 +29,7 @@ STACK_KEYS = {
     "batch_size",
     "pipeline_to_model_ceiling",
 }
-CPU_PHASES = {"model", "pipeline", "upload", "s3_put", "s3_get", "prepare"}
+CPU_PHASES = {"model", "pipeline", "upload", "dicom_store", "s3_put", "s3_get", "prepare"}
 
 pytestmark = pytest.mark.e2e
 
@@ -49,7 +51,7 @@ def test_stack_benchmark_produces_every_figure(tmp_path: Path) -> None:
     assert results["cpu_ms_per_image"]["model"] > 0
     phases = results["cpu_by_phase"]
     assert set(phases) == CPU_PHASES
-    for service in ("worker", "ingest", "s3"):
+    for service in ("worker", "ingest", "gateway", "s3"):
         assert sum(phase["by_process"][service] for phase in phases.values()) > 0, service
     assert 0 < results["pipeline_to_model_ceiling"] <= 1
 
