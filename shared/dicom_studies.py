@@ -8,8 +8,10 @@ instance. The sweeper closes a study's batch once no instance has arrived for
 follow-up batch of the same study, so nothing is refused for lateness. A SOP instance sent
 twice (a sender's retry) is one image: the second copy is acknowledged and not stored again.
 
-An instance is acknowledged only once its object is stored and its row committed; then it is
-queued for screening at once (the outbox covers a broker outage).
+An instance is acknowledged only once its object is stored and its row committed. Queuing it
+is the caller's: the gateway's dispatcher thread sends the images committed meanwhile as one
+task, STOW-RS a request's images in chunks; the row is the outbox either way, so an instance
+whose queuing failed is sent by the sweeper.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import enum
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import BinaryIO
@@ -85,7 +88,6 @@ def receive_instance(
     sender: Sender,
     settings: Settings,
     store: ObjectStore,
-    producer: Celery,
     expected_study_uid: str | None = None,
 ) -> Receipt:
     """Take one DICOM Part 10 instance into its study's batch. A refusal of the instance is a
@@ -97,6 +99,7 @@ def receive_instance(
         header = read_header(stream, "instance")
     except ImageRejected as rejection:
         return Receipt(Outcome.REFUSED, None, None, rejection=rejection)
+    header_end = stream.tell()
     sop_class = str(header.get("SOPClassUID") or "") or None
     sop_instance = str(header.get("SOPInstanceUID") or "") or None
     study_uid = str(header.get("StudyInstanceUID") or "")
@@ -139,14 +142,21 @@ def receive_instance(
                 filename,
                 to=Destination(settings, store, sender.tenant_id, batch.id),
                 hints=IntakeHints(),
+                known_header=(header, header_end),
             )
         except ImageRejected as rejection:
-            record_rejections(
-                session=session,
-                tenant_id=sender.tenant_id,
-                batch_id=batch.id,
-                rejections=[(filename, rejection.code.value, rejection.message)],
+            refused_before = session.scalar(
+                select(RejectedFile.id).where(
+                    RejectedFile.batch_id == batch.id, RejectedFile.filename == filename
+                )
             )
+            if refused_before is None:  # a sender retrying a refused instance: recorded once
+                record_rejections(
+                    session=session,
+                    tenant_id=sender.tenant_id,
+                    batch_id=batch.id,
+                    rejections=[(filename, rejection.code.value, rejection.message)],
+                )
             return Receipt(Outcome.REFUSED, sop_class, sop_instance, batch.id, rejection=rejection)
         try:
             (image,) = accept_images(
@@ -162,8 +172,6 @@ def receive_instance(
             discard(store, [stored])
             raise
         image_id, batch_id = image.id, batch.id
-
-    _queue(settings, producer, image_id)
     return Receipt(Outcome.STORED, sop_class, sop_instance, batch_id, image_id)
 
 
@@ -178,15 +186,17 @@ def _image_of(
     return (row[0], row[1]) if row else None
 
 
-def _queue(settings: Settings, producer: Celery, image_id: uuid.UUID) -> None:
-    """Queue the committed image; if the broker or database is down, the sweeper's outbox
-    relay sends it later."""
+def queue_received(settings: Settings, producer: Celery, image_ids: Sequence[uuid.UUID]) -> None:
+    """Queue committed images for screening; if the broker or the database is down, the
+    sweeper's outbox relay sends them later."""
+    if not image_ids:
+        return
     try:
-        enqueue_screening(producer, [image_id], chunk_size=settings.inference_chunk_size)
+        enqueue_screening(producer, image_ids, chunk_size=settings.inference_chunk_size)
         with session_scope(settings.database_url) as session:
-            mark_enqueued(session=session, image_ids=[image_id])
+            mark_enqueued(session=session, image_ids=image_ids)
     except (BrokerError, DatabaseError) as err:
-        log.warning("image %s stored but not yet queued: %s", image_id, err)
+        log.warning("%d images stored but not yet queued: %s", len(image_ids), err)
 
 
 def open_study_batch(

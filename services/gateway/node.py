@@ -17,6 +17,7 @@ into a temporary file (not memory), and acknowledged only once stored and commit
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import uuid
 from collections import Counter
@@ -59,7 +60,7 @@ from shared.config import Settings
 from shared.db.base import session_scope
 from shared.db.models import AuditAction, BatchSource
 from shared.dicom_nodes import node_for, titles_allowed_from
-from shared.dicom_studies import Outcome, Receipt, Sender, receive_instance
+from shared.dicom_studies import Outcome, Receipt, Sender, queue_received, receive_instance
 from shared.imaging.formats import RejectCode
 from shared.storage import ObjectStore
 
@@ -96,6 +97,43 @@ SUCCESS, WARNING_NOT_SCREENED, CANNOT_UNDERSTAND, OUT_OF_RESOURCES = 0x0000, 0xB
 # screen (a CR scout, a presentation state, a FOR PROCESSING image), which get a warning.
 UNREADABLE = {RejectCode.INVALID_DICOM, RejectCode.EMPTY_FILE, RejectCode.UNSUPPORTED_MEDIA_TYPE}
 TRANSIENT_ERRORS = (SQLAlchemyError, S3Error, StorageConnectionError, ConnectionError, TimeoutError)
+
+
+class Dispatcher(threading.Thread):
+    """Queues received images for screening off the C-STORE path: whatever was committed
+    since the last send goes as one task (one image when idle, a chunk under load), so an
+    association is not slowed by a broker round trip per instance. The rows are the outbox:
+    what a crash leaves unsent, the sweeper sends."""
+
+    def __init__(self, settings: Settings, producer: Celery) -> None:
+        super().__init__(name="dispatcher", daemon=True)
+        self.settings, self.producer = settings, producer
+        self._pending: queue.SimpleQueue[uuid.UUID | None] = queue.SimpleQueue()
+
+    def put(self, image_id: uuid.UUID) -> None:
+        self._pending.put(image_id)
+
+    def stop(self) -> None:
+        self._pending.put(None)
+        self.join(timeout=30)
+
+    def run(self) -> None:
+        stopping = False
+        while not stopping:
+            ids: list[uuid.UUID] = []
+            item = self._pending.get()
+            while True:
+                if item is None:
+                    stopping = True
+                else:
+                    ids.append(item)
+                if stopping or len(ids) >= self.settings.inference_chunk_size:
+                    break
+                try:
+                    item = self._pending.get_nowait()
+                except queue.Empty:
+                    break
+            queue_received(self.settings, self.producer, ids)
 
 
 class GatewayMetrics:
@@ -177,6 +215,7 @@ class Gateway:
             other = context.abstract_syntax
             if other is not None and other not in MAMMOGRAPHY_CLASSES:
                 self.ae.add_supported_context(other, DECODABLE_SYNTAXES[:3])
+        self.dispatcher = Dispatcher(settings, producer)
         self._associations: dict[int, AssociationRecord] = {}
         self._lock = threading.Lock()
         self._server: Any = None
@@ -192,12 +231,14 @@ class Gateway:
 
     def start(self, host: str, port: int) -> int:
         """Listen without blocking; returns the port (an ephemeral one when `port` is 0)."""
+        self.dispatcher.start()
         self._server = self.ae.start_server((host, port), block=False, evt_handlers=self.handlers())
         return int(self._server.server_address[1])
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
+        self.dispatcher.stop()
 
     # -- associations -------------------------------------------------------------------------
 
@@ -262,17 +303,15 @@ class Gateway:
         try:
             with open(event.dataset_path, "rb") as stream:
                 receipt = receive_instance(
-                    stream,
-                    sender=sender,
-                    settings=self.settings,
-                    store=self.store,
-                    producer=self.producer,
+                    stream, sender=sender, settings=self.settings, store=self.store
                 )
         except TRANSIENT_ERRORS as err:
             log.warning("instance from %s not stored; the sender retries: %s", sender.label, err)
             self._count(record, "retry")
             return _status(OUT_OF_RESOURCES, "storage or database unavailable; retry")
         self._count(record, receipt.outcome.value)
+        if receipt.outcome == Outcome.STORED and receipt.image_id is not None:
+            self.dispatcher.put(receipt.image_id)
         return _answer(receipt)
 
     def _count(self, record: AssociationRecord, outcome: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any, BinaryIO, cast
 
@@ -27,7 +28,7 @@ from services.ingest.deps import CallerDep, ProducerDep, SettingsDep, StoreDep
 from shared.api.errors import ApiError
 from shared.api.schemas import COMMON_ERRORS, error_responses
 from shared.db.models import BatchSource
-from shared.dicom_studies import Outcome, Receipt, Sender, receive_instance
+from shared.dicom_studies import Outcome, Receipt, Sender, queue_received, receive_instance
 from shared.imaging.formats import RejectCode
 
 STORE_RESPONSE = {"content": {"application/dicom+json": {"schema": {"type": "object"}}}}
@@ -151,31 +152,38 @@ async def _store(
     sender = Sender(tenant_id=caller.tenant.id, source=BatchSource.DICOMWEB, label="STOW-RS")
     stored: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
-    async for body in parts(request.stream(), boundary):
-        try:
-            receipt = await run_in_threadpool(
-                receive_instance,
-                body,
-                sender=sender,
-                settings=settings,
-                store=store,
-                producer=producer,
-                expected_study_uid=study,
-            )
-        except TRANSIENT_ERRORS as err:
-            raise ApiError(
-                503,
-                "storage_unavailable",
-                f"{len(stored)} instances were stored before the database or object store "
-                "became unavailable; retry the request (stored instances are not stored twice)",
-                headers={"Retry-After": "5"},
-            ) from err
-        if receipt.outcome == Outcome.REFUSED:
-            assert receipt.rejection is not None
-            code = receipt.rejection.code
-            failed.append(_item(receipt, FAILURE_REASONS.get(code, PROCESSING_FAILURE)))
-        else:
-            stored.append(_item(receipt))
+    received: list[uuid.UUID] = []
+    try:
+        async for body in parts(request.stream(), boundary):
+            try:
+                receipt = await run_in_threadpool(
+                    receive_instance,
+                    body,
+                    sender=sender,
+                    settings=settings,
+                    store=store,
+                    expected_study_uid=study,
+                )
+            except TRANSIENT_ERRORS as err:
+                raise ApiError(
+                    503,
+                    "storage_unavailable",
+                    f"{len(stored)} instances were stored before the database or object "
+                    "store became unavailable; retry the request (stored instances are not "
+                    "stored twice)",
+                    headers={"Retry-After": "5"},
+                ) from err
+            if receipt.outcome == Outcome.REFUSED:
+                assert receipt.rejection is not None
+                code = receipt.rejection.code
+                failed.append(_item(receipt, FAILURE_REASONS.get(code, PROCESSING_FAILURE)))
+            else:
+                stored.append(_item(receipt))
+                if receipt.outcome == Outcome.STORED and receipt.image_id is not None:
+                    received.append(receipt.image_id)
+    finally:
+        # What was committed is queued, even when a later part met an outage.
+        await run_in_threadpool(queue_received, settings, producer, received)
     answer: dict[str, Any] = {}
     if stored:
         answer["00081199"] = {"vr": "SQ", "Value": stored}

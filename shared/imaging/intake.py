@@ -26,6 +26,7 @@ from typing import Any, BinaryIO, TypeVar, cast
 
 from minio.error import S3Error
 from PIL import Image as PILImage
+from pydicom import Dataset
 from urllib3.exceptions import HTTPError as StorageConnectionError
 
 from shared.config import Settings
@@ -161,10 +162,13 @@ def take_in(
     to: Destination,
     hints: IntakeHints,
     size: int | None = None,
+    known_header: tuple[Dataset, int] | None = None,
 ) -> StoredImage:
     """Check one seekable file and store its de-identified copy; raises ImageRejected.
 
-    `size` is the file's length where the caller knows it without seeking (zip entries).
+    `size` is the file's length where the caller knows it without seeking (zip entries);
+    `known_header` a DICOM header the caller read already (`read_header`), with the stream offset
+    where it ended, so it is not parsed twice. It is de-identified in place.
     """
     settings, store, tenant_id, batch_id = to.settings, to.store, to.tenant_id, to.batch_id
     size = _stream_size(stream) if size is None else size
@@ -185,7 +189,11 @@ def take_in(
     stream.seek(0)
     with tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES) as clean:
         if media_type == MediaType.DICOM:
-            header = read_header(stream, filename)
+            if known_header is not None:
+                header, header_end = known_header
+                stream.seek(header_end)
+            else:
+                header = read_header(stream, filename)
             metadata = _guard_dicom(filename, screenable_metadata, header, filename)
         else:
             metadata = _raster_metadata(stream, filename, hints)

@@ -13,16 +13,13 @@ from devstack.synth import generate_exams
 from shared.config import Settings
 from shared.db.models import Batch, BatchSource, BatchStatus, Image
 from shared.dicom_studies import Outcome, Sender, close_quiet_studies, receive_instance
-from shared.queue import producer
 from shared.storage import ObjectStore
 from tests.factories import SMALL_SYNTH, make_tenant
 
 
 def _send(path: Path, sender: Sender, settings: Settings, store: ObjectStore) -> Outcome:
     with path.open("rb") as stream:
-        receipt = receive_instance(
-            stream, sender=sender, settings=settings, store=store, producer=producer(settings)
-        )
+        receipt = receive_instance(stream, sender=sender, settings=settings, store=store)
     return receipt.outcome
 
 

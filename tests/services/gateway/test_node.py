@@ -25,13 +25,22 @@ from sqlalchemy.orm import Session
 from devstack.synth import DicomVariant, generate_exams
 from services.gateway.node import Gateway
 from shared.config import Settings
-from shared.db.models import Batch, BatchSource, BatchStatus, Image, Prediction, RejectedFile, Study
+from shared.db.models import (
+    AuditEvent,
+    Batch,
+    BatchSource,
+    BatchStatus,
+    Image,
+    Prediction,
+    RejectedFile,
+    Study,
+)
 from shared.dicom_nodes import add_node
 from shared.dicom_studies import close_quiet_studies
 from shared.queue import producer
 from shared.storage import ObjectStore
 from tests.factories import SMALL_SYNTH, make_tenant
-from tests.helpers import screen_everything, upload_batch
+from tests.helpers import screen_everything, upload_batch, wait_for
 
 GATEWAY_AE = "MAMMOSCREEN"
 # A site PACS's storescu profile: each syntax in a context of its own, as PACS propose the
@@ -97,6 +106,16 @@ def test_echo_from_a_registered_node_and_refusal_of_any_other(
     assert node.metrics.associations.labels("STRANGER", "rejected")._value.get() == 1
     assert node.metrics.associations.labels("SITEPACS", "accepted")._value.get() == 1
 
+    def audited() -> list[AuditEvent]:
+        session.rollback()
+        query = select(AuditEvent).where(AuditEvent.resource_type == "dicom_association")
+        return list(session.scalars(query))
+
+    wait_for(lambda: len(audited()) == 1, timeout=10, what="the association's audit row")
+    (row,) = audited()
+    assert (row.tenant_id, row.key_prefix) == (tenant.id, "dicom:SITEPACS")
+    assert row.detail == {"peer": "127.0.0.1", "instances": {}}
+
 
 def test_storescu_sends_studies_in_mixed_syntaxes_screened_as_an_http_upload_would_be(
     gateway: tuple[Gateway, int],
@@ -147,7 +166,7 @@ def test_storescu_sends_studies_in_mixed_syntaxes_screened_as_an_http_upload_wou
     assert {b.dicom_node_id for b in batches} == {node.id}
     assert {b.status for b in batches} == {BatchStatus.OPEN}
     assert session.scalar(select(func.count()).select_from(Image)) == 20
-    refusal = session.scalars(select(RejectedFile)).one()
+    refusal = session.scalars(select(RejectedFile)).one()  # sent twice, recorded once
     assert refusal.code == "not_mammography"
 
     assert close_quiet_studies(session=session, quiet_s=0) == 6
