@@ -74,7 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rng = np.random.default_rng(0)
     pixels = rng.random((args.height, args.width), dtype=np.float32)
-    heat = rng.random((args.height // 4, args.width // 4)).astype(np.float32)
+    # A heatmap as the model makes them: low everywhere, one bright region.
+    rows, columns = np.mgrid[0 : args.height // 4, 0 : args.width // 4]
+    centre, spread = (args.height // 8, args.width // 10), args.width / 40
+    distance = (rows - centre[0]) ** 2 + (columns - centre[1]) ** 2
+    heat = (0.1 + 0.85 * np.exp(-distance / (2 * spread**2))).astype(np.float32)
     render(pixels, heat)  # warm-up
     started = time.process_time()
     for _ in range(8):

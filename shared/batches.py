@@ -84,6 +84,12 @@ def get_or_create_study(
     patient_key: str,
 ) -> Study:
     """The batch's study for `study_key`; concurrent uploads of one exam share one row."""
+    existing = select(Study).where(
+        Study.batch_id == batch_id, Study.study_key == study_key, Study.tenant_id == tenant_id
+    )
+    study = session.scalar(existing)
+    if study is not None:  # the exam's second view onwards: no insert attempted
+        return study
     session.execute(
         insert(Study)
         .values(
@@ -96,11 +102,7 @@ def get_or_create_study(
         )
         .on_conflict_do_nothing(index_elements=[Study.batch_id, Study.study_key])
     )
-    study = session.scalar(
-        select(Study).where(
-            Study.batch_id == batch_id, Study.study_key == study_key, Study.tenant_id == tenant_id
-        )
-    )
+    study = session.scalar(existing)
     assert study is not None
     return study
 

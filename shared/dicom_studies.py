@@ -204,6 +204,18 @@ def open_study_batch(
 ) -> Batch:
     """The study's open batch, created if it has none (a first instance, or one after the
     study's last batch closed), under a shared lock."""
+    open_batch = (
+        select(Batch)
+        .where(
+            Batch.tenant_id == sender.tenant_id,
+            Batch.dicom_study_key == study_key,
+            Batch.status == BatchStatus.OPEN,
+        )
+        .with_for_update(read=True)
+    )
+    batch = session.scalar(open_batch)
+    if batch is not None:  # the study's second instance onwards
+        return batch
     for _ in range(3):
         session.execute(
             insert(Batch)
@@ -227,15 +239,7 @@ def open_study_batch(
                 index_where=OPEN_STUDY_BATCH,
             )
         )
-        batch = session.scalar(
-            select(Batch)
-            .where(
-                Batch.tenant_id == sender.tenant_id,
-                Batch.dicom_study_key == study_key,
-                Batch.status == BatchStatus.OPEN,
-            )
-            .with_for_update(read=True)
-        )
+        batch = session.scalar(open_batch)
         if batch is not None:
             return batch
     raise RuntimeError(f"study {study_key} kept closing while an instance arrived")

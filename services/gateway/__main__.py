@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics-port", type=int, default=0, help="serve /metrics (0: off)")
     args = parser.parse_args(argv)
     configure_logging("gateway")
+    # pynetdicom logs several INFO lines per message; the gateway logs what matters itself
+    # (associations accepted and refused, failures), and each line costs CPU per instance.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     gateway = Gateway(

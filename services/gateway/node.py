@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ log = logging.getLogger(__name__)
 # memory stays at about one PDU whatever the image's size.
 _config.STORE_RECV_CHUNKED_DATASET = True
 
+
 MAMMOGRAPHY_CLASSES = (
     DigitalMammographyXRayImageStorageForPresentation,
     DigitalMammographyXRayImageStorageForProcessing,
@@ -99,11 +101,15 @@ UNREADABLE = {RejectCode.INVALID_DICOM, RejectCode.EMPTY_FILE, RejectCode.UNSUPP
 TRANSIENT_ERRORS = (SQLAlchemyError, S3Error, StorageConnectionError, ConnectionError, TimeoutError)
 
 
+# How long the dispatcher gathers more received images before it queues what it has.
+DISPATCH_LINGER_S = 0.25
+
+
 class Dispatcher(threading.Thread):
-    """Queues received images for screening off the C-STORE path: whatever was committed
-    since the last send goes as one task (one image when idle, a chunk under load), so an
-    association is not slowed by a broker round trip per instance. The rows are the outbox:
-    what a crash leaves unsent, the sweeper sends."""
+    """Queues received images for screening off the C-STORE path: what the associations
+    committed within `DISPATCH_LINGER_S` of each other goes as one task (up to the chunk
+    size), so a busy gateway does not pay a broker round trip and a transaction per instance.
+    The rows are the outbox: what a crash leaves unsent, the sweeper sends."""
 
     def __init__(self, settings: Settings, producer: Celery) -> None:
         super().__init__(name="dispatcher", daemon=True)
@@ -121,7 +127,8 @@ class Dispatcher(threading.Thread):
         stopping = False
         while not stopping:
             ids: list[uuid.UUID] = []
-            item = self._pending.get()
+            item: uuid.UUID | None = self._pending.get()
+            deadline = time.monotonic() + DISPATCH_LINGER_S
             while True:
                 if item is None:
                     stopping = True
@@ -130,7 +137,7 @@ class Dispatcher(threading.Thread):
                 if stopping or len(ids) >= self.settings.inference_chunk_size:
                     break
                 try:
-                    item = self._pending.get_nowait()
+                    item = self._pending.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
             queue_received(self.settings, self.producer, ids)
