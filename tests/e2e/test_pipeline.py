@@ -66,7 +66,10 @@ def test_up_is_idempotent_and_down_stops_every_process(stack: StackState, tmp_pa
     again = up(tmp_path / "stack")
     assert again.services == stack.services
     assert all(pid_alive(pid) for pid in stack.pids())
-    assert (tmp_path / "stack" / "env").read_text().count("export SCREENING_") == 10
+    env_file = (tmp_path / "stack" / "env").read_text()
+    assert env_file.count("export SCREENING_") == 13
+    for name in ("SCREENING_DICOM_HOST", "SCREENING_DICOM_PORT", "SCREENING_DICOM_AE_TITLE"):
+        assert f"export {name}=" in env_file
     assert down(tmp_path / "stack") == []
     assert not any(pid_alive(pid) for pid in stack.pids())
     assert not (tmp_path / "stack" / "state.json").exists()
