@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -26,7 +27,7 @@ def _send(path: Path, sender: Sender, settings: Settings, store: ObjectStore) ->
 def _as_new_instance(path: Path, number: int, out: Path) -> Path:
     """The same image as another instance of its study (a new SOP Instance UID)."""
     ds = pydicom.dcmread(path)
-    ds.SOPInstanceUID = f"{ds.SOPInstanceUID}.{number}"
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=[str(path), str(number)])
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
