@@ -33,7 +33,7 @@ from devstack.synth import SynthOptions, generate_exams
 from mammoscreen_client import ApiClientError, Client
 from shared.config import settings_from_environ
 from shared.db.base import get_engine, session_factory
-from shared.db.models import Batch, BatchSource, Image, ImageStatus, Prediction
+from shared.db.models import Batch, BatchSource, Image, ImageStatus, Prediction, Tenant
 from shared.dicom_nodes import add_node
 from shared.storage import ObjectStore
 from tests.helpers import wait_for
@@ -274,12 +274,9 @@ def test_sigterm_lets_the_worker_finish_its_chunk(fault_stack: FaultStack) -> No
 
 
 def _register_pacs(stack: FaultStack, ae_title: str) -> None:
+    """Let `ae_title` send studies for the stack's demo tenant (the one its API key is of)."""
     with session_factory(stack.database_url)() as session:
-        tenant_id = session.scalars(select(Batch.tenant_id)).first()
-        if tenant_id is None:  # no batch yet: the demo tenant the stack made
-            from shared.db.models import Tenant
-
-            tenant_id = session.scalars(select(Tenant.id).where(Tenant.name == "demo")).one()
+        tenant_id = session.scalars(select(Tenant.id).where(Tenant.name == "demo")).one()
         add_node(session=session, tenant_id=tenant_id, ae_title=ae_title)
         session.commit()
 
