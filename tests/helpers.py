@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -75,3 +77,11 @@ def screen_everything(session: Session, settings: Settings, store: ObjectStore) 
     for start in range(0, len(ids), 16):
         run_screening(ids[start : start + 16], ctx)
     session.expire_all()
+
+
+def dcmtk(tool: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """Run one of Debian's dcmtk tools (echoscu, storescu, ...): a DICOM peer we did not write."""
+    assert shutil.which(tool), f"{tool} is missing: `make dicom-tools` installs Debian's dcmtk"
+    return subprocess.run(
+        [tool, *map(str, args)], capture_output=True, text=True, timeout=180, check=False
+    )

@@ -56,6 +56,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from sqlalchemy.exc import SQLAlchemyError
 from urllib3.exceptions import HTTPError as StorageConnectionError
 
+from services.gateway.reactors import Listener, WaitingRequestHandler
 from shared import audit
 from shared.config import Settings
 from shared.db.base import session_scope
@@ -239,7 +240,13 @@ class Gateway:
     def start(self, host: str, port: int) -> int:
         """Listen without blocking; returns the port (an ephemeral one when `port` is 0)."""
         self.dispatcher.start()
-        self._server = self.ae.start_server((host, port), block=False, evt_handlers=self.handlers())
+        self._server = self.ae.make_server(
+            (host, port),
+            evt_handlers=self.handlers(),
+            server_class=Listener,
+            request_handler=WaitingRequestHandler,
+        )
+        threading.Thread(target=self._server.serve_forever, name="listener", daemon=True).start()
         return int(self._server.server_address[1])
 
     def stop(self) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from shared.dicom_studies import close_quiet_studies
 from shared.queue import producer
 from shared.storage import ObjectStore
 from tests.factories import SMALL_SYNTH, make_tenant
-from tests.helpers import screen_everything, upload_batch, wait_for
+from tests.helpers import dcmtk, screen_everything, upload_batch, wait_for
 
 GATEWAY_AE = "MAMMOSCREEN"
 # A site PACS's storescu profile: each syntax in a context of its own, as PACS propose the
@@ -77,13 +76,6 @@ def gateway(settings: Settings, store: ObjectStore) -> Iterator[tuple[Gateway, i
     port = node.start("127.0.0.1", 0)
     yield node, port
     node.stop()
-
-
-def dcmtk(tool: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    assert shutil.which(tool), f"{tool} is missing: `make dicom-tools` installs Debian's dcmtk"
-    return subprocess.run(
-        [tool, *map(str, args)], capture_output=True, text=True, timeout=180, check=False
-    )
 
 
 def test_echo_from_a_registered_node_and_refusal_of_any_other(
