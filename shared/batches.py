@@ -82,15 +82,17 @@ def get_or_create_study(
     batch_id: uuid.UUID,
     study_key: str,
     patient_key: str,
-) -> Study:
-    """The batch's study for `study_key`; concurrent uploads of one exam share one row."""
-    existing = select(Study).where(
+) -> uuid.UUID:
+    """The id of the batch's study for `study_key`; concurrent uploads of one exam share one
+    row. Core statements on the session's connection: this runs once per image received."""
+    connection = session.connection()
+    existing = select(Study.id).where(
         Study.batch_id == batch_id, Study.study_key == study_key, Study.tenant_id == tenant_id
     )
-    study = session.scalar(existing)
-    if study is not None:  # the exam's second view onwards: no insert attempted
-        return study
-    session.execute(
+    study_id = connection.scalar(existing)
+    if study_id is not None:  # the exam's second view onwards: no insert attempted
+        return study_id
+    connection.execute(
         insert(Study)
         .values(
             tenant_id=tenant_id,
@@ -102,9 +104,9 @@ def get_or_create_study(
         )
         .on_conflict_do_nothing(index_elements=[Study.batch_id, Study.study_key])
     )
-    study = session.scalar(existing)
-    assert study is not None
-    return study
+    study_id = connection.scalar(existing)
+    assert study_id is not None
+    return study_id
 
 
 def image_count(*, session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID) -> int:

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from celery import Celery
 from kombu.exceptions import OperationalError as BrokerError
@@ -35,7 +35,14 @@ from sqlalchemy.orm import Session
 from shared.batches import record_rejections
 from shared.config import Settings
 from shared.db.base import new_id, session_scope, utcnow
-from shared.db.models import Batch, BatchSource, BatchStatus, Image, RejectedFile
+from shared.db.models import (
+    Batch,
+    BatchPurpose,
+    BatchSource,
+    BatchStatus,
+    Image,
+    RejectedFile,
+)
 from shared.imaging.dicom import read_header
 from shared.imaging.formats import ImageRejected, RejectCode
 from shared.imaging.intake import (
@@ -178,11 +185,15 @@ def receive_instance(
 def _image_of(
     session: Session, tenant_id: uuid.UUID, sop_key: str
 ) -> tuple[uuid.UUID, uuid.UUID] | None:
-    row = session.execute(
-        select(Image.id, Image.batch_id).where(
-            Image.tenant_id == tenant_id, Image.sop_instance_key == sop_key
+    row = (
+        session.connection()
+        .execute(
+            select(Image.id, Image.batch_id).where(
+                Image.tenant_id == tenant_id, Image.sop_instance_key == sop_key
+            )
         )
-    ).first()
+        .first()
+    )
     return (row[0], row[1]) if row else None
 
 
@@ -199,13 +210,21 @@ def queue_received(settings: Settings, producer: Celery, image_ids: Sequence[uui
         log.warning("%d images stored but not yet queued: %s", len(image_ids), err)
 
 
+class StudyBatch(NamedTuple):
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    purpose: BatchPurpose
+
+
 def open_study_batch(
     session: Session, *, sender: Sender, study_key: str, accession_key: str | None
-) -> Batch:
+) -> StudyBatch:
     """The study's open batch, created if it has none (a first instance, or one after the
-    study's last batch closed), under a shared lock."""
+    study's last batch closed), under a shared lock. Core statements on the session's
+    connection: this runs once per instance received."""
+    connection = session.connection()
     open_batch = (
-        select(Batch)
+        select(Batch.id, Batch.tenant_id, Batch.purpose)
         .where(
             Batch.tenant_id == sender.tenant_id,
             Batch.dicom_study_key == study_key,
@@ -213,11 +232,11 @@ def open_study_batch(
         )
         .with_for_update(read=True)
     )
-    batch = session.scalar(open_batch)
-    if batch is not None:  # the study's second instance onwards
-        return batch
+    row = connection.execute(open_batch).first()
+    if row is not None:  # the study's second instance onwards
+        return StudyBatch(*row)
     for _ in range(3):
-        session.execute(
+        connection.execute(
             insert(Batch)
             .values(
                 id=new_id(),
@@ -225,7 +244,7 @@ def open_study_batch(
                 name=f"{sender.label} study {study_key[-10:]}",
                 priority="normal",
                 status=BatchStatus.OPEN,
-                purpose="screening",
+                purpose=BatchPurpose.SCREENING,
                 source=sender.source,
                 dicom_study_key=study_key,
                 dicom_node_id=sender.node_id,
@@ -239,9 +258,9 @@ def open_study_batch(
                 index_where=OPEN_STUDY_BATCH,
             )
         )
-        batch = session.scalar(open_batch)
-        if batch is not None:
-            return batch
+        row = connection.execute(open_batch).first()
+        if row is not None:
+            return StudyBatch(*row)
     raise RuntimeError(f"study {study_key} kept closing while an instance arrived")
 
 

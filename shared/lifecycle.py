@@ -29,7 +29,7 @@ import enum
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
@@ -96,10 +96,21 @@ def initial_status(purpose: BatchPurpose) -> ImageStatus:
     return INITIAL_STATUS[purpose]
 
 
+class BatchRef(Protocol):
+    """What accepting images needs of their batch: a `Batch` row, or just these columns."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+    @property
+    def tenant_id(self) -> uuid.UUID: ...
+    @property
+    def purpose(self) -> BatchPurpose: ...
+
+
 def accept_images(
     *,
     session: Session,
-    batch: Batch,
+    batch: BatchRef,
     accepted: Sequence[StoredImage],
     one_per_sop_instance: bool = False,
 ) -> list[Image]:
@@ -112,7 +123,7 @@ def accept_images(
     """
     images = []
     for item in accepted:
-        study = get_or_create_study(
+        study_id = get_or_create_study(
             session=session,
             tenant_id=batch.tenant_id,
             batch_id=batch.id,
@@ -123,7 +134,7 @@ def accept_images(
             id=item.image_id,
             tenant_id=batch.tenant_id,
             batch_id=batch.id,
-            study_id=study.id,
+            study_id=study_id,
             filename=item.filename,
             object_key=item.stored.key,
             sha256=item.stored.sha256,

@@ -54,7 +54,7 @@ def make_image(
     view: View | None = View.CC,
     data: bytes = b"",
 ) -> Image:
-    study = get_or_create_study(
+    study_id = get_or_create_study(
         session=session,
         tenant_id=batch.tenant_id,
         batch_id=batch.id,
@@ -64,7 +64,7 @@ def make_image(
     image = Image(
         tenant_id=batch.tenant_id,
         batch_id=batch.id,
-        study_id=study.id,
+        study_id=study_id,
         filename=f"{uuid.uuid4().hex[:6]}.dcm",
         object_key=object_key or f"test/{uuid.uuid4()}",
         sha256=hashlib.sha256(data).hexdigest(),
