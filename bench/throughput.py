@@ -13,7 +13,8 @@ Everything is measured on this machine, with the same model and input size, in t
 5. upload_mb_per_s / s3_put_mb_per_s: the same files through the ingest API, and straight
    into the object store, with the same client concurrency (worker stopped).
 6. dicom_store_mb_per_s: the same files sent to the DICOM gateway by storescu (C-STORE, four
-   associations at once, as a PACS sends), beside the HTTP upload of them (worker stopped).
+   associations at once, as a PACS sends), beside the HTTP upload of them (worker stopped);
+   then dicom_idle_association_cores, the gateway's CPU per association left open and idle.
 
 7. For the CPU accounting only: the same files read back from the object store, and decoded
    and preprocessed in this process.
@@ -51,7 +52,7 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
-from bench.cpu import CpuMeter, CpuUsage
+from bench.cpu import CpuMeter, CpuUsage, process_cpu_s
 from bench.report import write_and_print
 from devstack.synth import SynthOptions, generate_exams
 from services.worker.models import inference_cpu_threads
@@ -288,6 +289,35 @@ def _dicom_store_all(env: dict[str, str], settings: Settings, paths: Sequence[Pa
             raise RuntimeError(f"storescu failed: {output[-2000:]}")
 
 
+def _idle_association_cores(env: dict[str, str], stack_dir: Path, seconds: float = 5) -> float:
+    """The gateway's CPU (in cores) per association that is open and idle, as a PACS that
+    keeps its associations open leaves them (the BENCHPACS node _dicom_store_all added)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    requestor = AE(ae_title="BENCHPACS")
+    requestor.add_requested_context(Verification)
+    associations = [
+        requestor.associate(
+            "127.0.0.1",
+            int(env["SCREENING_DICOM_PORT"]),
+            ae_title=env["SCREENING_DICOM_AE_TITLE"],
+        )
+        for _ in range(DICOM_ASSOCIATIONS)
+    ]
+    try:
+        if not all(a.is_established for a in associations):
+            raise RuntimeError("the gateway refused the benchmark's idle associations")
+        gateway = {"gateway": _stack_processes(stack_dir)["gateway"]}
+        before = process_cpu_s(gateway, alone={})["gateway"]
+        time.sleep(seconds)
+        spent = process_cpu_s(gateway, alone={})["gateway"] - before
+    finally:
+        for association in associations:
+            association.release()
+    return spent / seconds / len(associations)
+
+
 def _stack_processes(stack_dir: Path) -> dict[str, int]:
     """The stack's processes by name (read afresh: a restarted worker has a new pid)."""
     from devstack.stack import StackState
@@ -313,6 +343,7 @@ def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
     pipeline_paths = _synth(data / "pipeline", args.images, 101, options)
     urgent_paths = _synth(data / "urgent", 4, 202, options)
     bulk_paths = _synth(data / "bulk", args.bulk, 303, options)
+    gateway_warm_up_paths = _synth(data / "gateway-warm-up", 8, 404, options)
     stack_dir = Path(tempfile.mkdtemp(prefix="bench-stack-"))
     environ = {**os.environ, "SCREENING_INFERENCE_BATCH_SIZE": str(args.batch_size)}
     state = up(stack_dir, environ=environ)
@@ -388,10 +419,14 @@ def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
                 started = time.perf_counter()
                 _upload_all(client, upload_batch["id"], pipeline_paths)
                 upload_s = time.perf_counter() - started
+            # Earlier phases warmed the ingest service; warm the gateway as much (its imports,
+            # its connection pools) so both figures are steady-state ones.
+            _dicom_store_all(state.env, settings, gateway_warm_up_paths)
             with _measured(stack_dir, cpu, "dicom_store"):
                 started = time.perf_counter()
                 _dicom_store_all(state.env, settings, pipeline_paths)
                 dicom_s = time.perf_counter() - started
+            results["dicom_idle_association_cores"] = _idle_association_cores(state.env, stack_dir)
         megabytes = sum(p.stat().st_size for p in pipeline_paths) / MIB
         results["upload_mb_per_s"] = megabytes / upload_s
         results["dicom_store_mb_per_s"] = megabytes / dicom_s
