@@ -31,19 +31,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as MetricCounter
 from pydicom import Dataset
 from pydicom.uid import (
-    JPEG2000,
-    DeflatedExplicitVRLittleEndian,
+    AllTransferSyntaxes,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
@@ -63,6 +54,7 @@ from shared.db.base import session_scope
 from shared.db.models import AuditAction, BatchSource
 from shared.dicom_nodes import node_for, titles_allowed_from
 from shared.dicom_studies import Outcome, Receipt, Sender, queue_received, receive_instance
+from shared.imaging.dicom import transfer_syntax_decodable
 from shared.imaging.formats import RejectCode
 from shared.storage import ObjectStore
 
@@ -77,22 +69,11 @@ MAMMOGRAPHY_CLASSES = (
     DigitalMammographyXRayImageStorageForPresentation,
     DigitalMammographyXRayImageStorageForProcessing,
 )
-# Every transfer syntax the decoder reads (shared/imaging/decode.py, docs/imaging.md).
-DECODABLE_SYNTAXES = [
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    DeflatedExplicitVRLittleEndian,
-    RLELossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-]
+# Exactly the transfer syntaxes the intake accepts (the decoder's own rule), so nothing is
+# negotiated that the quality gate would then refuse, and nothing it reads is refused here.
+DECODABLE_SYNTAXES = [uid for uid in AllTransferSyntaxes if transfer_syntax_decodable(uid)]
+# Objects we never screen (a CR scout, a presentation state) are received uncompressed.
+UNCOMPRESSED_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
 # A calling AE title can never be this (AE titles have no backslash): refuses everyone.
 NOBODY = "\\"
 SUCCESS, WARNING_NOT_SCREENED, CANNOT_UNDERSTAND, OUT_OF_RESOURCES = 0x0000, 0xB000, 0xC000, 0xA700
@@ -222,7 +203,7 @@ class Gateway:
         for context in AllStoragePresentationContexts:
             other = context.abstract_syntax
             if other is not None and other not in MAMMOGRAPHY_CLASSES:
-                self.ae.add_supported_context(other, DECODABLE_SYNTAXES[:3])
+                self.ae.add_supported_context(other, UNCOMPRESSED_SYNTAXES)
         self.dispatcher = Dispatcher(settings, producer)
         self._associations: dict[int, AssociationRecord] = {}
         self._lock = threading.Lock()
