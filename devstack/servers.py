@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -30,8 +31,42 @@ class ServerStartError(RuntimeError):
     """A server did not become ready; the message carries the tail of its log."""
 
 
+# Ports handed out below the kernel's ephemeral range: a port from bind(0) comes from that
+# range, where any outgoing connection (to Postgres, Redis, S3) can take it between our
+# check and the server's own bind (a CI run lost a worker to "Address already in use").
+LOWEST_PICKED_PORT = 20_000
+_picked: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32_768, 60_999  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that the OS reports free right now."""
+    """A TCP port on 127.0.0.1 that is free now, outside the ephemeral range, and not handed
+    out before by this process."""
+    low = _ephemeral_range()[0]
+    rng = random.Random()
+    for _ in range(500):
+        if low - LOWEST_PICKED_PORT < 1000:
+            break  # an unusual ephemeral range: fall back to the kernel's choice
+        port = rng.randrange(LOWEST_PICKED_PORT, low)
+        if port not in _picked and _bindable(port):
+            _picked.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
