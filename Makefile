@@ -43,12 +43,16 @@ browser: ## install Debian's Chromium for the browser tests, when missing
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 	@$(CHROMIUM) --version
 
-# The DICOM tests talk to tools and servers others wrote: dcmtk (echoscu, storescu) and
-# Orthanc as the hospital PACS, from Debian.
-dicom-tools: ## install Debian's dcmtk and Orthanc for the DICOM tests, when missing
-	@{ command -v storescu >/dev/null && command -v Orthanc >/dev/null; } || { $(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends dcmtk orthanc >/dev/null; }
-	@storescu --version | head -1; Orthanc --version | head -1
+# The DICOM tests talk to tools and servers others wrote, from Debian: dcmtk (echoscu,
+# storescu, dsrdump), dicom3tools' dciodvfy, and Orthanc with its DICOMweb plugin as the
+# hospital PACS.
+ORTHANC_DICOMWEB := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
+dicom-tools: ## install Debian's dcmtk, dicom3tools and Orthanc for the DICOM tests, when missing
+	@{ command -v storescu >/dev/null && command -v dsrdump >/dev/null && command -v dciodvfy >/dev/null \
+		&& command -v Orthanc >/dev/null && test -f $(ORTHANC_DICOMWEB); } || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+		dcmtk dicom3tools orthanc orthanc-dicomweb >/dev/null; }
+	@storescu --version | head -1; Orthanc --version | head -1; test -f $(ORTHANC_DICOMWEB)
 
 bench: install ## throughput benchmark on the real stack: prints and writes bench/results.json
 	$(BIN)/python -m bench.throughput --out bench/results.json

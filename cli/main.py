@@ -81,6 +81,7 @@ def _cmd_tenant_create(args: argparse.Namespace) -> int:
 def _cmd_key(args: argparse.Namespace) -> int:
     from shared.config import get_settings
     from shared.db.base import session_scope
+    from shared.db.models import DEFAULT_SCOPES
     from shared.tenants import find_tenant, issue_api_key, list_api_keys, revoke_api_key
 
     with session_scope(get_settings().database_url) as session:
@@ -89,10 +90,13 @@ def _cmd_key(args: argparse.Namespace) -> int:
             print(f"error: no tenant named or with id {args.tenant!r}", file=sys.stderr)
             return 2
         if args.key_command == "create":
-            issued = issue_api_key(session=session, tenant=tenant)
+            issued = issue_api_key(
+                session=session, tenant=tenant, scopes=args.scope or DEFAULT_SCOPES
+            )
             print(
                 f"api key for {tenant.name} (shown once, only its hash is stored): {issued.secret}"
             )
+            print(f"scopes: {', '.join(issued.api_key.scopes)}")
         elif args.key_command == "revoke":
             revoked = revoke_api_key(session=session, tenant=tenant, prefix=args.prefix)
             if revoked is None:
@@ -106,7 +110,10 @@ def _cmd_key(args: argparse.Namespace) -> int:
         else:
             for key in list_api_keys(session=session, tenant=tenant):
                 state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
-                print(f"{key.prefix}  created {key.created_at:%Y-%m-%d %H:%M}  {state}")
+                print(
+                    f"{key.prefix}  created {key.created_at:%Y-%m-%d %H:%M}  {state}  "
+                    f"scopes {','.join(key.scopes)}"
+                )
     return 0
 
 
@@ -151,6 +158,104 @@ def _cmd_dicom_node(args: argparse.Namespace) -> int:
             for node in list_nodes(session=session, tenant_id=tenant.id):
                 address = f"{node.host or '*'}:{node.port or '-'}"
                 print(f"{node.ae_title:16}  {address}  added {node.created_at:%Y-%m-%d %H:%M}")
+    return 0
+
+
+def _cmd_destination(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import IntegrityError
+
+    from shared.config import get_settings
+    from shared.db.base import session_scope
+    from shared.deliveries import (
+        DestinationError,
+        add_destination,
+        disable_destination,
+        list_destinations,
+    )
+    from shared.dicom_nodes import list_nodes
+    from shared.tenants import find_tenant
+
+    try:
+        with session_scope(get_settings().database_url) as session:
+            tenant = find_tenant(session=session, name_or_id=args.tenant)
+            if tenant is None:
+                print(f"error: no tenant named or with id {args.tenant!r}", file=sys.stderr)
+                return 2
+            if args.destination_command == "add":
+                node = None
+                if args.ae_title:
+                    matches = [
+                        n
+                        for n in list_nodes(session=session, tenant_id=tenant.id)
+                        if n.ae_title == args.ae_title and (args.host in (None, n.host))
+                    ]
+                    if len(matches) != 1:
+                        print(
+                            f"error: {tenant.name} has {len(matches)} DICOM nodes "
+                            f"{args.ae_title!r}{' at ' + args.host if args.host else ''}; "
+                            "add the node first (screening admin dicom-node add ... --host "
+                            "--port), or name its --host",
+                            file=sys.stderr,
+                        )
+                        return 2
+                    (node,) = matches
+                destination = add_destination(
+                    session=session,
+                    tenant_id=tenant.id,
+                    name=args.name,
+                    node=node,
+                    url=args.url,
+                    secondary_capture=args.secondary_capture,
+                )
+                print(f"results of {tenant.name} go to {args.name} ({destination.transport})")
+            elif args.destination_command == "disable":
+                if (
+                    disable_destination(session=session, tenant_id=tenant.id, name=args.name)
+                    is None
+                ):
+                    print(f"error: {tenant.name} has no destination {args.name!r}", file=sys.stderr)
+                    return 2
+                print(f"disabled {args.name}")
+            else:
+                for d in list_destinations(session=session, tenant_id=tenant.id):
+                    where = (
+                        f"{d.dicom_node.ae_title}@{d.dicom_node.host}:{d.dicom_node.port}"
+                        if d.dicom_node is not None
+                        else d.url
+                    )
+                    state = "disabled" if d.disabled_at else "enabled"
+                    capture = "  +secondary capture" if d.secondary_capture else ""
+                    print(f"{d.name:20}  {d.transport:8}  {where}  {state}{capture}")
+    except (DestinationError, IntegrityError) as err:
+        reason = err if isinstance(err, DestinationError) else "that name is taken"
+        print(f"error: {reason}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_vault(args: argparse.Namespace) -> int:
+    from shared.config import get_settings
+    from shared.db.base import session_scope
+    from shared.tenants import find_tenant
+    from shared.vault import new_key
+
+    if args.vault_command == "new-key":
+        print(new_key())
+        return 0
+    with session_scope(get_settings().database_url) as session:
+        tenant = find_tenant(session=session, name_or_id=args.tenant)
+        if tenant is None:
+            print(f"error: no tenant named or with id {args.tenant!r}", file=sys.stderr)
+            return 2
+        tenant.identity_vault = args.vault_command == "on"
+        print(
+            f"identity vault of {tenant.name}: {args.vault_command}"
+            + (
+                ""
+                if tenant.identity_vault
+                else " (new images keep no identifiers; exports carry de-identified UIDs)"
+            )
+        )
     return 0
 
 
@@ -431,6 +536,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shared.db.models import Scope
+
     parser = argparse.ArgumentParser(prog="screening", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -478,7 +585,49 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("tenant", help="tenant name or id")
         if name == "revoke":
             sub.add_argument("prefix", help="the key's visible prefix, e.g. msk_1a2b3c4d")
+        if name == "create":
+            sub.add_argument(
+                "--scope",
+                action="append",
+                choices=[s.value for s in Scope],
+                help="what the key may do; repeat for several (default: submit and read)",
+            )
         sub.set_defaults(func=_cmd_key)
+
+    destination = admin.add_parser(
+        "destination", help="where a tenant's DICOM results (SR, heatmaps) are delivered"
+    ).add_subparsers(dest="destination_command", required=True)
+    for name, text in (
+        ("add", "deliver by C-STORE to a registered DICOM node, or by STOW-RS to a URL"),
+        ("list", "the tenant's destinations"),
+        ("disable", "deliver no more results there"),
+    ):
+        sub = destination.add_parser(name, help=text)
+        sub.add_argument("tenant", help="tenant name or id")
+        if name != "list":
+            sub.add_argument("name", help="a name for the destination")
+        if name == "add":
+            target = sub.add_mutually_exclusive_group(required=True)
+            target.add_argument("--ae-title", help="a DICOM node of the tenant (C-STORE)")
+            target.add_argument("--url", help="a DICOMweb base URL (STOW-RS)")
+            sub.add_argument("--host", help="the node's host, where the AE title is not unique")
+            sub.add_argument(
+                "--secondary-capture",
+                action="store_true",
+                help="also send each image with the heatmap burnt in",
+            )
+        sub.set_defaults(func=_cmd_destination)
+
+    vault = admin.add_parser(
+        "vault", help="the identity vault: keys, and whether a tenant keeps identities"
+    ).add_subparsers(dest="vault_command", required=True)
+    vault.add_parser("new-key", help="print a fresh vault key (base64)").set_defaults(
+        func=_cmd_vault
+    )
+    for name in ("on", "off"):
+        sub = vault.add_parser(name, help=f"turn the tenant's identity vault {name}")
+        sub.add_argument("tenant", help="tenant name or id")
+        sub.set_defaults(func=_cmd_vault)
 
     node = admin.add_parser(
         "dicom-node", help="DICOM nodes (PACS, modalities) that may send a tenant's studies"

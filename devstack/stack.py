@@ -40,6 +40,7 @@ from shared.config import (
     settings_to_environ,
 )
 from shared.queue import INFERENCE_QUEUES
+from shared.vault import new_key
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_TENANT = "demo"
@@ -226,6 +227,15 @@ def prepare_infrastructure(settings: Settings) -> str:
         return issue_api_key(session=session, tenant=tenant).secret
 
 
+def local_vault_key_file(stack_dir: Path) -> Path:
+    """The local stack's identity vault key: made once, readable by its owner only."""
+    path = stack_dir / "vault-keys.json"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(json.dumps({"local-1": new_key()}))
+    return path
+
+
 def up(
     stack_dir: Path, *, environ: Mapping[str, str] | None = None, python: str = sys.executable
 ) -> StackState:
@@ -268,8 +278,12 @@ def up(
             "gateway_port": free_port(),
             "gateway_metrics_port": free_port(),
         }
+        vault_key_file = base.vault_key_file
+        if base.vault_keys is None and vault_key_file is None:
+            vault_key_file = local_vault_key_file(stack_dir)
         settings = base.model_copy(
             update={
+                "vault_key_file": vault_key_file,
                 "database_url": database_url,
                 "redis_url": redis_url,
                 "s3_endpoint": s3_endpoint,
@@ -285,6 +299,11 @@ def up(
             **settings_to_environ(
                 settings,
                 ("ingest_url", "results_url", "dicom_host", "dicom_port", "dicom_ae_title"),
+            ),
+            **(
+                {"SCREENING_VAULT_KEY_FILE": str(settings.vault_key_file)}
+                if settings.vault_key_file is not None
+                else {}
             ),
             "SCREENING_API_KEY": api_key,
             **settings_to_environ(settings, CONNECTION_FIELDS),

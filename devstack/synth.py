@@ -411,6 +411,10 @@ def _write_dicom(
     ds.PatientID = patient
     ds.PatientName = f"SYNTHETIC^{patient}"
     ds.PatientBirthDate = "19650101"
+    ds.PatientSex = "F"
+    ds.StudyDate = "20261102"
+    ds.StudyTime = "093000"
+    ds.StudyID = f"S{seed_parts[1]}"
     ds.InstitutionName = "Synthetic Screening Centre"
     ds.ReferringPhysicianName = "SYNTHETIC^REFERRER"
     ds.AccessionNumber = f"ACC{seed_parts[1]}"
@@ -418,8 +422,13 @@ def _write_dicom(
     ds.ImageLaterality = laterality
     ds.Laterality = laterality
     ds.ViewPosition = view
+    # Which way rows and columns run in the patient (PS3.3 C.7.6.1.1.1), as mammography
+    # modalities write it: the chest wall on the left for a left breast, on the right for a
+    # right one.
+    ds.PatientOrientation = PATIENT_ORIENTATIONS[(laterality, view)]
     ds.Rows, ds.Columns = stored.shape
     ds.PixelSpacing = [options.pixel_spacing_mm, options.pixel_spacing_mm]
+    ds.ImagerPixelSpacing = [options.pixel_spacing_mm, options.pixel_spacing_mm]
     ds.BurnedInAnnotation = "YES" if variant.burnt_in_label else "NO"
     ds.SamplesPerPixel = 1
     ds.PixelRepresentation = 0
@@ -428,6 +437,14 @@ def _write_dicom(
     ds.VOILUTFunction = variant.voi_lut_function
     _encode_pixels(ds, stored, variant)
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
+
+
+PATIENT_ORIENTATIONS = {
+    ("L", "CC"): ["A", "R"],
+    ("R", "CC"): ["P", "L"],
+    ("L", "MLO"): ["A", "FR"],
+    ("R", "MLO"): ["P", "FL"],
+}
 
 
 def _encode_pixels(ds: Dataset, stored: NDArray, variant: DicomVariant) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -118,6 +119,21 @@ class Settings(BaseSettings):
     dicom_acse_timeout_s: float = Field(default=30, gt=0)
     dicom_dimse_timeout_s: float = Field(default=60, gt=0)
     dicom_network_timeout_s: float = Field(default=60, gt=0)
+
+    # The identity vault (shared/vault.py): keys as JSON {"key id": "base64 of 32 bytes"},
+    # here or in a file (the file is read when the vault is first used); the active key seals
+    # new rows (default: the only key). Without a key, nothing is sealed and exports carry
+    # the de-identified UIDs.
+    vault_keys: str | None = None
+    vault_key_file: Path | None = None
+    vault_active_key: str | None = None
+
+    # DICOM results delivered to the site (shared/deliveries.py): attempts before a delivery
+    # is dead, the first retry's delay (doubling after each failure, capped at an hour), and
+    # the network timeout of one attempt.
+    export_max_attempts: int = Field(default=5, gt=0)
+    export_retry_base_s: float = Field(default=10, gt=0)
+    export_timeout_s: float = Field(default=30, gt=0)
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets_outside_development(self) -> Settings:

@@ -42,6 +42,7 @@ from shared.db.models import (
     BatchStatus,
     Image,
     RejectedFile,
+    Tenant,
 )
 from shared.imaging.dicom import read_header
 from shared.imaging.formats import ImageRejected, RejectCode
@@ -142,12 +143,17 @@ def receive_instance(
         batch = open_study_batch(
             session, sender=sender, study_key=study_key, accession_key=accession_key
         )
+        keeps_identity = bool(
+            session.scalar(select(Tenant.identity_vault).where(Tenant.id == sender.tenant_id))
+        )
         stream.seek(0)
         try:
             stored = take_in(
                 stream,
                 filename,
-                to=Destination(settings, store, sender.tenant_id, batch.id),
+                to=Destination(
+                    settings, store, sender.tenant_id, batch.id, keep_identity=keeps_identity
+                ),
                 hints=IntakeHints(),
                 known_header=(header, header_end),
             )
@@ -170,7 +176,10 @@ def receive_instance(
                 session=session, batch=batch, accepted=[stored], one_per_sop_instance=True
             )
             session.flush()
-        except IntegrityError:
+        except IntegrityError as err:
+            if constraint_of(err) != SOP_INSTANCE_CONSTRAINT:
+                discard(store, [stored])
+                raise
             # The same instance, on another association, committed first.
             session.rollback()
             discard(store, [stored])
@@ -180,6 +189,14 @@ def receive_instance(
             raise
         image_id, batch_id = image.id, batch.id
     return Receipt(Outcome.STORED, sop_class, sop_instance, batch_id, image_id)
+
+
+SOP_INSTANCE_CONSTRAINT = "uq_images_tenant_sop_instance"
+
+
+def constraint_of(err: IntegrityError) -> str | None:
+    diag = getattr(err.orig, "diag", None)
+    return getattr(diag, "constraint_name", None)
 
 
 def _image_of(

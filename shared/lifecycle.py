@@ -50,7 +50,9 @@ from shared.db.models import (
     ImageStatus,
     Prediction,
 )
+from shared.deliveries import queue_exam_exports
 from shared.imaging.formats import RejectCode
+from shared.vault import record_of
 from shared.webhooks import announce_completion
 
 QUEUED, RUNNING, DONE, FAILED = (
@@ -147,6 +149,10 @@ def accept_images(
         )
         session.add(image)
         images.append(image)
+        if item.sealed_identity is not None:
+            session.add(
+                record_of(item.sealed_identity, tenant_id=batch.tenant_id, image_id=item.image_id)
+            )
     return images
 
 
@@ -375,6 +381,7 @@ def complete_if_finished(*, session: Session, batch: Batch) -> bool:
     batch.completed_at = utcnow()
     counts = image_counts(session=session, tenant_id=batch.tenant_id, batch_id=batch.id)
     announce_completion(session, batch, counts)
+    queue_exam_exports(session, batch)
     return True
 
 

@@ -52,6 +52,11 @@ class Keys:
         return f"previews/{image_id}.png"
 
     @staticmethod
+    def dicom_result(study_id: uuid.UUID, kind: str, image_id: uuid.UUID | None) -> str:
+        """An exam's DICOM result (report, heatmap, capture), de-identified as rendered."""
+        return f"dicom-results/{study_id}/{kind}-{image_id or 'exam'}.dcm"
+
+    @staticmethod
     def training_checkpoint(run_id: uuid.UUID, epoch: int) -> str:
         return f"training/{run_id}/checkpoint-epoch{epoch:04d}.pt"
 

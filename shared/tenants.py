@@ -6,13 +6,14 @@ import hashlib
 import hmac
 import secrets
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.db.base import utcnow
-from shared.db.models import ApiKey, Tenant
+from shared.db.models import DEFAULT_SCOPES, ApiKey, Scope, Tenant
 
 KEY_SCHEME = "msk"
 
@@ -44,10 +45,17 @@ def create_tenant(*, session: Session, name: str) -> Tenant:
     return tenant
 
 
-def issue_api_key(*, session: Session, tenant: Tenant) -> IssuedKey:
+def issue_api_key(
+    *, session: Session, tenant: Tenant, scopes: Iterable[Scope] = DEFAULT_SCOPES
+) -> IssuedKey:
     prefix = f"{KEY_SCHEME}_{secrets.token_hex(4)}"
     secret = f"{prefix}_{secrets.token_urlsafe(32)}"
-    api_key = ApiKey(tenant_id=tenant.id, prefix=prefix, key_hash=hash_key(secret))
+    api_key = ApiKey(
+        tenant_id=tenant.id,
+        prefix=prefix,
+        key_hash=hash_key(secret),
+        scopes=sorted({Scope(s).value for s in scopes}),
+    )
     session.add(api_key)
     session.flush()
     return IssuedKey(api_key=api_key, secret=secret)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -11,11 +12,13 @@ from sqlalchemy.orm import Session
 from devstack.synth import SynthOptions
 from shared.batches import create_batch, get_or_create_study
 from shared.db.models import (
+    DEFAULT_SCOPES,
     Batch,
     BatchPriority,
     Image,
     Laterality,
     ModelVersion,
+    Scope,
     Tenant,
     View,
 )
@@ -23,10 +26,12 @@ from shared.storage import ObjectStore
 from shared.tenants import create_tenant, issue_api_key
 
 
-def make_tenant(session: Session, name: str | None = None) -> tuple[Tenant, str]:
-    """A committed tenant and the secret of its first API key."""
+def make_tenant(
+    session: Session, name: str | None = None, *, scopes: Iterable[Scope] = DEFAULT_SCOPES
+) -> tuple[Tenant, str]:
+    """A committed tenant and the secret of its first API key (submit and read, unless told)."""
     tenant = create_tenant(session=session, name=name or f"tenant-{uuid.uuid4().hex[:8]}")
-    secret = issue_api_key(session=session, tenant=tenant).secret
+    secret = issue_api_key(session=session, tenant=tenant, scopes=scopes).secret
     session.commit()
     return tenant, secret
 

@@ -4,13 +4,16 @@ deadline, and the inference worker run in-process."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -85,3 +88,85 @@ def dcmtk(tool: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [tool, *map(str, args)], capture_output=True, text=True, timeout=180, check=False
     )
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The errors dicom3tools' validator finds in a DICOM file (warnings are not errors)."""
+    assert shutil.which("dciodvfy"), "dciodvfy is missing: `make dicom-tools` installs dicom3tools"
+    done = subprocess.run(
+        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=120, check=False
+    )
+    return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+
+
+ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+@dataclass(frozen=True)
+class Orthanc:
+    """Debian's Orthanc as a site's PACS: its REST API, DICOM port and DICOMweb root."""
+
+    url: str
+    aet: str
+    dicom_port: int
+
+    @property
+    def dicomweb(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    def studies(self) -> list[dict[str, object]]:
+        ids = httpx.get(f"{self.url}/studies", timeout=30).json()
+        return [httpx.get(f"{self.url}/studies/{i}", timeout=30).json() for i in ids]
+
+    def instance_count(self) -> int:
+        return int(httpx.get(f"{self.url}/statistics", timeout=30).json()["CountInstances"])
+
+
+@contextlib.contextmanager
+def run_orthanc(
+    folder: Path,
+    *,
+    aet: str = "SITEPACS",
+    modalities: dict[str, tuple[str, str, int]] | None = None,
+    dicom_port: int | None = None,
+) -> Iterator[Orthanc]:
+    """Orthanc with its DICOMweb plugin on free ports (or the DICOM port given), knowing
+    `modalities` (name: AE title, host, port) as peers it may send to."""
+    from devstack.servers import free_port, stop_pid
+
+    assert shutil.which("Orthanc"), "Orthanc is missing: `make dicom-tools` installs it"
+    assert ORTHANC_DICOMWEB_PLUGIN.exists(), "`make dicom-tools` installs orthanc-dicomweb"
+    http_port, dicom_port = free_port(), dicom_port or free_port()
+    storage = folder / "storage"
+    storage.mkdir(parents=True, exist_ok=True)
+    config = {
+        "Name": aet,
+        "DicomAet": aet,
+        "DicomPort": dicom_port,
+        "HttpPort": http_port,
+        "StorageDirectory": str(storage),
+        "IndexDirectory": str(storage),
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "DicomModalities": {name: list(peer) for name, peer in (modalities or {}).items()},
+    }
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    with (folder / "orthanc.log").open("ab") as log:
+        process = subprocess.Popen(
+            ["Orthanc", str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{http_port}"
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"{url}/system", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(answers, timeout=60, what="Orthanc")
+        yield Orthanc(url=url, aet=aet, dicom_port=dicom_port)
+    finally:
+        stop_pid(process.pid)

@@ -200,6 +200,13 @@ class Client:
             error.get("detail") or {},
         )
 
+    @classmethod
+    def _bytes(cls, response: httpx.Response) -> bytes:
+        if response.is_success:
+            return response.content
+        cls._json(response)  # raises ApiClientError with the service's code
+        raise AssertionError("unreachable")
+
     def create_batch(
         self, name: str, *, priority: str = "normal", purpose: str = "screening"
     ) -> dict[str, Any]:
@@ -316,6 +323,25 @@ class Client:
                 response.read()
                 self._json(response)  # raises ApiClientError with the service's code
             yield from response.iter_text()
+
+    def deliveries(self, batch_id: str) -> list[dict[str, Any]]:
+        """Where each exam's DICOM results went (pending, delivered, dead) and the last answer."""
+        items: list[dict[str, Any]] = self._json(
+            self._results.get(f"/v1/batches/{batch_id}/deliveries")
+        )["items"]
+        return items
+
+    def retry_delivery(self, delivery_id: str) -> dict[str, Any]:
+        """Send a dead delivery again."""
+        return self._json(self._ingest.post(f"/v1/deliveries/{delivery_id}/retry"))
+
+    def dicom_report(self, exam_id: str) -> bytes:
+        """The exam's DICOM Structured Report (identified only for an export_identified key)."""
+        return self._bytes(self._results.get(f"/v1/exams/{exam_id}/report.dcm"))
+
+    def dicom_heatmap(self, image_id: str) -> bytes:
+        """The image's heatmap as a DICOM Segmentation."""
+        return self._bytes(self._results.get(f"/v1/images/{image_id}/heatmap.dcm"))
 
     def create_training_run(
         self,

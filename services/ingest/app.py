@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fastapi import FastAPI
 from starlette.formparsers import MultiPartParser
 
+from services.ingest.deliveries import router as deliveries_router
 from services.ingest.dicomweb import router as dicomweb_router
 from services.ingest.routes import router
 from services.ingest.training import router as training_router
@@ -39,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(training_router)
     app.include_router(dicomweb_router)
+    app.include_router(deliveries_router)
     return app
 
 

@@ -25,14 +25,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from urllib3.exceptions import HTTPError as StorageConnectionError
 
 from services.ingest.deps import CallerDep, ProducerDep, SettingsDep, StoreDep
+from shared.api.deps import require_scope
 from shared.api.errors import ApiError
 from shared.api.schemas import COMMON_ERRORS, error_responses
-from shared.db.models import BatchSource
+from shared.db.models import BatchSource, Scope
 from shared.dicom_studies import Outcome, Receipt, Sender, queue_received, receive_instance
 from shared.imaging.formats import RejectCode
 
 STORE_RESPONSE = {"content": {"application/dicom+json": {"schema": {"type": "object"}}}}
 router = APIRouter(
+    dependencies=[require_scope(Scope.SUBMIT)],
     prefix="/dicomweb",
     tags=["dicomweb"],
     responses={

@@ -28,7 +28,7 @@ from services.ingest.schemas import (
     WebhookSecret,
 )
 from services.ingest.uploads import store_upload
-from shared.api.deps import Caller
+from shared.api.deps import Caller, require_scope
 from shared.api.errors import ApiError
 from shared.api.schemas import (
     COMMON_ERRORS,
@@ -45,6 +45,7 @@ from shared.db.models import (
     BatchStatus,
     Image,
     Laterality,
+    Scope,
     View,
 )
 from shared.imaging.intake import Destination, IntakeHints, StoredImage, discard
@@ -54,7 +55,10 @@ from shared.webhooks import SIGNATURE_HEADER, tenant_secret
 
 log = logging.getLogger(__name__)
 router = APIRouter(
-    prefix="/v1", tags=["batches"], responses={**COMMON_ERRORS, **error_responses(409, 413)}
+    dependencies=[require_scope(Scope.SUBMIT)],
+    prefix="/v1",
+    tags=["batches"],
+    responses={**COMMON_ERRORS, **error_responses(409, 413)},
 )
 
 RETRY_AFTER_S = "5"
@@ -132,7 +136,9 @@ def post_images(
         )
     session.rollback()  # release the snapshot while files stream; re-checked under lock below
 
-    destination = Destination(settings, store, tenant.id, batch_id)
+    destination = Destination(
+        settings, store, tenant.id, batch_id, keep_identity=tenant.identity_vault
+    )
     hints = IntakeHints(
         study_key=study_key, patient_id=patient_id, laterality=laterality, view=view
     )

@@ -19,6 +19,7 @@ from sqlalchemy.exc import OperationalError as DatabaseError
 
 from services.ingest.deps import CallerDep, ProducerDep, SessionDep
 from services.ingest.schemas import LabelledImage, TrainingRunAccepted, TrainingRunCreate
+from shared.api.deps import require_scope
 from shared.api.errors import ApiError
 from shared.api.schemas import COMMON_ERRORS, error_responses
 from shared.batches import get_batch
@@ -27,6 +28,7 @@ from shared.db.models import (
     AuditAction,
     Image,
     ImageStatus,
+    Scope,
     Split,
     Study,
     TrainingExample,
@@ -38,7 +40,10 @@ from shared.training_runs import enqueue_training
 
 log = logging.getLogger(__name__)
 router = APIRouter(
-    prefix="/v1", tags=["training"], responses={**COMMON_ERRORS, **error_responses(422)}
+    dependencies=[require_scope(Scope.SUBMIT)],
+    prefix="/v1",
+    tags=["training"],
+    responses={**COMMON_ERRORS, **error_responses(422)},
 )
 
 USABLE_STATUSES = (ImageStatus.STORED, ImageStatus.DONE, ImageStatus.QUEUED, ImageStatus.RUNNING)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.results.routes import router
+from services.results.dicom import router as dicom_router
+from services.results.routes import audit_router, router
 from services.results.training import router as training_router
 from services.results.viewer import LoginRequired, login_redirect
 from services.results.viewer import router as viewer_router
@@ -32,6 +33,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_request_logging(app)
     app.include_router(health_router)
     app.include_router(router)
+    app.include_router(audit_router)
+    app.include_router(dicom_router)
     app.include_router(training_router)
     app.include_router(viewer_router)
     app.add_exception_handler(LoginRequired, login_redirect)

@@ -35,6 +35,7 @@ from services.results.schemas import (
     ResultsPage,
 )
 from shared import audit
+from shared.api.deps import require_scope
 from shared.api.errors import ApiError
 from shared.api.schemas import COMMON_ERRORS, BatchPublic
 from shared.batches import (
@@ -51,10 +52,15 @@ from shared.batches import (
 )
 from shared.config import Settings
 from shared.db.base import session_scope
-from shared.db.models import AuditAction, Image, Prediction
+from shared.db.models import AuditAction, Image, Prediction, Scope
 from shared.storage import Keys
 
-router = APIRouter(prefix="/v1", tags=["results"], responses=COMMON_ERRORS)
+router = APIRouter(
+    dependencies=[require_scope(Scope.READ)],
+    prefix="/v1",
+    tags=["results"],
+    responses=COMMON_ERRORS,
+)
 
 MAX_WAIT_S = 60.0
 LONG_POLL_INTERVAL_S = 0.5
@@ -389,7 +395,17 @@ def get_image_result(image_id: uuid.UUID, session: SessionDep, caller: CallerDep
     return _image_result(image, prediction)
 
 
-@router.get("/audit", response_model=AuditPage)
+# The audit log asks for its own scope: reading results does not entitle a key to see who
+# else read what.
+audit_router = APIRouter(
+    prefix="/v1",
+    tags=["audit"],
+    responses=COMMON_ERRORS,
+    dependencies=[require_scope(Scope.AUDIT)],
+)
+
+
+@audit_router.get("/audit", response_model=AuditPage)
 def get_audit(
     session: SessionDep,
     caller: CallerDep,

@@ -17,13 +17,14 @@ from services.results.schemas import (
     TrainingRunDetail,
     TrainingRunsPage,
 )
+from shared.api.deps import require_scope
 from shared.api.errors import ApiError
 from shared.api.schemas import COMMON_ERRORS
-from shared.db.models import AuditAction, ModelVersion, TrainingRun
+from shared.db.models import AuditAction, ModelVersion, Scope, TrainingRun
 from shared.ml.registry import list_models
 from shared.training_runs import get_run, list_runs, metric_curve
 
-router = APIRouter(prefix="/v1", responses=COMMON_ERRORS)
+router = APIRouter(dependencies=[require_scope(Scope.READ)], prefix="/v1", responses=COMMON_ERRORS)
 
 
 def _run_detail(session: Session, run: TrainingRun) -> TrainingRunDetail:

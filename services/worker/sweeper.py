@@ -16,7 +16,10 @@ wait on or double-handle each other's rows.
    broker was down) is sent.
 4. DICOM studies: a study's open batch that received no instance for `dicom_study_quiet_s`
    is closed (shared/dicom_studies.py).
-5. Orphan objects: an uploaded image's object (`Keys.UPLOADS`) older than `orphan_grace_s`
+5. DICOM results: a completed exam's report and heatmap objects are rendered, and due
+   deliveries to the site's destinations are sent, retried with backoff, and given up as
+   `dead` after `export_max_attempts` (shared/dicom_export.py, shared/deliveries.py).
+6. Orphan objects: an uploaded image's object (`Keys.UPLOADS`) older than `orphan_grace_s`
    with no image row (an upload whose commit failed and whose clean-up also failed) is
    deleted.
 
@@ -37,6 +40,8 @@ from sqlalchemy.orm import Session
 from shared.config import Settings
 from shared.db.base import session_scope, utcnow
 from shared.db.models import Batch, BatchPriority, Image, ImageStatus
+from shared.dicom_export import deliver_due as deliver_dicom_results
+from shared.dicom_export import render_due as render_dicom_results
 from shared.dicom_studies import close_quiet_studies
 from shared.lifecycle import expire_leases, mark_enqueued
 from shared.queue import enqueue_screening
@@ -57,6 +62,8 @@ class SweepReport:
     orphans_deleted: int = 0
     training_runs_resent: int = 0
     studies_closed: int = 0
+    results_rendered: int = 0
+    results_delivered: int = 0
 
 
 def relay_queued(
@@ -137,13 +144,26 @@ def sweep_once(
         httpx.Client(timeout=DELIVERY_TIMEOUT_S) as http,
     ):
         deliver_due(session, http)
+    with session_scope(settings.database_url) as session:
+        rendered = render_dicom_results(session, settings=settings, store=store)
+    with session_scope(settings.database_url) as session:
+        delivered = deliver_dicom_results(session, settings=settings, store=store)
     orphans_deleted = 0
     if orphans:
         with session_scope(settings.database_url) as session:
             orphans_deleted = delete_orphans(
                 session=session, store=store, grace_s=settings.orphan_grace_s
             )
-    report = SweepReport(requeued, failed, sent, orphans_deleted, runs_resent, studies_closed)
+    report = SweepReport(
+        requeued,
+        failed,
+        sent,
+        orphans_deleted,
+        runs_resent,
+        studies_closed,
+        rendered,
+        delivered,
+    )
     if report != SweepReport():
         log.info("sweep: %s", report)
     return report

@@ -16,7 +16,7 @@ from shared.api.errors import ApiError
 from shared.api.ratelimit import enforce_rate_limit
 from shared.config import Settings
 from shared.db.base import session_factory
-from shared.db.models import AuditAction, Tenant
+from shared.db.models import AuditAction, Scope, Tenant
 from shared.storage import ObjectStore
 from shared.tenants import authenticate_key
 
@@ -69,6 +69,7 @@ def current_tenant(
         )
     enforce_rate_limit(request, api_key.prefix)
     request.state.api_key_prefix = api_key.prefix
+    request.state.api_key_scopes = frozenset(api_key.scopes)
     return api_key.tenant
 
 
@@ -81,6 +82,10 @@ class Caller:
 
     tenant: Tenant
     key_prefix: str
+    scopes: frozenset[str] = frozenset()
+
+    def may(self, scope: Scope) -> bool:
+        return scope.value in self.scopes
 
     def audit(
         self,
@@ -103,7 +108,30 @@ class Caller:
 
 
 def current_caller(request: Request, tenant: TenantDep) -> Caller:
-    return Caller(tenant=tenant, key_prefix=request.state.api_key_prefix)
+    return Caller(
+        tenant=tenant,
+        key_prefix=request.state.api_key_prefix,
+        scopes=request.state.api_key_scopes,
+    )
 
 
 CallerDep = Annotated[Caller, Depends(current_caller)]
+
+
+def missing_scope(scope: Scope) -> ApiError:
+    return ApiError(
+        403,
+        "missing_scope",
+        f"this API key lacks the '{scope.value}' scope; use a key issued with it "
+        f"(screening admin key create TENANT --scope {scope.value})",
+    )
+
+
+def require_scope(scope: Scope) -> Any:
+    """A route (or router) dependency: the caller's key must have `scope`."""
+
+    def check(caller: CallerDep) -> None:
+        if not caller.may(scope):
+            raise missing_scope(scope)
+
+    return Depends(check)

@@ -8,7 +8,14 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
-from shared.db.models import BatchPriority, BatchPurpose, BatchSource, BatchStatus
+from shared.db.models import (
+    BatchPriority,
+    BatchPurpose,
+    BatchSource,
+    BatchStatus,
+    ExportDelivery,
+    ExportDeliveryStatus,
+)
 
 # User-supplied text: no control characters (Postgres refuses NUL; the rest are never
 # meaningful in a name and confuse logs and terminals).
@@ -32,6 +39,45 @@ class BatchPublic(BaseModel):
     source: BatchSource = BatchSource.API
     sent_by: str | None = None  # the sending node's AE title (source dicom)
     accession_key: str | None = None  # keyed hash of the study's accession number
+
+
+class DeliveryPublic(BaseModel):
+    """One exam's DICOM results to one destination."""
+
+    id: uuid.UUID
+    exam_id: uuid.UUID
+    destination: str
+    transport: str  # "dimse" (C-STORE) or "stow-rs"
+    status: ExportDeliveryStatus
+    attempts: int
+    # Whether the objects carried the original identifiers; False: the de-identified UIDs
+    # (the tenant's vault is off or holds nothing for these images); None: not sent yet.
+    identified: bool | None
+    # The destination's last answer: a DICOM status (C-STORE) or an HTTP status (STOW-RS).
+    last_status_code: int | None
+    last_error: str | None
+    next_attempt_at: datetime
+    delivered_at: datetime | None
+
+    @classmethod
+    def of(cls, delivery: ExportDelivery) -> DeliveryPublic:
+        return cls(
+            id=delivery.id,
+            exam_id=delivery.study_id,
+            destination=delivery.destination.name,
+            transport=delivery.destination.transport.value,
+            status=delivery.status,
+            attempts=delivery.attempts,
+            identified=delivery.identified,
+            last_status_code=delivery.last_status_code,
+            last_error=delivery.last_error,
+            next_attempt_at=delivery.next_attempt_at,
+            delivered_at=delivery.delivered_at,
+        )
+
+
+class DeliveriesPage(BaseModel):
+    items: list[DeliveryPublic]
 
 
 class ErrorDetail(BaseModel):

@@ -9,18 +9,20 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Enum,
     Float,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from shared.db.base import Base, new_id, utcnow
@@ -88,8 +90,24 @@ class Tenant(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Signs webhook deliveries (HMAC-SHA256); made on first use, shown to the tenant's keys.
     webhook_secret: Mapped[str | None] = mapped_column(String(64))
+    # Keep each DICOM image's original identifiers, encrypted (shared/vault.py), so results
+    # can go back into the patient's real study. Off: nothing is kept, and exported objects
+    # carry the de-identified UIDs only.
+    identity_vault: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
 
     api_keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant")
+
+
+class Scope(enum.StrEnum):
+    """What an API key may do (README "API keys and scopes")."""
+
+    SUBMIT = "submit"  # create batches, upload, close, start training runs, retry deliveries
+    READ = "read"  # batches, exams, results, heatmaps, models, de-identified DICOM results
+    EXPORT_IDENTIFIED = "export_identified"  # original identifiers and identified DICOM
+    AUDIT = "audit"  # the tenant's audit log
+
+
+DEFAULT_SCOPES = (Scope.SUBMIT, Scope.READ)
 
 
 class ApiKey(Base):
@@ -101,6 +119,9 @@ class ApiKey(Base):
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), index=True)
     prefix: Mapped[str] = mapped_column(String(32), unique=True)
     key_hash: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list[str]] = mapped_column(
+        ARRAY(String(32)), default=lambda: [s.value for s in DEFAULT_SCOPES]
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
 
@@ -448,6 +469,9 @@ class AuditAction(enum.StrEnum):
     CLOSE = "close"
     READ = "read"
     EXPORT = "export"
+    # Original identifiers taken out of the vault (shared/vault.py): for a delivery, a
+    # download or a view by a key with the export_identified scope.
+    DECRYPT_IDENTITY = "decrypt_identity"
 
 
 class AuditEvent(Base):
@@ -467,3 +491,122 @@ class AuditEvent(Base):
     resource_id: Mapped[uuid.UUID | None]
     detail: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
     at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class IdentityRecord(Base):
+    """An image's original identifiers, sealed with AES-GCM (shared/vault.py): the only place
+    they are kept. `key_id` names the key that sealed them, so keys can rotate."""
+
+    __tablename__ = "identity_vault"
+
+    image_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("images.id"), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), index=True)
+    key_id: Mapped[str] = mapped_column(String(64))
+    nonce: Mapped[bytes] = mapped_column(LargeBinary)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    # Lets the unit of work insert the image row before its vault row.
+    image: Mapped[Image] = relationship()
+
+
+class Transport(enum.StrEnum):
+    DIMSE = "dimse"  # C-STORE to a registered DICOM node's host and port
+    STOW_RS = "stow-rs"  # POST to a DICOMweb server's studies endpoint
+
+
+class ExportDestination(Base):
+    """Where a tenant's DICOM results go: every screened exam's objects are delivered to each
+    of the tenant's enabled destinations (shared/deliveries.py)."""
+
+    __tablename__ = "export_destinations"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    transport: Mapped[Transport] = mapped_column(_enum(Transport, "export_transport"))
+    dicom_node_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("dicom_nodes.id"))
+    url: Mapped[str | None] = mapped_column(String(2048))
+    # Also send each image with the heatmap burnt in, as a Secondary Capture, for PACS that
+    # display neither Segmentations nor Parametric Maps.
+    secondary_capture: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    disabled_at: Mapped[datetime | None]
+
+    dicom_node: Mapped[DicomNode | None] = relationship()
+
+
+class ExportStatus(enum.StrEnum):
+    PENDING = "pending"  # the exam completed; its objects are not rendered yet
+    RENDERED = "rendered"  # the de-identified objects are in the object store
+    FAILED = "failed"  # they cannot be rendered (error_code says why)
+
+
+class ExamExport(Base):
+    """A screened exam's DICOM results: rendered once, de-identified, by a worker's sweeper;
+    re-identified from the vault only when delivered or downloaded."""
+
+    __tablename__ = "exam_exports"
+    __table_args__ = (
+        Index("ix_exam_exports_pending", "created_at", postgresql_where=text("status = 'pending'")),
+    )
+
+    study_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("studies.id"), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), index=True)
+    batch_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("batches.id"), index=True)
+    status: Mapped[ExportStatus] = mapped_column(
+        _enum(ExportStatus, "export_status"), default=ExportStatus.PENDING
+    )
+    # [{"kind": "report"|"heatmap"|"capture", "key": ..., "image_id": ..., "sop_class_uid":
+    # ..., "sop_instance_uid": ...}]
+    objects: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, default=list)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    rendered_at: Mapped[datetime | None]
+
+
+class ExportDeliveryStatus(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"  # every attempt failed; retried only when asked (POST .../retry)
+
+
+class ExportDelivery(Base):
+    """One exam's objects to one destination: an outbox row with bounded retries."""
+
+    __tablename__ = "export_deliveries"
+    __table_args__ = (
+        UniqueConstraint("study_id", "destination_id"),
+        Index(
+            "ix_export_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index("ix_export_deliveries_batch_id_id", "batch_id", "id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    batch_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("batches.id"))
+    study_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("studies.id"))
+    destination_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("export_destinations.id"))
+    status: Mapped[ExportDeliveryStatus] = mapped_column(
+        _enum(ExportDeliveryStatus, "export_delivery_status"),
+        default=ExportDeliveryStatus.PENDING,
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Whether the objects sent carried the original identifiers (False: the tenant's vault is
+    # off or held nothing for these images, and the de-identified UIDs were sent).
+    identified: Mapped[bool | None] = mapped_column(Boolean)
+    # The destination's answer to the last attempt: a DICOM status (C-STORE) or an HTTP
+    # status (STOW-RS); None when it could not be reached.
+    last_status_code: Mapped[int | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]
+
+    destination: Mapped[ExportDestination] = relationship()

@@ -47,6 +47,7 @@ from shared.imaging.formats import (
 )
 from shared.imaging.raster import strip_jpeg_metadata, strip_png_metadata
 from shared.storage import Keys, ObjectStore, ObjectTooLarge, StoredObject
+from shared.vault import OriginalIdentity, SealedIdentity, seal, vault_keys
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class StoredImage:
     view: View
     # DICOM: the pseudonymous SOP Instance UID (the de-identified copy's own).
     sop_instance_key: str | None = None
+    # DICOM, when the tenant keeps identities: the original identifiers, sealed.
+    sealed_identity: SealedIdentity | None = None
 
 
 def patient_key(secret: str, tenant_id: uuid.UUID, patient_id: str) -> str:
@@ -153,6 +156,41 @@ class Destination:
     store: ObjectStore
     tenant_id: uuid.UUID
     batch_id: uuid.UUID
+    # Seal each DICOM image's original identifiers into the vault (the tenant's setting;
+    # without a configured vault key nothing is sealed).
+    keep_identity: bool = False
+
+
+def _text_of(header: Dataset, keyword: str) -> str | None:
+    value = header.get(keyword)
+    return str(value).strip() or None if value is not None else None
+
+
+def original_identity(header: Dataset) -> OriginalIdentity | None:
+    """The identifiers a returned object must carry, read before de-identification."""
+    study_uid = _text_of(header, "StudyInstanceUID")
+    if study_uid is None:
+        return None
+    return OriginalIdentity(
+        study_instance_uid=study_uid,
+        **{
+            field: _text_of(header, keyword)
+            for field, keyword in (
+                ("series_instance_uid", "SeriesInstanceUID"),
+                ("sop_instance_uid", "SOPInstanceUID"),
+                ("frame_of_reference_uid", "FrameOfReferenceUID"),
+                ("patient_id", "PatientID"),
+                ("patient_name", "PatientName"),
+                ("patient_birth_date", "PatientBirthDate"),
+                ("patient_sex", "PatientSex"),
+                ("accession_number", "AccessionNumber"),
+                ("study_date", "StudyDate"),
+                ("study_time", "StudyTime"),
+                ("study_id", "StudyID"),
+                ("referring_physician_name", "ReferringPhysicianName"),
+            )
+        },
+    )
 
 
 def take_in(
@@ -206,8 +244,16 @@ def take_in(
         key_of_patient = patient_key(
             settings.patient_key_secret, tenant_id, metadata.patient_id or f"study:{study_key}"
         )
+        sealed_identity = None
         if media_type == MediaType.DICOM:
             deidentifier = deidentifier_for(settings.patient_key_secret)
+            keys = vault_keys(settings) if to.keep_identity else None
+            if keys is not None and keys.active is not None:
+                identity = _guard_dicom(filename, original_identity, header)
+                if identity is not None:
+                    sealed_identity = seal(
+                        identity, keys=keys, tenant_id=tenant_id, image_id=image_id
+                    )
             _guard_dicom(
                 filename,
                 write_deidentified,
@@ -251,6 +297,7 @@ def take_in(
         laterality=metadata.laterality,
         view=metadata.view,
         sop_instance_key=sop_instance_key,
+        sealed_identity=sealed_identity,
     )
 
 

@@ -49,9 +49,22 @@ def preview_png(pixels: np.ndarray, shrink: int) -> bytes:
     return _png(grey.reduce(shrink, box=(0, 0, width - width % shrink, height - height % shrink)))
 
 
-def overlay_png(heat: np.ndarray) -> bytes:
-    """RGBA overlay of a heatmap in [0, 1]: colour by probability, opacity rising with it."""
+def overlay_rgba(heat: np.ndarray) -> np.ndarray:
+    """(H, W, 4) uint8 overlay of a heatmap in [0, 1]: colour by probability, opacity rising
+    with it."""
     strength = np.clip((heat - TRANSPARENT_BELOW) / (1 - TRANSPARENT_BELOW), 0, 1)
     alpha = np.sqrt(strength) * 200
-    rgba = np.dstack([colour_map(strength), alpha.round().astype(np.uint8)])
-    return _png(PILImage.fromarray(rgba, mode="RGBA"))
+    return np.dstack([colour_map(strength), alpha.round().astype(np.uint8)])
+
+
+def overlay_png(heat: np.ndarray) -> bytes:
+    return _png(PILImage.fromarray(overlay_rgba(heat), mode="RGBA"))
+
+
+def burn_in(pixels: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """(H, W) display-ready pixels in [0, 1] with the same-sized heatmap's overlay laid on
+    them, as a viewer would show it: (H, W, 3) uint8."""
+    rgba = overlay_rgba(heat).astype(np.float32)
+    alpha = rgba[..., 3:] / 255.0
+    grey = np.clip(pixels, 0, 1)[..., np.newaxis] * 255.0
+    return np.asarray(np.round(grey * (1 - alpha) + rgba[..., :3] * alpha), dtype=np.uint8)

@@ -3,9 +3,8 @@ gateway by C-STORE, and dicomweb-client posting a study by STOW-RS."""
 
 from __future__ import annotations
 
-import json
+import io
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,13 +17,12 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom.data import get_testdata_file
 
-from devstack.servers import free_port, stop_pid
 from devstack.stack import StackState, down, up
 from devstack.synth import DEMO_VARIANTS, generate_exams
 from mammoscreen_client import Client
 from shared.config import CONNECTION_FIELDS, Settings, settings_to_environ
 from tests.factories import SMALL_SYNTH
-from tests.helpers import wait_for
+from tests.helpers import Orthanc, run_orthanc, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -56,72 +54,40 @@ def screening(env: dict[str, str], *args: str) -> str:
 
 
 @pytest.fixture
-def orthanc(tmp_path: Path, dicom_stack: StackState) -> Iterator[str]:
-    """Debian's Orthanc as the site PACS, on free ports, knowing the gateway as a modality."""
-    assert shutil.which("Orthanc"), "Orthanc is missing: `make dicom-tools` installs it"
-    http_port, dicom_port = free_port(), free_port()
-    storage = tmp_path / "orthanc"
-    storage.mkdir()
-    config = {
-        "Name": "SITEPACS",
-        "DicomAet": "SITEPACS",
-        "DicomPort": dicom_port,
-        "HttpPort": http_port,
-        "StorageDirectory": str(storage),
-        "IndexDirectory": str(storage),
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "Plugins": [],
-        "DicomModalities": {
-            "mammoscreen": [
-                dicom_stack.env["SCREENING_DICOM_AE_TITLE"],
-                "127.0.0.1",
-                int(dicom_stack.env["SCREENING_DICOM_PORT"]),
-            ]
-        },
-    }
-    (tmp_path / "orthanc.json").write_text(json.dumps(config))
-    log = (tmp_path / "orthanc.log").open("wb")
-    process = subprocess.Popen(
-        ["Orthanc", str(tmp_path / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+def orthanc(tmp_path: Path, dicom_stack: StackState) -> Iterator[Orthanc]:
+    """Debian's Orthanc as the site PACS, knowing the gateway as a modality."""
+    gateway = (
+        dicom_stack.env["SCREENING_DICOM_AE_TITLE"],
+        "127.0.0.1",
+        int(dicom_stack.env["SCREENING_DICOM_PORT"]),
     )
-    url = f"http://127.0.0.1:{http_port}"
-
-    def answers() -> bool:
-        try:
-            return httpx.get(f"{url}/system", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(answers, timeout=60, what="Orthanc")
-        yield url
-    finally:
-        stop_pid(process.pid)
-        log.close()
+    with run_orthanc(tmp_path / "orthanc", modalities={"mammoscreen": gateway}) as pacs:
+        yield pacs
 
 
 def _dicom_batches(client: Client) -> list[dict[str, Any]]:
     return [b for b in client.batches(limit=200) if b["source"] != "api"]
 
 
-def test_orthanc_pushes_studies_to_the_gateway_and_they_are_screened(
-    dicom_stack: StackState, orthanc: str, tmp_path: Path
+def test_orthanc_pushes_studies_to_the_gateway_and_gets_the_results_back_into_them(
+    dicom_stack: StackState, orthanc: Orthanc, tmp_path: Path
 ) -> None:
     env = dicom_stack.env
     added = screening(env, "admin", "dicom-node", "add", "demo", "--ae-title", "SITEPACS",
-                      "--host", "127.0.0.1")  # fmt: skip
+                      "--host", "127.0.0.1", "--port", str(orthanc.dicom_port))  # fmt: skip
     assert "SITEPACS from 127.0.0.1" in added
+    screening(env, "admin", "destination", "add", "demo", "pacs", "--ae-title", "SITEPACS")
     exams = generate_exams(tmp_path / "exams", exams=2, seed=31, options=SMALL_SYNTH,
                            variants=DEMO_VARIANTS[2:4])  # fmt: skip
-    studies = set()
+    originals: dict[str, str] = {}  # StudyInstanceUID -> PatientID, as the PACS holds them
     for exam in exams:
-        stored = httpx.post(f"{orthanc}/instances", content=exam.path.read_bytes(), timeout=30)
+        stored = httpx.post(f"{orthanc.url}/instances", content=exam.path.read_bytes(), timeout=30)
         assert stored.status_code == 200, stored.text
-        studies.add(stored.json()["ParentStudy"])
+        originals[exam.study] = exam.patient
+    studies = [s["ID"] for s in orthanc.studies()]
 
     pushed = httpx.post(
-        f"{orthanc}/modalities/mammoscreen/store",
+        f"{orthanc.url}/modalities/mammoscreen/store",
         json={"Resources": sorted(studies), "Synchronous": True},
         timeout=120,
     )
@@ -140,12 +106,66 @@ def test_orthanc_pushes_studies_to_the_gateway_and_they_are_screened(
         batches = _dicom_batches(client)
         assert {b["source"] for b in batches} == {"dicom"}
         assert {b["sent_by"] for b in batches} == {"SITEPACS"}
+        exam_scores = {}
         for batch in batches:
             status = client.batch(batch["id"])
             assert status["counts"]["done"] == 4
             (exam,) = client.iter_exams(batch["id"])
-            assert exam["exam_score"] is not None
             assert exam["recall"] in ("recall", "routine")
+            exam_scores[exam["id"]] = exam["exam_score"]
+
+        def delivered() -> bool:
+            rows = [d for b in batches for d in client.deliveries(b["id"])]
+            return len(rows) == 2 and all(d["status"] == "delivered" for d in rows)
+
+        wait_for(delivered, timeout=120, what="both exams' results to be delivered to the PACS")
+        for batch in batches:
+            (delivery,) = client.deliveries(batch["id"])
+            assert delivery["identified"] is True
+            assert delivery["last_status_code"] == 0
+
+    # Back in the PACS: each original study holds its images, our SR and our heatmaps.
+    listing = orthanc.studies()
+    assert len(listing) == 2
+    for study in listing:
+        tags = study["MainDicomTags"]
+        uid = tags["StudyInstanceUID"]
+        assert study["PatientMainDicomTags"]["PatientID"] == originals[uid]
+        instances: dict[str, int] = {}
+        for series in study["Series"]:
+            info = httpx.get(f"{orthanc.url}/series/{series}", timeout=30).json()
+            modality = info["MainDicomTags"]["Modality"]
+            instances[modality] = instances.get(modality, 0) + len(info["Instances"])
+        # The four views, one report, and a heatmap per view.
+        assert instances == {"MG": 4, "SR": 1, "SEG": 4}, instances
+        report = _report_of(orthanc, study)
+        assert report.StudyInstanceUID == uid
+        assert report.PatientID == originals[uid]
+        exam_id = next(e for e, score in exam_scores.items() if score == pytest.approx(
+            _sr_number(report, "Exam malignancy score")))  # fmt: skip
+        assert exam_id in exam_scores
+
+
+def _report_of(orthanc: Orthanc, study: dict[str, Any]) -> pydicom.Dataset:
+    for series in study["Series"]:
+        info = httpx.get(f"{orthanc.url}/series/{series}", timeout=30).json()
+        if info["MainDicomTags"]["Modality"] == "SR":
+            (instance,) = info["Instances"]
+            data = httpx.get(f"{orthanc.url}/instances/{instance}/file", timeout=30).content
+            return pydicom.dcmread(io.BytesIO(data))
+    raise AssertionError("no SR series in the study")
+
+
+def _sr_number(report: pydicom.Dataset, meaning: str) -> float:
+    """The first numeric content item named `meaning`, anywhere in the SR content tree."""
+    stack = list(report.ContentSequence)
+    while stack:
+        item = stack.pop(0)
+        name = item.get("ConceptNameCodeSequence")
+        if item.get("ValueType") == "NUM" and name and name[0].CodeMeaning == meaning:
+            return float(item.MeasuredValueSequence[0].NumericValue)
+        stack.extend(item.get("ContentSequence", []))
+    raise AssertionError(f"no {meaning!r} in the SR")
 
 
 def test_a_study_stored_by_stow_rs_with_a_ct_in_it(dicom_stack: StackState, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from devstack.synth import SynthImage
+from shared.db.models import Scope
 from tests.factories import make_tenant
 from tests.helpers import auth, files_field
 
@@ -14,8 +15,8 @@ from tests.helpers import auth, files_field
 def test_every_write_and_read_of_patient_data_is_recorded_with_its_key(
     ingest: TestClient, results: TestClient, session: Session, exam: list[SynthImage]
 ) -> None:
-    _, key = make_tenant(session)
-    _, other_key = make_tenant(session)
+    _, key = make_tenant(session, scopes=[Scope.SUBMIT, Scope.READ, Scope.AUDIT])
+    _, other_key = make_tenant(session, scopes=[Scope.READ, Scope.AUDIT])
     prefix = "_".join(key.split("_", 2)[:2])
     batch = ingest.post("/v1/batches", json={"name": "b"}, headers=auth(key)).json()
     upload = ingest.post(
@@ -43,6 +44,20 @@ def test_every_write_and_read_of_patient_data_is_recorded_with_its_key(
     assert events[0]["resource_id"] == image_id
     assert events[4]["detail"]["image_ids"] == [image_id]
     assert results.get("/v1/audit", headers=auth(other_key)).json()["items"] == []
+
+
+def test_the_audit_log_and_uploads_need_their_own_scopes(
+    ingest: TestClient, results: TestClient, session: Session
+) -> None:
+    _, reader = make_tenant(session, scopes=[Scope.READ])
+    refused = results.get("/v1/audit", headers=auth(reader))
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "missing_scope"
+    assert "audit" in refused.json()["error"]["message"]
+    upload = ingest.post("/v1/batches", json={"name": "b"}, headers=auth(reader))
+    assert upload.status_code == 403
+    assert upload.json()["error"]["code"] == "missing_scope"
+    assert results.get("/v1/batches", headers=auth(reader)).status_code == 200
 
 
 @pytest.mark.parametrize(
