@@ -202,7 +202,7 @@ def get_delivery(
         ExportDelivery.id == delivery_id, ExportDelivery.tenant_id == tenant_id
     )
     if for_update:
-        query = query.with_for_update()
+        query = query.with_for_update(of=ExportDelivery)
     return session.scalar(query.options(joinedload(ExportDelivery.destination)))
 
 

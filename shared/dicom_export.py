@@ -212,7 +212,10 @@ def send_c_store(
             }
             | {ExplicitVRLittleEndian}
         )
-        ae.add_requested_context(sop_class, syntaxes)
+        # One context per transfer syntax, so a peer can accept the object as it is stored
+        # and not only the uncompressed fallback.
+        for syntax in syntaxes:
+            ae.add_requested_context(sop_class, [syntax])
     assoc = ae.associate(host, port, ae_title=ae_title)
     if not assoc.is_established:
         raise DeliveryFailed(
@@ -244,7 +247,8 @@ def _sendable(dataset: Dataset, assoc: object) -> Dataset:
     if str(dataset.file_meta.TransferSyntaxUID) in accepted:
         return dataset
     if ExplicitVRLittleEndian in accepted:
-        dataset.decompress()
+        # The same object, so the same SOP Instance UID (pydicom would mint a new one).
+        dataset.decompress(generate_instance_uid=False)
         return dataset
     raise DeliveryFailed(f"the peer accepts no transfer syntax for {dataset.SOPClassUID.name}")
 

@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from shared.config import Settings
 from shared.db.base import session_scope
 from shared.db.models import Image, ImageStatus, InferenceBatch
+from shared.deliveries import delivery_counts
 from shared.queue import Queue
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -101,6 +102,7 @@ class PipelineCollector(Collector):
                 .limit(self.recent_batches)
             ).all()
             forward_passes = session.scalar(select(func.count()).select_from(InferenceBatch))
+            deliveries = delivery_counts(session)
 
         images = GaugeMetricFamily(
             "screening_images", "Images by status (all tenants)", labels=["status"]
@@ -117,6 +119,15 @@ class PipelineCollector(Collector):
         for code, count in failures:
             failed.add_metric([code or "unknown"], float(count))
         yield failed
+        exported = GaugeMetricFamily(
+            "screening_dicom_deliveries",
+            "Exams' DICOM results to the sites' destinations, by status (dead: every attempt "
+            "failed)",
+            labels=["status"],
+        )
+        for delivery_status, count in deliveries.items():
+            exported.add_metric([delivery_status], float(count))
+        yield exported
         passes = CounterMetricFamily("screening_forward_passes", "Batched forward passes run")
         passes.add_metric([], float(forward_passes or 0))
         yield passes

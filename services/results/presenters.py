@@ -4,14 +4,23 @@ public schema, and an image's latest prediction."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
 from sqlalchemy.orm import Session
 
-from services.results.schemas import BreastResult, Exam, ExamImage, ModelVersionPublic
+from services.results.schemas import (
+    BreastResult,
+    Exam,
+    ExamImage,
+    ModelVersionPublic,
+    OriginalIds,
+)
 from shared.api.deps import Caller
 from shared.batches import latest_predictions
+from shared.config import Settings
 from shared.db.models import Image, Prediction, Study
 from shared.exams import assess_exam
+from shared.vault import VaultKeyMissing, open_identities
 
 
 def latest_prediction(session: Session, caller: Caller, image: Image) -> Prediction | None:
@@ -63,3 +72,38 @@ def exam_public(
         recall_threshold=advice.recall_threshold if advice else None,
         model_version=ModelVersionPublic.model_validate(advice.model_version) if advice else None,
     )
+
+
+def show_originals(
+    session: Session,
+    settings: Settings,
+    caller: Caller,
+    batch_id: uuid.UUID,
+    page: Sequence[tuple[Study, Sequence[Image]]],
+    exams: Sequence[Exam],
+) -> None:
+    """Add each exam's original patient id and accession number from the vault (one audited
+    opening for the page); a vault key that is not configured leaves them out, saying why."""
+    first_images = {images[0].id: study.id for study, images in page if images}
+    try:
+        opened = open_identities(
+            session,
+            settings=settings,
+            tenant_id=caller.tenant.id,
+            image_ids=list(first_images),
+            purpose="view",
+            actor=caller.key_prefix,
+            resource_type="batch_exams",
+            resource_id=batch_id,
+        )
+    except VaultKeyMissing as err:
+        for exam in exams:
+            exam.original_error = err.code
+        return
+    by_study = {first_images[image_id]: identity for image_id, identity in opened.items()}
+    for exam in exams:
+        identity = by_study.get(exam.id)
+        if identity is not None:
+            exam.original = OriginalIds(
+                patient_id=identity.patient_id, accession_number=identity.accession_number
+            )

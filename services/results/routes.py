@@ -20,7 +20,12 @@ from sqlalchemy.orm import Session
 
 from services.results import cursors
 from services.results.deps import CallerDep, SessionDep, SettingsDep, StoreDep
-from services.results.presenters import exam_public, heatmap_url, latest_prediction
+from services.results.presenters import (
+    exam_public,
+    heatmap_url,
+    latest_prediction,
+    show_originals,
+)
 from services.results.schemas import (
     AuditEventPublic,
     AuditPage,
@@ -226,6 +231,7 @@ def _batch_or_404(session: SessionDep, caller: CallerDep, batch_id: uuid.UUID) -
 def get_batch_exams(
     batch_id: uuid.UUID,
     session: SessionDep,
+    settings: SettingsDep,
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: str | None = None,
@@ -242,11 +248,11 @@ def get_batch_exams(
         session=session, tenant_id=caller.tenant.id, image_ids=image_ids
     )
     caller.audit(session, AuditAction.READ, "batch_exams", batch_id, exams=len(page))
+    items = [exam_public(study, images, predictions) for study, images in page]
+    if caller.may(Scope.EXPORT_IDENTIFIED) and caller.tenant.identity_vault:
+        show_originals(session, settings, caller, batch_id, page, items)
     session.commit()
-    return ExamsPage(
-        items=[exam_public(study, images, predictions) for study, images in page],
-        next_cursor=next_cursor,
-    )
+    return ExamsPage(items=items, next_cursor=next_cursor)
 
 
 EXPORT_PAGE = 500

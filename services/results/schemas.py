@@ -119,6 +119,14 @@ class BreastResult(BaseModel):
     views: list[View]  # the views that score comes from
 
 
+class OriginalIds(BaseModel):
+    """What a radiologist finds the patient by: shown only to a key with the
+    export_identified scope, from the identity vault (each opening audited)."""
+
+    patient_id: str | None
+    accession_number: str | None
+
+
 class Exam(BaseModel):
     """One study: its images, breast and exam scores, and which screening views it lacks."""
 
@@ -137,6 +145,11 @@ class Exam(BaseModel):
     recall: Literal["recall", "routine"] | None = None
     recall_threshold: float | None = None
     model_version: ModelVersionPublic | None = None
+    # For a key with the export_identified scope: the original patient id and accession
+    # number (None without that scope, or when the vault holds none); original_error says why
+    # they could not be shown (vault_key_missing).
+    original: OriginalIds | None = None
+    original_error: str | None = None
 
 
 class ExamsPage(BaseModel):
