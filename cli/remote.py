@@ -252,7 +252,35 @@ def _table(rows: Iterator[ImageResult]) -> Iterator[str]:
         yield "  ".join(f"{c:<12}" for c in cells)
 
 
+def _dicom_results(client: Client, batch_id: str, folder: Path) -> int:
+    """Every exam's report and heatmaps as .dcm files under `folder`; returns files written.
+    Exams without DICOM results (not DICOM, or not rendered yet) are named on stderr."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for exam in client.iter_exams(batch_id):
+        try:
+            (folder / f"report-{exam['id']}.dcm").write_bytes(client.dicom_report(exam["id"]))
+            written += 1
+            for image in exam["images"]:
+                heatmap = client.dicom_heatmap(image["id"])
+                (folder / f"heatmap-{image['id']}.dcm").write_bytes(heatmap)
+                written += 1
+        except ApiClientError as err:
+            if err.status not in (404, 409):
+                raise
+            print(f"exam {exam['id']}: {err.code}: {err.message}", file=sys.stderr)
+    return written
+
+
 def cmd_results(args: argparse.Namespace) -> int:
+    if args.format == "dicom":
+        if not args.output:
+            print("error: --format dicom writes files: give --output DIR", file=sys.stderr)
+            return 2
+        with _client(args) as client:
+            written = _dicom_results(client, args.batch, Path(args.output))
+        print(f"{written} DICOM files written to {args.output}", file=sys.stderr)
+        return 0
     out: IO[str] = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
     try:
         with _client(args) as client:
@@ -307,8 +335,15 @@ def add_commands(commands: Any) -> None:
 
     results = commands.add_parser("results", help="a batch's results, one row per image")
     results.add_argument("batch")
-    results.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    results.add_argument("--output", help="write to this file instead of the terminal")
+    results.add_argument(
+        "--format",
+        choices=["table", "csv", "json", "dicom"],
+        default="table",
+        help="dicom: each exam's Structured Report and heatmap Segmentations, as files",
+    )
+    results.add_argument(
+        "--output", help="write to this file (a folder for dicom) instead of the terminal"
+    )
     _connection_flags(results)
     results.set_defaults(func=cmd_results)
 

@@ -13,14 +13,17 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Response
+from sqlalchemy.orm import Session
 
 from services.results.deps import CallerDep, SessionDep, SettingsDep, StoreDep
 from shared.api.deps import Caller, require_scope
 from shared.api.errors import ApiError
 from shared.api.schemas import COMMON_ERRORS, DeliveriesPage, DeliveryPublic
 from shared.batches import get_batch, get_exam, get_image
+from shared.config import Settings
 from shared.db.models import AuditAction, ExamExport, ExportStatus, Scope
 from shared.deliveries import batch_deliveries, get_export
+from shared.storage import ObjectStore
 from shared.vault import VaultKeyMissing
 
 router = APIRouter(
@@ -36,7 +39,7 @@ DICOM_RESPONSE: dict[int | str, dict[str, Any]] = {
 IDENTIFIED_HEADER = "X-Mammoscreen-Identified"
 
 
-def _rendered_export(session: SessionDep, caller: Caller, study_id: uuid.UUID) -> ExamExport:
+def _rendered_export(session: Session, caller: Caller, study_id: uuid.UUID) -> ExamExport:
     export = get_export(session=session, tenant_id=caller.tenant.id, study_id=study_id)
     if export is None:
         raise ApiError(
@@ -62,9 +65,9 @@ def _rendered_export(session: SessionDep, caller: Caller, study_id: uuid.UUID) -
 
 
 def _dicom_file(
-    session: SessionDep,
-    settings: SettingsDep,
-    store: StoreDep,
+    session: Session,
+    settings: Settings,
+    store: ObjectStore,
     caller: Caller,
     export: ExamExport,
     key: str,
@@ -112,6 +115,32 @@ def _object_key(export: ExamExport, kind: str, image_id: uuid.UUID | None) -> st
     return None
 
 
+def exam_report_file(
+    session: Session, settings: Settings, store: ObjectStore, caller: Caller, exam_id: uuid.UUID
+) -> Response:
+    if get_exam(session=session, tenant_id=caller.tenant.id, study_id=exam_id) is None:
+        raise ApiError(404, "exam_not_found", f"no exam {exam_id} exists for this API key")
+    export = _rendered_export(session, caller, exam_id)
+    key = _object_key(export, "report", None)
+    assert key is not None  # every rendered export has its report
+    return _dicom_file(session, settings, store, caller, export, key, f"report-{exam_id}.dcm")
+
+
+def image_heatmap_file(
+    session: Session, settings: Settings, store: ObjectStore, caller: Caller, image_id: uuid.UUID
+) -> Response:
+    image = get_image(session=session, tenant_id=caller.tenant.id, image_id=image_id)
+    if image is None:
+        raise ApiError(404, "image_not_found", f"no image {image_id} exists for this API key")
+    export = _rendered_export(session, caller, image.study_id)
+    key = _object_key(export, "heatmap", image.id)
+    if key is None:
+        raise ApiError(
+            404, "heatmap_not_found", f"image {image_id} has no heatmap in its DICOM results"
+        )
+    return _dicom_file(session, settings, store, caller, export, key, f"heatmap-{image_id}.dcm")
+
+
 @router.get("/exams/{exam_id}/report.dcm", response_class=Response, responses=DICOM_RESPONSE)
 def get_exam_report(
     exam_id: uuid.UUID,
@@ -123,12 +152,7 @@ def get_exam_report(
     """The exam's DICOM Comprehensive SR (TID 1500): exam, breast and image scores, the
     recall recommendation and its threshold, the model version; de-identified unless the key
     has the export_identified scope (header X-Mammoscreen-Identified says which)."""
-    if get_exam(session=session, tenant_id=caller.tenant.id, study_id=exam_id) is None:
-        raise ApiError(404, "exam_not_found", f"no exam {exam_id} exists for this API key")
-    export = _rendered_export(session, caller, exam_id)
-    key = _object_key(export, "report", None)
-    assert key is not None  # every rendered export has its report
-    return _dicom_file(session, settings, store, caller, export, key, f"report-{exam_id}.dcm")
+    return exam_report_file(session, settings, store, caller, exam_id)
 
 
 @router.get("/images/{image_id}/heatmap.dcm", response_class=Response, responses=DICOM_RESPONSE)
@@ -141,16 +165,7 @@ def get_image_heatmap_dicom(
 ) -> Response:
     """The image's heatmap as a DICOM Segmentation (FRACTIONAL, PROBABILITY) on the image's
     own rows and columns."""
-    image = get_image(session=session, tenant_id=caller.tenant.id, image_id=image_id)
-    if image is None:
-        raise ApiError(404, "image_not_found", f"no image {image_id} exists for this API key")
-    export = _rendered_export(session, caller, image.study_id)
-    key = _object_key(export, "heatmap", image.id)
-    if key is None:
-        raise ApiError(
-            404, "heatmap_not_found", f"image {image_id} has no heatmap in its DICOM results"
-        )
-    return _dicom_file(session, settings, store, caller, export, key, f"heatmap-{image_id}.dcm")
+    return image_heatmap_file(session, settings, store, caller, image_id)
 
 
 @router.get("/batches/{batch_id}/deliveries", response_model=DeliveriesPage)

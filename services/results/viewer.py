@@ -19,7 +19,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
-from services.results.presenters import exam_public, latest_prediction
+from services.results.dicom import exam_report_file, image_heatmap_file
+from services.results.presenters import exam_public, latest_prediction, show_originals
 from services.results.schemas import Exam, ExamImage
 from shared.api.deps import Caller, SessionDep, SettingsDep, StoreDep
 from shared.batches import (
@@ -31,7 +32,8 @@ from shared.batches import (
     latest_predictions,
     list_batches,
 )
-from shared.db.models import AuditAction, ImageStatus
+from shared.db.models import AuditAction, ExportStatus, ImageStatus, Scope
+from shared.deliveries import get_export
 from shared.storage import Keys
 from shared.tenants import authenticate_key
 
@@ -52,9 +54,9 @@ def viewer_caller(
     session: SessionDep, key: Annotated[str | None, Cookie(alias=COOKIE)] = None
 ) -> Caller:
     api_key = authenticate_key(session=session, secret=key) if key else None
-    if api_key is None:
+    if api_key is None or Scope.READ.value not in api_key.scopes:
         raise LoginRequired()
-    return Caller(api_key.tenant, api_key.prefix)
+    return Caller(api_key.tenant, api_key.prefix, frozenset(api_key.scopes))
 
 
 ViewerDep = Annotated[Caller, Depends(viewer_caller)]
@@ -84,8 +86,14 @@ def login(
     settings: SettingsDep,
     api_key: Annotated[str, Form(max_length=200)] = "",
 ) -> Response:
-    if authenticate_key(session=session, secret=api_key.strip()) is None:
-        refused = _page(request, "login.html", None, error="That API key is unknown or revoked.")
+    found = authenticate_key(session=session, secret=api_key.strip())
+    if found is None or Scope.READ.value not in found.scopes:
+        reason = (
+            "That API key is unknown or revoked."
+            if found is None
+            else "That API key lacks the read scope."
+        )
+        refused = _page(request, "login.html", None, error=reason)
         refused.status_code = 401
         return refused
     response = RedirectResponse("/viewer/", status_code=303)
@@ -155,7 +163,11 @@ def batch_progress(batch_id: uuid.UUID, session: SessionDep, caller: ViewerDep) 
 
 @router.get("/batches/{batch_id}", response_class=HTMLResponse)
 def batch_page(
-    request: Request, batch_id: uuid.UUID, session: SessionDep, caller: ViewerDep
+    request: Request,
+    batch_id: uuid.UUID,
+    session: SessionDep,
+    settings: SettingsDep,
+    caller: ViewerDep,
 ) -> HTMLResponse:
     batch = get_batch(session=session, tenant_id=caller.tenant.id, batch_id=batch_id)
     if batch is None:
@@ -173,10 +185,13 @@ def batch_page(
         image_ids=[i.id for _, images in studies for i in images],
     )
     exams = [exam_public(study, images, predictions) for study, images in studies]
+    show_ids = caller.may(Scope.EXPORT_IDENTIFIED) and caller.tenant.identity_vault
+    if show_ids:
+        show_originals(session, settings, caller, batch_id, studies, exams)
     exams.sort(key=lambda e: -1.0 if e.exam_score is None else e.exam_score, reverse=True)
     caller.audit(session, AuditAction.READ, "batch_exams", batch_id, exams=len(exams), via="viewer")
     session.commit()
-    return _page(request, "batch.html", caller, batch=batch, exams=exams)
+    return _page(request, "batch.html", caller, batch=batch, exams=exams, show_ids=show_ids)
 
 
 @dataclass(frozen=True)
@@ -187,7 +202,11 @@ class Slot:
 
 @router.get("/exams/{exam_id}", response_class=HTMLResponse)
 def exam_page(
-    request: Request, exam_id: uuid.UUID, session: SessionDep, caller: ViewerDep
+    request: Request,
+    exam_id: uuid.UUID,
+    session: SessionDep,
+    settings: SettingsDep,
+    caller: ViewerDep,
 ) -> HTMLResponse:
     found = get_exam(session=session, tenant_id=caller.tenant.id, study_id=exam_id)
     if found is None:
@@ -197,11 +216,44 @@ def exam_page(
         session=session, tenant_id=caller.tenant.id, image_ids=[i.id for i in images]
     )
     exam: Exam = exam_public(study, images, predictions)
+    if caller.may(Scope.EXPORT_IDENTIFIED) and caller.tenant.identity_vault:
+        show_originals(session, settings, caller, study.batch_id, [found], [exam])
+    export = get_export(session=session, tenant_id=caller.tenant.id, study_id=exam_id)
     by_view = {f"{i.laterality}-{i.view}": i for i in exam.images if i.laterality and i.view}
     slots = [Slot(name, by_view.get(name)) for name in SLOTS]
     caller.audit(session, AuditAction.READ, "exam", exam_id, via="viewer")
     session.commit()
-    return _page(request, "exam.html", caller, exam=exam, slots=slots)
+    return _page(
+        request,
+        "exam.html",
+        caller,
+        exam=exam,
+        slots=slots,
+        dicom_ready=export is not None and export.status == ExportStatus.RENDERED,
+    )
+
+
+@router.get("/exams/{exam_id}/report.dcm")
+def exam_report_download(
+    exam_id: uuid.UUID,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    caller: ViewerDep,
+) -> Response:
+    """The exam's DICOM report, as GET /v1/exams/{id}/report.dcm gives it to this key."""
+    return exam_report_file(session, settings, store, caller, exam_id)
+
+
+@router.get("/images/{image_id}/heatmap.dcm")
+def image_heatmap_download(
+    image_id: uuid.UUID,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    caller: ViewerDep,
+) -> Response:
+    return image_heatmap_file(session, settings, store, caller, image_id)
 
 
 PRIVATE = {"Cache-Control": "private"}

@@ -22,7 +22,7 @@ from devstack.synth import DEMO_VARIANTS, generate_exams
 from mammoscreen_client import Client
 from shared.config import CONNECTION_FIELDS, Settings, settings_to_environ
 from tests.factories import SMALL_SYNTH
-from tests.helpers import Orthanc, run_orthanc, wait_for
+from tests.helpers import Orthanc, dciodvfy_errors, run_orthanc, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -123,6 +123,14 @@ def test_orthanc_pushes_studies_to_the_gateway_and_gets_the_results_back_into_th
             (delivery,) = client.deliveries(batch["id"])
             assert delivery["identified"] is True
             assert delivery["last_status_code"] == 0
+
+    # The same objects as files, de-identified for this key (submit and read).
+    out = tmp_path / "dicom-results"
+    screening(env, "results", batches[0]["id"], "--format", "dicom", "--output", str(out))
+    files = sorted(p.name.split("-")[0] for p in out.iterdir())
+    assert files == ["heatmap"] * 4 + ["report"]
+    for path in out.iterdir():
+        assert dciodvfy_errors(path) == [], path.name
 
     # Back in the PACS: each original study holds its images, our SR and our heatmaps.
     listing = orthanc.studies()

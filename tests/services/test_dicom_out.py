@@ -499,3 +499,38 @@ def test_a_destination_down_at_first_gets_the_results_once_and_one_down_for_good
     with session_scope(settings.database_url) as db:
         assert db.scalar(select(Tenant.identity_vault).where(Tenant.id == tenant.id))
     assert session.scalar(select(AuditEvent.id).where(AuditEvent.resource_type == "delivery"))
+
+
+def test_the_viewer_shows_ids_and_dicom_links_to_an_identified_key_only(
+    vault_settings: Settings, session: Session, store: ObjectStore, planted: list[Path]
+) -> None:
+    from shared.tenants import issue_api_key
+
+    tenant, key = make_tenant(session, scopes=READER)
+    identified_key = issue_api_key(session=session, tenant=tenant, scopes=IDENTIFIED).secret
+    audit_only = issue_api_key(session=session, tenant=tenant, scopes=[Scope.AUDIT]).secret
+    session.commit()
+    with apps(vault_settings) as (ingest, results):
+        batch = screen_and_render(ingest, key, planted, vault_settings, store)
+        exam = the_exam(results, key, batch["id"])
+        refused = results.post("/viewer/login", data={"api_key": audit_only})
+        assert refused.status_code == 401
+        assert "read scope" in refused.text
+
+        results.post("/viewer/login", data={"api_key": key}, follow_redirects=False)
+        plain = results.get(f"/viewer/exams/{exam['id']}").text
+        assert PLANTED["PatientID"] not in plain
+        assert f"/viewer/exams/{exam['id']}/report.dcm" in plain
+        deidentified = results.get(f"/viewer/exams/{exam['id']}/report.dcm")
+        assert deidentified.headers["X-Mammoscreen-Identified"] == "false"
+
+        results.post("/viewer/login", data={"api_key": identified_key}, follow_redirects=False)
+        page = results.get(f"/viewer/exams/{exam['id']}").text
+        assert PLANTED["PatientID"] in page
+        assert PLANTED["AccessionNumber"] in page
+        assert PLANTED["AccessionNumber"] in results.get(f"/viewer/batches/{batch['id']}").text
+        report = results.get(f"/viewer/exams/{exam['id']}/report.dcm")
+        assert report.headers["X-Mammoscreen-Identified"] == "true"
+        assert pydicom.dcmread(io.BytesIO(report.content)).PatientID == PLANTED["PatientID"]
+        heatmap = results.get(f"/viewer/images/{exam['images'][0]['id']}/heatmap.dcm")
+        assert pydicom.dcmread(io.BytesIO(heatmap.content)).StudyInstanceUID == ORIGINAL_STUDY_UID
