@@ -93,10 +93,10 @@ def _cmd_key(args: argparse.Namespace) -> int:
             issued = issue_api_key(
                 session=session, tenant=tenant, scopes=args.scope or DEFAULT_SCOPES
             )
+            print(f"scopes: {', '.join(issued.api_key.scopes)}")
             print(
                 f"api key for {tenant.name} (shown once, only its hash is stored): {issued.secret}"
             )
-            print(f"scopes: {', '.join(issued.api_key.scopes)}")
         elif args.key_command == "revoke":
             revoked = revoke_api_key(session=session, tenant=tenant, prefix=args.prefix)
             if revoked is None:

@@ -321,9 +321,16 @@ def deliver_due(session: Session, *, settings: Settings, store: ObjectStore, lim
             )
             delivery.identified = objects.identified
             _send(delivery.destination, objects.datasets, settings)
-        except (DeliveryFailed, VaultKeyMissing, OSError) as err:
+        # Any failure counts as an attempt, so retries stay bounded whatever went wrong.
+        except Exception as err:
+            if isinstance(err, (DeliveryFailed, VaultKeyMissing, OSError)):
+                reason = str(err)
+            else:
+                # The objects carried identities by now: only the type is logged and shown.
+                reason = f"unexpected {type(err).__name__}"
+                log.error("delivery %s failed: %s", delivery.id, reason)
             delivery.last_status_code = getattr(err, "status_code", None)
-            delivery.last_error = str(err)[:500]
+            delivery.last_error = reason[:500]
             if delivery.attempts >= settings.export_max_attempts:
                 delivery.status = ExportDeliveryStatus.DEAD
                 log.warning(
@@ -331,7 +338,7 @@ def deliver_due(session: Session, *, settings: Settings, store: ObjectStore, lim
                     delivery.id,
                     delivery.destination.name,
                     delivery.attempts,
-                    err,
+                    reason,
                 )
             else:
                 delivery.next_attempt_at = utcnow() + backoff(settings, delivery.attempts)

@@ -96,5 +96,5 @@ def test_services_start_after_the_one_shot_init() -> None:
 def test_secrets_have_no_defaults() -> None:
     env = SERVICES["ingest"]["environment"]
     assert env["SCREENING_ENV"] == "prod"
-    for name in ("SCREENING_S3_SECRET_KEY", "SCREENING_PATIENT_KEY_SECRET"):
+    for name in ("SCREENING_S3_SECRET_KEY", "SCREENING_PATIENT_KEY_SECRET", "SCREENING_VAULT_KEYS"):
         assert ":?" in env[name], f"{name} must be required, not defaulted"

@@ -29,6 +29,7 @@ The status changes themselves are `shared/lifecycle.py`'s.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -116,6 +117,21 @@ def delete_orphans(*, session: Session, store: ObjectStore, grace_s: float) -> i
     return deleted
 
 
+def export_dicom_results(settings: Settings, store: ObjectStore) -> tuple[int, int]:
+    """Render and deliver DICOM results, a few exams per transaction, for at most
+    `export_sweep_budget_s` per sweep (the other steps must not wait longer)."""
+    deadline = time.monotonic() + settings.export_sweep_budget_s
+    rendered = delivered = 0
+    while True:
+        with session_scope(settings.database_url) as session:
+            done_now = render_dicom_results(session, settings=settings, store=store)
+        with session_scope(settings.database_url) as session:
+            sent_now = deliver_dicom_results(session, settings=settings, store=store)
+        rendered, delivered = rendered + done_now, delivered + sent_now
+        if not (done_now or sent_now) or time.monotonic() > deadline:
+            return rendered, delivered
+
+
 def sweep_once(
     settings: Settings, *, store: ObjectStore, producer: Celery, orphans: bool = False
 ) -> SweepReport:
@@ -144,10 +160,7 @@ def sweep_once(
         httpx.Client(timeout=DELIVERY_TIMEOUT_S) as http,
     ):
         deliver_due(session, http)
-    with session_scope(settings.database_url) as session:
-        rendered = render_dicom_results(session, settings=settings, store=store)
-    with session_scope(settings.database_url) as session:
-        delivered = deliver_dicom_results(session, settings=settings, store=store)
+    rendered, delivered = export_dicom_results(settings, store)
     orphans_deleted = 0
     if orphans:
         with session_scope(settings.database_url) as session:

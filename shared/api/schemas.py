@@ -98,4 +98,4 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 # Every authenticated /v1 route may answer these.
-COMMON_ERRORS = error_responses(400, 401, 404, 422, 429, 503)
+COMMON_ERRORS = error_responses(400, 401, 403, 404, 422, 429, 503)

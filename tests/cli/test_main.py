@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 
@@ -8,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from cli.main import main
 from shared.config import Settings, get_settings
-from shared.tenants import authenticate
+from shared.tenants import authenticate, authenticate_key, find_tenant
 
 
 @pytest.fixture
@@ -48,3 +49,47 @@ def test_tenant_and_key_lifecycle(
 
     assert main(["admin", "key", "revoke", "acme", "msk_nope"]) == 2
     assert main(["admin", "key", "list", "no-such-tenant"]) == 2
+
+
+def test_scoped_keys_destinations_and_the_vault_switch(
+    cli_env: None, session: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["admin", "tenant", "create", "site"]) == 0
+    capsys.readouterr()
+    assert main(["admin", "key", "create", "site", "--scope", "read",
+                 "--scope", "export_identified"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "scopes: export_identified, read" in out
+    api_key = authenticate_key(session=session, secret=out.strip().rsplit(" ", 1)[1])
+    assert api_key is not None
+    assert sorted(api_key.scopes) == ["export_identified", "read"]
+    assert main(["admin", "key", "list", "site"]) == 0
+    assert "scopes export_identified,read" in capsys.readouterr().out
+
+    # A node without a port cannot take results back; the error says how to fix it.
+    assert main(["admin", "dicom-node", "add", "site", "--ae-title", "PACS1"]) == 0
+    assert main(["admin", "destination", "add", "site", "pacs", "--ae-title", "PACS1"]) == 2
+    assert "--host and --port" in capsys.readouterr().err
+    assert main(["admin", "dicom-node", "add", "site", "--ae-title", "PACS2",
+                 "--host", "10.1.2.3", "--port", "104"]) == 0  # fmt: skip
+    assert main(["admin", "destination", "add", "site", "pacs", "--ae-title", "PACS2",
+                 "--secondary-capture"]) == 0  # fmt: skip
+    assert main(["admin", "destination", "add", "site", "web", "--url", "ftp://x"]) == 2
+    assert main(["admin", "destination", "add", "site", "web",
+                 "--url", "https://pacs.example/dicom-web"]) == 0  # fmt: skip
+    assert main(["admin", "destination", "add", "site", "web", "--url", "https://x"]) == 2
+    assert "taken" in capsys.readouterr().err
+    assert main(["admin", "destination", "disable", "site", "web"]) == 0
+    assert main(["admin", "destination", "list", "site"]) == 0
+    listing = capsys.readouterr().out.splitlines()[-2:]
+    assert "PACS2@10.1.2.3:104  enabled  +secondary capture" in listing[0]
+    assert "https://pacs.example/dicom-web  disabled" in listing[1]
+
+    assert main(["admin", "vault", "off", "site"]) == 0
+    assert "de-identified UIDs" in capsys.readouterr().out
+    session.expire_all()
+    tenant = find_tenant(session=session, name_or_id="site")
+    assert tenant is not None
+    assert tenant.identity_vault is False
+    assert main(["admin", "vault", "new-key"]) == 0
+    assert len(base64.b64decode(capsys.readouterr().out.strip())) == 32

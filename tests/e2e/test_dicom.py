@@ -124,6 +124,12 @@ def test_orthanc_pushes_studies_to_the_gateway_and_gets_the_results_back_into_th
             assert delivery["identified"] is True
             assert delivery["last_status_code"] == 0
 
+    # No original identifier in any service's log (gateway, ingest, worker, results).
+    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "stack" / "logs").iterdir())
+    for uid, patient in originals.items():
+        assert uid not in logs
+        assert patient not in logs
+
     # The same objects as files, de-identified for this key (submit and read).
     out = tmp_path / "dicom-results"
     screening(env, "results", batches[0]["id"], "--format", "dicom", "--output", str(out))

@@ -67,7 +67,8 @@ def test_up_is_idempotent_and_down_stops_every_process(stack: StackState, tmp_pa
     assert again.services == stack.services
     assert all(pid_alive(pid) for pid in stack.pids())
     env_file = (tmp_path / "stack" / "env").read_text()
-    assert env_file.count("export SCREENING_") == 13
+    assert env_file.count("export SCREENING_") == 14
+    assert "export SCREENING_VAULT_KEY_FILE=" in env_file
     for name in ("SCREENING_DICOM_HOST", "SCREENING_DICOM_PORT", "SCREENING_DICOM_AE_TITLE"):
         assert f"export {name}=" in env_file
     assert down(tmp_path / "stack") == []

@@ -342,6 +342,13 @@ def test_a_rotated_out_key_still_opens_while_configured_and_a_missing_one_fails_
     exam: list[SynthImage],
 ) -> None:
     tenant, key = make_tenant(session, scopes=[*READER, Scope.EXPORT_IDENTIFIED])
+    add_destination(
+        session=session,
+        tenant_id=tenant.id,
+        name="down",
+        url=f"http://127.0.0.1:{free_port()}/dicom-web",
+    )
+    session.commit()
     first = with_keys(settings, {"k1": keys["k1"]}, "k1")
     rotated = with_keys(settings, keys, "k2")
     rotated_out = with_keys(settings, {"k2": keys["k2"]}, "k2")
@@ -370,7 +377,18 @@ def test_a_rotated_out_key_still_opens_while_configured_and_a_missing_one_fails_
         assert page.status_code == 200
         assert page.json()["items"][0]["original"] is None
         assert page.json()["items"][0]["original_error"] == "vault_key_missing"
-    del tenant
+        with session_scope(rotated_out.database_url) as db:
+            deliver_due(db, settings=rotated_out, store=store)
+        errors = {
+            b["id"]: results.get(f"/v1/batches/{b['id']}/deliveries", headers=auth(key)).json()[
+                "items"
+            ][0]["last_error"]
+            for b in (old, new)
+        }
+    # The delivery of the older exam says which key is missing; the newer one got as far as
+    # the (absent) destination.
+    assert "vault key 'k1' is not configured" in errors[old["id"]]
+    assert "STOW-RS" in errors[new["id"]]
 
 
 def test_a_tenant_without_the_vault_keeps_nothing_and_exports_say_so(

@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session
 from services.ingest.app import create_app as create_ingest
 from services.results.app import create_app as create_results
 from shared.config import Settings
-from shared.db.models import TrainingRun
+from shared.db.models import ExportDelivery, ExportDeliveryStatus, TrainingRun
+from shared.deliveries import add_destination
 from tests.factories import make_batch, make_image, make_tenant
 from tests.helpers import auth
 
@@ -57,8 +58,25 @@ def test_every_route_with_an_id_hides_another_tenants_rows(
     image = make_image(session, batch)
     run = TrainingRun(tenant_id=owner.id, name="run", hyperparameters={}, seed=0)
     session.add(run)
+    destination = add_destination(
+        session=session, tenant_id=owner.id, name="pacs", url="https://pacs.example/dicom-web"
+    )
+    delivery = ExportDelivery(
+        tenant_id=owner.id,
+        batch_id=batch.id,
+        study_id=image.study_id,
+        destination_id=destination.id,
+        status=ExportDeliveryStatus.DEAD,
+    )
+    session.add(delivery)
     session.commit()
-    ids = {"batch_id": str(batch.id), "image_id": str(image.id), "run_id": str(run.id)}
+    ids = {
+        "batch_id": str(batch.id),
+        "image_id": str(image.id),
+        "run_id": str(run.id),
+        "exam_id": str(image.study_id),
+        "delivery_id": str(delivery.id),
+    }
     walked = 0
     for service, method, path in _routes(settings):
         names = re.findall(r"\{([a-z_]+)\}", path)
