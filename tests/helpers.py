@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pydicom
 import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -97,6 +98,18 @@ def dciodvfy_errors(path: Path) -> list[str]:
         ["dciodvfy", str(path)], capture_output=True, text=True, timeout=120, check=False
     )
     return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+
+
+def sr_number(report: pydicom.Dataset, meaning: str) -> float:
+    """The first numeric content item named `meaning`, anywhere in an SR's content tree."""
+    stack = list(report.ContentSequence)
+    while stack:
+        item = stack.pop(0)
+        name = item.get("ConceptNameCodeSequence")
+        if item.get("ValueType") == "NUM" and name and name[0].CodeMeaning == meaning:
+            return float(item.MeasuredValueSequence[0].NumericValue)
+        stack.extend(item.get("ContentSequence", []))
+    raise AssertionError(f"no {meaning!r} in the SR")
 
 
 ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")

@@ -22,7 +22,7 @@ from devstack.synth import DEMO_VARIANTS, generate_exams
 from mammoscreen_client import Client
 from shared.config import CONNECTION_FIELDS, Settings, settings_to_environ
 from tests.factories import SMALL_SYNTH
-from tests.helpers import Orthanc, dciodvfy_errors, run_orthanc, wait_for
+from tests.helpers import Orthanc, dciodvfy_errors, run_orthanc, sr_number, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -156,7 +156,7 @@ def test_orthanc_pushes_studies_to_the_gateway_and_gets_the_results_back_into_th
         assert report.StudyInstanceUID == uid
         assert report.PatientID == originals[uid]
         exam_id = next(e for e, score in exam_scores.items() if score == pytest.approx(
-            _sr_number(report, "Exam malignancy score")))  # fmt: skip
+            sr_number(report, "Exam malignancy score")))  # fmt: skip
         assert exam_id in exam_scores
 
 
@@ -168,18 +168,6 @@ def _report_of(orthanc: Orthanc, study: dict[str, Any]) -> pydicom.Dataset:
             data = httpx.get(f"{orthanc.url}/instances/{instance}/file", timeout=30).content
             return pydicom.dcmread(io.BytesIO(data))
     raise AssertionError("no SR series in the study")
-
-
-def _sr_number(report: pydicom.Dataset, meaning: str) -> float:
-    """The first numeric content item named `meaning`, anywhere in the SR content tree."""
-    stack = list(report.ContentSequence)
-    while stack:
-        item = stack.pop(0)
-        name = item.get("ConceptNameCodeSequence")
-        if item.get("ValueType") == "NUM" and name and name[0].CodeMeaning == meaning:
-            return float(item.MeasuredValueSequence[0].NumericValue)
-        stack.extend(item.get("ContentSequence", []))
-    raise AssertionError(f"no {meaning!r} in the SR")
 
 
 def test_a_study_stored_by_stow_rs_with_a_ct_in_it(dicom_stack: StackState, tmp_path: Path) -> None:

@@ -44,7 +44,14 @@ from shared.dicom_nodes import add_node
 from shared.storage import ObjectStore
 from shared.vault import new_key
 from tests.factories import make_tenant
-from tests.helpers import auth, dciodvfy_errors, files_field, run_orthanc, screen_everything
+from tests.helpers import (
+    auth,
+    dciodvfy_errors,
+    files_field,
+    run_orthanc,
+    screen_everything,
+    sr_number,
+)
 
 # Identifiers no de-identified output may contain: planted in the exam's headers.
 PLANTED = {
@@ -58,6 +65,20 @@ PLANTED = {
 ORIGINAL_STUDY_UID = "1.2.826.0.1.3680043.8.498.4242424242424242"
 READER = [Scope.SUBMIT, Scope.READ]
 IDENTIFIED = [Scope.READ, Scope.EXPORT_IDENTIFIED, Scope.AUDIT]
+
+
+def add_unreachable_destination(
+    session: Session, tenant_id: uuid.UUID, *, secondary_capture: bool = False
+) -> None:
+    """A STOW-RS destination nothing listens at (deliveries to it fail), committed."""
+    add_destination(
+        session=session,
+        tenant_id=tenant_id,
+        name="down",
+        url=f"http://127.0.0.1:{free_port()}/dicom-web",
+        secondary_capture=secondary_capture,
+    )
+    session.commit()
 
 
 def with_keys(
@@ -128,17 +149,6 @@ def the_exam(results: TestClient, key: str, batch_id: str) -> dict[str, Any]:
     return dict(exam)
 
 
-def sr_number(report: pydicom.Dataset, meaning: str) -> float:
-    stack = list(report.ContentSequence)
-    while stack:
-        item = stack.pop(0)
-        name = item.get("ConceptNameCodeSequence")
-        if item.get("ValueType") == "NUM" and name and name[0].CodeMeaning == meaning:
-            return float(item.MeasuredValueSequence[0].NumericValue)
-        stack.extend(item.get("ContentSequence", []))
-    raise AssertionError(f"no {meaning!r} in the SR")
-
-
 def test_the_report_and_heatmaps_are_valid_dicom_with_the_apis_scores(
     vault_settings: Settings,
     session: Session,
@@ -147,15 +157,7 @@ def test_the_report_and_heatmaps_are_valid_dicom_with_the_apis_scores(
     tmp_path: Path,
 ) -> None:
     tenant, key = make_tenant(session, scopes=READER)
-    # A destination that wants Secondary Captures too (nothing listens there).
-    add_destination(
-        session=session,
-        tenant_id=tenant.id,
-        name="old-pacs",
-        url=f"http://127.0.0.1:{free_port()}/dicom-web",
-        secondary_capture=True,
-    )
-    session.commit()
+    add_unreachable_destination(session, tenant.id, secondary_capture=True)
     with apps(vault_settings) as (ingest, results):
         batch = screen_and_render(ingest, key, planted, vault_settings, store)
         exam = the_exam(results, key, batch["id"])
@@ -288,13 +290,7 @@ def test_no_original_identifier_reaches_storage_logs_or_api_answers(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     tenant, key = make_tenant(session, scopes=[*READER, Scope.AUDIT])
-    add_destination(
-        session=session,
-        tenant_id=tenant.id,
-        name="down",
-        url=f"http://127.0.0.1:{free_port()}/dicom-web",
-    )
-    session.commit()
+    add_unreachable_destination(session, tenant.id)
     answers: list[bytes] = []
     with apps(vault_settings) as (ingest, results):
         batch = screen_and_render(ingest, key, planted, vault_settings, store)
@@ -342,13 +338,7 @@ def test_a_rotated_out_key_still_opens_while_configured_and_a_missing_one_fails_
     exam: list[SynthImage],
 ) -> None:
     tenant, key = make_tenant(session, scopes=[*READER, Scope.EXPORT_IDENTIFIED])
-    add_destination(
-        session=session,
-        tenant_id=tenant.id,
-        name="down",
-        url=f"http://127.0.0.1:{free_port()}/dicom-web",
-    )
-    session.commit()
+    add_unreachable_destination(session, tenant.id)
     first = with_keys(settings, {"k1": keys["k1"]}, "k1")
     rotated = with_keys(settings, keys, "k2")
     rotated_out = with_keys(settings, {"k2": keys["k2"]}, "k2")
@@ -438,6 +428,12 @@ def test_results_reach_orthanc_by_c_store_and_stow_rs_once(
         sr_series = [
             httpx.get(f"{pacs.url}/series/{s}", timeout=30).json() for s in study["Series"]
         ]
+        (report_id,) = next(
+            s["Instances"] for s in sr_series if s["MainDicomTags"]["Modality"] == "SR"
+        )
+        report = pydicom.dcmread(
+            io.BytesIO(httpx.get(f"{pacs.url}/instances/{report_id}/file", timeout=30).content)
+        )
     rows = deliveries.json()["items"]
     assert {(d["destination"], d["transport"], d["status"]) for d in rows} == {
         ("pacs", "dimse", "delivered"),
@@ -449,7 +445,7 @@ def test_results_reach_orthanc_by_c_store_and_stow_rs_once(
     assert study["MainDicomTags"]["AccessionNumber"] == PLANTED["AccessionNumber"]
     assert study["PatientMainDicomTags"]["PatientID"] == PLANTED["PatientID"]
     assert sorted(s["MainDicomTags"]["Modality"] for s in sr_series) == ["SEG", "SR"]
-    del exam
+    assert sr_number(report, "Exam malignancy score") == pytest.approx(exam["exam_score"])
 
 
 def test_a_destination_down_at_first_gets_the_results_once_and_one_down_for_good_is_dead(
