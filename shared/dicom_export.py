@@ -10,6 +10,7 @@ images the vault does not hold, gets the de-identified objects, and the delivery
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from collections.abc import Sequence
@@ -18,12 +19,14 @@ import numpy as np
 import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
+from minio.error import S3Error
 from PIL import Image as PILImage
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from urllib3.exceptions import HTTPError as StorageConnectionError
 
 from shared.batches import latest_predictions
 from shared.config import Settings
@@ -56,6 +59,8 @@ SUCCESS = 0x0000
 # C-STORE warnings still store the object (PS3.7 Annex C): coercion, elements discarded.
 STORE_WARNINGS = (0x0001, 0xB000, 0xB006, 0xB007)
 RENDER_ATTEMPTS = 3
+# The stored (de-identified) headers are a few kilobytes; private blobs were removed.
+HEADER_READ_BYTES = 256 * 1024
 
 
 class DeliveryFailed(Exception):
@@ -65,6 +70,19 @@ class DeliveryFailed(Exception):
 
 
 # -- rendering ---------------------------------------------------------------------------------
+
+
+def _stored_header(store: ObjectStore, key: str, data: bytes | None) -> Dataset:
+    """A stored image's header, from its first bytes when they hold all of it (a
+    mammogram's pixels are tens of megabytes the report does not need)."""
+    if data is None:
+        head = io.BytesIO(store.get_bytes(key, length=HEADER_READ_BYTES))
+        with contextlib.suppress(Exception):  # cut mid-header: read the whole object
+            header = pydicom.dcmread(head, stop_before_pixels=True)
+            if head.tell() < len(head.getbuffer()):  # stopped at the pixels, not at the end
+                return header
+        data = store.get_bytes(key)
+    return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
 
 
 def _exam_result(
@@ -93,8 +111,8 @@ def _exam_result(
         prediction = predictions.get(image.id)
         if prediction is None or image.laterality is None or image.view is None:
             continue
-        data = store.get_bytes(image.object_key)
-        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        data = store.get_bytes(image.object_key) if captures else None
+        header = _stored_header(store, image.object_key, data)
         heatmap_png = (
             store.get_bytes_or_none(prediction.heatmap_key) if prediction.heatmap_key else None
         )
@@ -105,7 +123,7 @@ def _exam_result(
         )
         pixels = (
             decode_image(data, image.media_type, max_pixels=max_pixels)
-            if captures and heatmap is not None
+            if data is not None and heatmap is not None
             else None
         )
         results.append(
@@ -150,7 +168,6 @@ def render_due(session: Session, *, settings: Settings, store: ObjectStore, limi
                 )
             )
         )
-        export.attempts += 1
         try:
             exam = _exam_result(
                 session, store, export, captures=captures, max_pixels=settings.max_image_pixels
@@ -166,8 +183,15 @@ def render_due(session: Session, *, settings: Settings, store: ObjectStore, limi
             objects = render_exam(
                 exam, deidentifier_for(settings.patient_key_secret), captures=captures
             )
+        except (S3Error, StorageConnectionError) as err:
+            # An outage of the object store is not the exam's fault: try again next sweep.
+            log.warning(
+                "DICOM results of exam %s wait for the object store: %s", export.study_id, err
+            )
+            continue
         except Exception as err:
             log.exception("could not render the DICOM results of exam %s", export.study_id)
+            export.attempts += 1
             if export.attempts >= RENDER_ATTEMPTS:
                 export.status = ExportStatus.FAILED
                 export.error_code = "render_failed"
@@ -189,6 +213,7 @@ def render_due(session: Session, *, settings: Settings, store: ObjectStore, limi
                 }
             )
         export.objects = described
+        export.attempts += 1
         export.status = ExportStatus.RENDERED
         export.rendered_at = utcnow()
         rendered += 1

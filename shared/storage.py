@@ -160,8 +160,9 @@ class ObjectStore:
         )
         return StoredObject(key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
-    def get_bytes(self, key: str) -> bytes:
-        response = self.client.get_object(self.bucket, key)
+    def get_bytes(self, key: str, *, length: int | None = None) -> bytes:
+        """The object's bytes, or only its first `length` bytes."""
+        response = self.client.get_object(self.bucket, key, offset=0, length=length or 0)
         try:
             return response.read()
         finally:

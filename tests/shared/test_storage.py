@@ -58,3 +58,10 @@ def test_get_bytes_or_none_tells_a_missing_object_apart(store: ObjectStore) -> N
     store.put_bytes("present", b"abc", content_type="text/plain")
     assert store.get_bytes_or_none("present") == b"abc"
     assert store.get_bytes_or_none("absent") is None
+
+
+def test_the_first_bytes_of_an_object_are_read_without_the_rest(store: ObjectStore) -> None:
+    store.ensure_bucket()
+    store.put_bytes("heads/one", b"0123456789" * 1000, content_type="application/octet-stream")
+    assert store.get_bytes("heads/one", length=5) == b"01234"
+    assert len(store.get_bytes("heads/one")) == 10_000
