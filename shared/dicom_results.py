@@ -51,17 +51,20 @@ from shared.imaging.renders import burn_in
 
 MANUFACTURER = "mammoscreen"
 SOFTWARE = "mammoscreen"
-# Our own concepts, in a private coding scheme (PS3.16 8.2: designators starting "99").
+# The standard's concepts where it has them (PS3.16: the mammography CAD and breast imaging
+# report templates), so a PACS or reporting system that knows them understands the report.
+PROBABILITY = CodedConcept.from_code(codes.DCM.ProbabilityOfCancer)
+THRESHOLD = CodedConcept.from_code(codes.DCM.RecommendedCADOperatingPoint)
+RECOMMENDATION = CodedConcept.from_code(codes.DCM.RecommendedFollowUp)
+RECALL = CodedConcept.from_code(codes.DCM.RecallForImagingFindings)
+ROUTINE = CodedConcept.from_code(codes.DCM.NormalIntervalFollowUp)
+# The model's scores and the heatmap have none: our own concepts, in a private coding scheme
+# (PS3.16 8.2: designators starting "99"), declared in the object.
 SCHEME = "99MSCREEN"
 SCHEME_NAME = "mammoscreen screening results"
 EXAM_SCORE = CodedConcept("exam-score", SCHEME, "Exam malignancy score")
 BREAST_SCORE = CodedConcept("breast-score", SCHEME, "Breast malignancy score")
 IMAGE_SCORE = CodedConcept("image-score", SCHEME, "Image malignancy score")
-PROBABILITY = CodedConcept("probability", SCHEME, "Calibrated probability of malignancy")
-THRESHOLD = CodedConcept("recall-threshold", SCHEME, "Recall threshold of exam score")
-RECOMMENDATION = CodedConcept("recommendation", SCHEME, "Screening recommendation")
-RECALL = CodedConcept("recall", SCHEME, "Recall for assessment")
-ROUTINE = CodedConcept("routine", SCHEME, "Routine screening")
 HEATMAP = CodedConcept("heatmap", SCHEME, "Malignancy heatmap")
 UNITLESS = CodedConcept("1", "UCUM", "no units")
 SCREENING_MAMMOGRAPHY = CodedConcept("24623002", "SCT", "Screening mammography")

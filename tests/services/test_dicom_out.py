@@ -179,13 +179,18 @@ def test_the_report_and_heatmaps_are_valid_dicom_with_the_apis_scores(
     ).stdout
     assert "Imaging Measurement Report" in dump
     assert "Exam malignancy score" in dump
-    assert "Recall threshold of exam score" in dump
+    assert "Recommended CAD Operating Point" in dump
     report = pydicom.dcmread(report_path)
     assert sr_number(report, "Exam malignancy score") == pytest.approx(exam["exam_score"], abs=1e-9)
-    assert sr_number(report, "Recall threshold of exam score") == pytest.approx(
+    assert sr_number(report, "Recommended CAD Operating Point") == pytest.approx(
         exam["recall_threshold"], abs=1e-9
     )
-    verdict = "Recall for assessment" if exam["recall"] == "recall" else "Routine screening"
+    assert sr_number(report, "Probability of cancer") == pytest.approx(
+        exam["exam_probability"], abs=1e-9
+    )
+    verdict = (
+        "Recall for imaging findings" if exam["recall"] == "recall" else "Normal interval follow-up"
+    )
     assert verdict in dump
     image_scores = sorted(
         round(float(i.MeasuredValueSequence[0].NumericValue), 9)
