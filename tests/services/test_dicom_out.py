@@ -553,3 +553,34 @@ def test_the_viewer_shows_ids_and_dicom_links_to_an_identified_key_only(
         assert pydicom.dcmread(io.BytesIO(report.content)).PatientID == PLANTED["PatientID"]
         heatmap = results.get(f"/viewer/images/{exam['images'][0]['id']}/heatmap.dcm")
         assert pydicom.dcmread(io.BytesIO(heatmap.content)).StudyInstanceUID == ORIGINAL_STUDY_UID
+
+
+# Seed 3 draws a lesion in the left breast; seed 8 one in the right breast, which is stored
+# mirrored (its chest wall on the image's right).
+@pytest.mark.parametrize("seed", [3, 8])
+def test_the_heatmap_segmentation_lies_on_the_lesion_in_the_images_own_geometry(
+    vault_settings: Settings, session: Session, store: ObjectStore, tmp_path: Path, seed: int
+) -> None:
+    """The model sees each view flipped to a common orientation and cropped; the Segmentation
+    must still put the heat where the lesion is in the stored image."""
+    from devstack.synth import generate_exams
+    from tests.factories import SMALL_SYNTH
+
+    _, key = make_tenant(session, scopes=READER)
+    views = generate_exams(tmp_path / "exam", exams=1, seed=seed, options=SMALL_SYNTH)
+    lesions = [v for v in views if v.box is not None]
+    assert lesions
+    with apps(vault_settings) as (ingest, results):
+        batch = screen_and_render(ingest, key, [v.path for v in views], vault_settings, store)
+        exam = the_exam(results, key, batch["id"])
+        maps = {}
+        for image in exam["images"]:
+            got = results.get(f"/v1/images/{image['id']}/heatmap.dcm", headers=auth(key))
+            maps[image["laterality"], image["view"]] = pydicom.dcmread(io.BytesIO(got.content))
+    for lesion in lesions:
+        heat = maps[lesion.laterality, lesion.view].pixel_array.astype(float)
+        x0, y0, x1, y1 = lesion.box
+        inside = heat[y0:y1, x0:x1].mean()
+        mirrored = heat[y0:y1, heat.shape[1] - x1 : heat.shape[1] - x0].mean()
+        assert inside > 2 * heat.mean(), (inside, heat.mean())
+        assert inside > mirrored, (inside, mirrored)
