@@ -108,22 +108,44 @@ class VaultKeys:
         return self.keys[key_id]
 
 
+def _json_object(text: str, source: str) -> dict[str, str]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source} is not JSON: {err}") from err
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ValueError(f'{source} must be a JSON object {{"key id": "base64 key"}}')
+    return value
+
+
 def _decode_keys(mapping: dict[str, str], source: str) -> dict[str, bytes]:
     keys = {}
     for key_id, encoded in mapping.items():
-        raw = base64.b64decode(encoded, validate=True)
+        try:
+            raw = base64.b64decode(encoded, validate=True)
+        except ValueError as err:
+            raise ValueError(f"vault key {key_id!r} {source}is not base64") from err
         if len(raw) != KEY_BYTES:
-            raise ValueError(f"vault key {key_id!r} in {source} is not {KEY_BYTES} bytes")
+            raise ValueError(f"vault key {key_id!r} {source}is not {KEY_BYTES} bytes")
         keys[key_id] = raw
     return keys
 
 
+def check_vault_settings(settings: Settings) -> None:
+    """Fail at start, not at the first DICOM image, when the vault's keys are unusable.
+    Keys are read once per process: restart the services after changing them."""
+    vault_keys(settings)
+
+
 @lru_cache(maxsize=8)
 def vault_keys(settings: Settings) -> VaultKeys:
-    keys = _decode_keys(json.loads(settings.vault_keys or "{}"), "SCREENING_VAULT_KEYS")
-    if settings.vault_key_file is not None and settings.vault_key_file.exists():
-        from_file = json.loads(settings.vault_key_file.read_text())
-        keys.update(_decode_keys(from_file, str(settings.vault_key_file)))
+    keys = _decode_keys(_json_object(settings.vault_keys or "{}", "SCREENING_VAULT_KEYS"), "")
+    if settings.vault_key_file is not None:
+        source = str(settings.vault_key_file)
+        if not settings.vault_key_file.exists():
+            raise ValueError(f"SCREENING_VAULT_KEY_FILE {source} does not exist")
+        from_file = _json_object(settings.vault_key_file.read_text(), source)
+        keys.update(_decode_keys(from_file, f"in {source} "))
     active = settings.vault_active_key
     if active is None and len(keys) == 1:
         (active,) = keys
@@ -154,7 +176,7 @@ def seal(
     return SealedIdentity(keys.active, nonce, ciphertext)
 
 
-def _open(record: IdentityRecord, keys: VaultKeys) -> OriginalIdentity:
+def open_record(record: IdentityRecord, keys: VaultKeys) -> OriginalIdentity:
     plaintext = AESGCM(keys.key(record.key_id)).decrypt(
         record.nonce, record.ciphertext, _associated_data(record.tenant_id, record.image_id)
     )
@@ -190,7 +212,7 @@ def open_identities(
     if not records:
         return {}
     keys = vault_keys(settings)
-    opened = {record.image_id: _open(record, keys) for record in records}
+    opened = {record.image_id: open_record(record, keys) for record in records}
     audit.record(
         session=session,
         tenant_id=tenant_id,

@@ -15,12 +15,14 @@ from shared.config import get_settings
 from shared.logs import configure_logging
 from shared.queue import producer
 from shared.storage import ObjectStore
+from shared.vault import check_vault_settings
 
 log = logging.getLogger("services.gateway")
 
 
 def main(argv: list[str] | None = None) -> None:
     settings = get_settings()
+    check_vault_settings(settings)
     parser = argparse.ArgumentParser(prog="python -m services.gateway")
     parser.add_argument("--host", default=settings.dicom_host)
     parser.add_argument("--port", type=int, default=settings.dicom_port)

@@ -21,11 +21,13 @@ from shared.config import Settings, get_settings
 from shared.logs import configure_logging
 from shared.queue import producer
 from shared.storage import ObjectStore
+from shared.vault import check_vault_settings
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging("ingest")
+    check_vault_settings(settings)
     app = FastAPI(
         title="mammoscreen ingest",
         version="0.1.0",

@@ -17,11 +17,13 @@ from shared.api.requests import install_request_logging
 from shared.config import Settings, get_settings
 from shared.logs import configure_logging
 from shared.storage import ObjectStore
+from shared.vault import check_vault_settings
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging("results")
+    check_vault_settings(settings)
     app = FastAPI(
         title="mammoscreen results",
         version="0.1.0",
