@@ -73,11 +73,41 @@ def _dicom_file(
     key: str,
     filename: str,
 ) -> Response:
+    identified = caller.may(Scope.EXPORT_IDENTIFIED) and caller.tenant.identity_vault
+    body, was_identified = (
+        _identified_file(session, settings, store, caller, export, key)
+        if identified
+        else (None, False)
+    )
+    caller.audit(session, AuditAction.EXPORT, "exam_dicom", export.study_id, file=filename)
+    session.commit()
+    if body is None:  # as stored: de-identified bytes, served without parsing them
+        body = store.get_bytes(key)
+    return Response(
+        content=body,
+        media_type="application/dicom",
+        headers={
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            IDENTIFIED_HEADER: "true" if was_identified else "false",
+            "Cache-Control": "private, no-store",
+        },
+    )
+
+
+def _identified_file(
+    session: Session,
+    settings: Settings,
+    store: ObjectStore,
+    caller: Caller,
+    export: ExamExport,
+    key: str,
+) -> tuple[bytes | None, bool]:
+    """The object with the vault's identifiers put back (pydicom is loaded only here), or
+    (None, False) when the vault holds none for the exam."""
     from pydicom.filebase import DicomBytesIO
 
     from shared.reidentify import export_objects
 
-    identified = caller.may(Scope.EXPORT_IDENTIFIED) and caller.tenant.identity_vault
     try:
         objects = export_objects(
             session,
@@ -85,26 +115,18 @@ def _dicom_file(
             store=store,
             export=export,
             keys=[key],
-            identified=identified,
+            identified=True,
             actor=caller.key_prefix,
             purpose="download",
         )
     except VaultKeyMissing as err:
         raise ApiError(503, err.code, str(err)) from err
-    caller.audit(session, AuditAction.EXPORT, "exam_dicom", export.study_id, file=filename)
-    session.commit()
+    if not objects.identified:
+        return None, False
     (dataset,) = objects.datasets
     buffer = DicomBytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
-    return Response(
-        content=buffer.getvalue(),
-        media_type="application/dicom",
-        headers={
-            "Content-Disposition": f'attachment; filename="{filename}"',
-            IDENTIFIED_HEADER: "true" if objects.identified else "false",
-            "Cache-Control": "private, no-store",
-        },
-    )
+    return buffer.getvalue(), True
 
 
 def _object_key(export: ExamExport, kind: str, image_id: uuid.UUID | None) -> str | None:
