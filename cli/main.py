@@ -348,11 +348,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 1
     test = final["evaluation"]["test"]
     low, high = test["exam_auc_ci95"]
+    version = final["model_version"]
+    summary = (
+        f"test exam AUC {test['exam_auc']:.3f} (95% CI {low:.3f}-{high:.3f}), sensitivity "
+        f"{test['sensitivity']:.2f}, specificity {test['specificity']:.2f}"
+    )
+    if version["status"] == "rejected":
+        print(
+            f"registered {version['name']} as REJECTED: {summary}.\n"
+            f"  {version['rejection_reason']}\n"
+            "  It does not serve unless an operator forces it live with a reason."
+        )
+        return 0
     print(
-        f"registered candidate {final['model_version']['name']}: test exam AUC "
-        f"{test['exam_auc']:.3f} (95% CI {low:.3f}-{high:.3f}), sensitivity "
-        f"{test['sensitivity']:.2f}, specificity {test['specificity']:.2f}. "
-        f"Promote it with: screening models promote {final['model_version']['name']}"
+        f"registered candidate {version['name']}: {summary}. "
+        f"Promote it with: screening models promote {version['name']}"
     )
     return 0
 
@@ -373,7 +383,17 @@ def _cmd_models_list(_: argparse.Namespace) -> int:
     return 0
 
 
+def _operator() -> str:
+    """Who ran a registry command, for the audit log: the login of the shell running it."""
+    import getpass
+
+    return f"operator:{getpass.getuser()}"
+
+
 def _cmd_models_promote(args: argparse.Namespace) -> int:
+    if args.force and not (args.reason or "").strip():
+        print("--force needs --reason: say why a rejected model goes live", file=sys.stderr)
+        return 2
     from shared.config import get_settings
     from shared.db.base import session_scope
     from shared.ml.registry import RegistryError, find_model, promote
@@ -381,7 +401,12 @@ def _cmd_models_promote(args: argparse.Namespace) -> int:
     try:
         with session_scope(get_settings().database_url) as session:
             version = find_model(session=session, name_or_id=args.model)
-            previous = promote(session=session, version=version)
+            previous = promote(
+                session=session,
+                version=version,
+                actor=_operator(),
+                force_reason=args.reason if args.force else None,
+            )
             print(
                 f"active: {version.name}"
                 + (f" (retired {previous.name})" if previous else " (already active)")
@@ -399,7 +424,7 @@ def _cmd_models_rollback(_: argparse.Namespace) -> int:
 
     try:
         with session_scope(get_settings().database_url) as session:
-            version = rollback(session=session)
+            version = rollback(session=session, actor=_operator())
             print(f"active: {version.name} (rolled back)")
     except RegistryError as err:
         print(f"{err.code}: {err.message}", file=sys.stderr)
@@ -664,6 +689,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     promote = models.add_parser("promote", help="make a trained version the active one")
     promote.add_argument("model", help="model version name or id")
+    promote.add_argument(
+        "--force",
+        action="store_true",
+        help="promote a version its registration rejected (needs --reason)",
+    )
+    promote.add_argument("--reason", help="why, kept in the audit log with --force")
     promote.set_defaults(func=_cmd_models_promote)
     models.add_parser(
         "rollback", help="re-activate the version that was active before this one"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from shared.db.models import AuditAction, AuditEvent
@@ -14,7 +14,7 @@ from shared.db.models import AuditAction, AuditEvent
 def record(
     *,
     session: Session,
-    tenant_id: uuid.UUID,
+    tenant_id: uuid.UUID | None,
     key_prefix: str,
     action: AuditAction,
     resource_type: str,
@@ -37,8 +37,11 @@ def record(
 def list_events(
     *, session: Session, tenant_id: uuid.UUID, limit: int, before: uuid.UUID | None
 ) -> list[AuditEvent]:
-    """The tenant's events, newest first, keyset-paginated on id (time-ordered)."""
-    query = select(AuditEvent).where(AuditEvent.tenant_id == tenant_id)
+    """The tenant's events and the system's (model promotions, which change every tenant's
+    results), newest first, keyset-paginated on id (time-ordered)."""
+    query = select(AuditEvent).where(
+        or_(AuditEvent.tenant_id == tenant_id, AuditEvent.tenant_id.is_(None))
+    )
     if before is not None:
         query = query.where(AuditEvent.id < before)
     return list(session.scalars(query.order_by(AuditEvent.id.desc()).limit(limit)))

@@ -24,6 +24,8 @@ class ModelVersionPublic(BaseModel):
     name: str
     status: ModelStatus
     trained: bool
+    # Why registration rejected it (status "rejected"); promoting it then takes --force.
+    rejection_reason: str | None = None
 
 
 class ImageCounts(BaseModel):

@@ -31,9 +31,16 @@ from shared.imaging.decode import decode_image
 from shared.imaging.formats import ImageRejected
 from shared.imaging.preprocess import Preprocess, box_in_input
 from shared.logs import log_context
-from shared.ml.checkpoint import checkpoint_bytes
+from shared.ml.checkpoint import checkpoint_bytes, load_checkpoint
 from shared.ml.config import Example, TrainingConfig
-from shared.ml.evaluation import choose_operating_point, evaluate_exams, model_card
+from shared.ml.evaluation import (
+    ActiveComparison,
+    choose_operating_point,
+    evaluate_exams,
+    model_card,
+    review_candidate,
+)
+from shared.ml.registry import active_model
 from shared.ml.training import (
     LoadedSplit,
     Trainer,
@@ -155,7 +162,15 @@ def run_training(run_id: uuid.UUID, *, settings: Settings, store: ObjectStore) -
             store=store,
             heartbeat=heartbeat,
         )
-        register(trainer, splits, run_id=run_id, attempt=attempt, settings=settings, store=store)
+        register(
+            trainer,
+            splits,
+            images,
+            run_id=run_id,
+            attempt=attempt,
+            settings=settings,
+            store=store,
+        )
         return "completed"
     except DatasetUnusable as err:
         with session_scope(settings.database_url) as session:
@@ -170,11 +185,20 @@ def run_training(run_id: uuid.UUID, *, settings: Settings, store: ObjectStore) -
         heartbeat.stopping.set()
 
 
-def load_splits(
-    images: list[DatasetImage], config: TrainingConfig, *, settings: Settings, store: ObjectStore
-) -> dict[Split, LoadedSplit]:
-    preprocess = Preprocess(config.input_height, config.input_width)
-    Loaded = tuple[np.ndarray, tuple[float, float, float, float] | None]
+Loaded = tuple[np.ndarray, tuple[float, float, float, float] | None]
+
+
+def load_inputs(
+    images: list[DatasetImage],
+    height: int,
+    width: int,
+    *,
+    settings: Settings,
+    store: ObjectStore,
+) -> list[Loaded | None]:
+    """Each image as a model input of (height, width), float16, with its lesion box in input
+    pixels; None for an image that cannot be decoded (logged and left out)."""
+    preprocess = Preprocess(height, width)
 
     def load(image: DatasetImage) -> Loaded | None:
         try:
@@ -191,7 +215,15 @@ def load_splits(
         return inputs.astype(np.float16), box
 
     with ThreadPoolExecutor(max_workers=max(1, settings.worker_loader_threads)) as pool:
-        loaded = list(pool.map(load, images))
+        return list(pool.map(load, images))
+
+
+def load_splits(
+    images: list[DatasetImage], config: TrainingConfig, *, settings: Settings, store: ObjectStore
+) -> dict[Split, LoadedSplit]:
+    loaded = load_inputs(
+        images, config.input_height, config.input_width, settings=settings, store=store
+    )
     stride = model_config(config).output_stride
     splits = {}
     for split in Split:
@@ -266,9 +298,36 @@ def train_epochs(
         )
 
 
+def active_comparison(
+    test: LoadedSplit, images: list[DatasetImage], *, settings: Settings, store: ObjectStore
+) -> ActiveComparison | None:
+    """The active trained version's exam scores of the test split, preprocessed for its own
+    input size; None when no trained version is active."""
+    with session_scope(settings.database_url) as session:
+        active = active_model(session=session)
+        if active is None or not active.trained:
+            return None
+        name, checkpoint_key = active.name, active.checkpoint_key
+    model = load_checkpoint(store.get_bytes(checkpoint_key), device=torch.device("cpu"))
+    by_id = {image.image_id: image for image in images}
+    loaded = load_inputs(
+        [by_id[example.image_id] for example in test.examples],
+        model.config.input_height,
+        model.config.input_width,
+        settings=settings,
+        store=store,
+    )
+    inputs = torch.from_numpy(np.stack([item[0] for item in loaded if item is not None]))
+    if len(inputs) != len(test.examples):
+        return None  # an image decoded for the candidate and not now: no fair comparison
+    _, probabilities = predict(model, inputs)
+    return ActiveComparison(name, [o.score for o in outcomes_for(test, probabilities)])
+
+
 def register(
     trainer: Trainer,
     splits: dict[Split, LoadedSplit],
+    images: list[DatasetImage],
     *,
     run_id: uuid.UUID,
     attempt: int,
@@ -284,8 +343,15 @@ def register(
         outcomes_for(splits[Split.VALIDATION], validation_probabilities),
         config.target_sensitivity,
     )
-    test_metrics = evaluate_exams(
-        outcomes_for(splits[Split.TEST], test_probabilities), point, seed=trainer.seed
+    test_outcomes = outcomes_for(splits[Split.TEST], test_probabilities)
+    test_metrics = evaluate_exams(test_outcomes, point, seed=trainer.seed)
+    low, high = test_metrics["exam_auc_ci95"]
+    review = review_candidate(
+        test_outcomes,
+        auc_interval=(low, high),
+        evidence="test-split",
+        active=active_comparison(splits[Split.TEST], images, settings=settings, store=store),
+        seed=trainer.seed,
     )
     name = f"run-{run_id.hex[:12]}"
     split_sizes: dict[str, Any] = {
@@ -319,7 +385,13 @@ def register(
         "epochs_trained": trainer.next_epoch,
         "test": test_metrics,
         "recall_threshold": point.threshold,
+        "review": {
+            "rejected": review.rejected,
+            "reason": review.reason,
+            "comparison_with_active": review.comparison,
+        },
     }
+    card["review"] = evaluation["review"]
     with session_scope(settings.database_url) as session:
         run = session.get_one(TrainingRun, run_id, with_for_update=True)
         if run.attempts != attempt:
@@ -327,12 +399,18 @@ def register(
         run.split_sizes = split_sizes
         version = session.scalar(select(ModelVersion).where(ModelVersion.name == name))
         if version is None:
-            version = ModelVersion(name=name, status=ModelStatus.CANDIDATE)
+            version = ModelVersion(name=name)
             session.add(version)
+        version.status = ModelStatus.REJECTED if review.rejected else ModelStatus.CANDIDATE
+        version.rejection_reason = review.reason
         version.architecture = model.config.to_dict()
         version.checkpoint_key = key
         version.trained = True
-        version.metrics = {"test": test_metrics, "best_validation_auc": trainer.best_auc}
+        version.metrics = {
+            "test": test_metrics,
+            "best_validation_auc": trainer.best_auc,
+            "comparison_with_active": review.comparison,
+        }
         version.recall_threshold = point.threshold
         version.calibration = point.calibration
         version.model_card = card
@@ -340,5 +418,9 @@ def register(
         session.flush()
         complete_run(run, model_version_id=version.id, evaluation=evaluation)
     log.info(
-        "training run %s registered %s: test exam AUC %.3f", run_id, name, test_metrics["exam_auc"]
+        "training run %s registered %s (%s): test exam AUC %.3f",
+        run_id,
+        name,
+        "rejected" if review.rejected else "candidate",
+        test_metrics["exam_auc"],
     )

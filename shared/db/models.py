@@ -80,6 +80,9 @@ class ModelStatus(enum.StrEnum):
     CANDIDATE = "candidate"
     ACTIVE = "active"
     RETIRED = "retired"
+    # Registered, but its evaluation did not show it better than chance or than the active
+    # version; promoting it takes --force and a reason the audit log keeps.
+    REJECTED = "rejected"
 
 
 class Tenant(Base):
@@ -338,6 +341,8 @@ class ModelVersion(Base):
     # Platt scaling of the exam score's logit: probability = sigmoid(a * logit + b).
     calibration: Mapped[dict[str, float] | None] = mapped_column(JSONB)
     model_card: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # Why registration rejected the version (ModelStatus.REJECTED), in words for the operator.
+    rejection_reason: Mapped[str | None] = mapped_column(Text)
     training_run_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("training_runs.id"))
     promoted_at: Mapped[datetime | None]
     retired_at: Mapped[datetime | None]
@@ -472,6 +477,10 @@ class AuditAction(enum.StrEnum):
     # Original identifiers taken out of the vault (shared/vault.py): for a delivery, a
     # download or a view by a key with the export_identified scope.
     DECRYPT_IDENTITY = "decrypt_identity"
+    # Model registry changes: they alter every tenant's results, so they are system events
+    # (no tenant) that every tenant's audit log lists.
+    PROMOTE_MODEL = "promote_model"
+    ROLLBACK_MODEL = "rollback_model"
 
 
 class AuditEvent(Base):
@@ -484,7 +493,9 @@ class AuditEvent(Base):
     __table_args__ = (Index("ix_audit_events_tenant_id_id", "tenant_id", "id"),)
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
-    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    # None for a system event (a model promotion), which concerns every tenant.
+    tenant_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("tenants.id"))
+    # The API key's prefix, or for an operator's command "operator:<login>".
     key_prefix: Mapped[str] = mapped_column(String(32))
     action: Mapped[AuditAction] = mapped_column(_enum(AuditAction, "audit_action"))
     resource_type: Mapped[str] = mapped_column(String(32))

@@ -64,6 +64,119 @@ def bootstrap_auc_interval(
     return float(low), float(high)
 
 
+def paired_auc_difference(
+    scores_a: Sequence[float],
+    scores_b: Sequence[float],
+    labels: Sequence[bool],
+    *,
+    seed: int,
+    resamples: int = 1000,
+) -> tuple[float, float, float]:
+    """AUC(a) - AUC(b) on the same exams, with a percentile 95% interval from resampling
+    exams (both models' scores of an exam move together, so the interval is paired)."""
+    a, b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
+    label_array = np.asarray(labels, dtype=bool)
+    difference = roc_auc(a.tolist(), label_array.tolist()) - roc_auc(
+        b.tolist(), label_array.tolist()
+    )
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        pick = rng.integers(0, len(a), len(a))
+        sample = label_array[pick].tolist()
+        if all(sample) or not any(sample):
+            continue
+        values.append(roc_auc(a[pick].tolist(), sample) - roc_auc(b[pick].tolist(), sample))
+    if not values:  # too few exams of a class to resample; the review rejects on count
+        return difference, difference, difference
+    low, high = np.percentile(values, [2.5, 97.5])
+    return difference, float(low), float(high)
+
+
+@dataclass(frozen=True)
+class ActiveComparison:
+    """The active version's scores of the same held-out exams, in the candidate's order."""
+
+    name: str
+    scores: list[float]
+
+
+@dataclass(frozen=True)
+class Review:
+    """Whether a candidate may be promoted without --force, and why not."""
+
+    rejected: bool
+    reason: str | None
+    comparison: dict[str, Any] | None
+
+
+# Fewest held-out exams of each class (malignant, and not) that a review accepts as evidence:
+# with fewer, a resampling interval is no interval (three malignant exams that happen to
+# score highest give "AUC 1.000, 95% CI 1.000-1.000"). Cross-validation pools every exam's
+# out-of-fold score, which is how a small data set reaches it.
+MIN_HELD_OUT_PER_CLASS = 10
+
+
+def review_candidate(
+    held_out: Sequence[ExamOutcome],
+    *,
+    auc_interval: tuple[float, float],
+    evidence: str,
+    active: ActiveComparison | None,
+    seed: int,
+    min_per_class: int = MIN_HELD_OUT_PER_CLASS,
+) -> Review:
+    """Honest promotion: a candidate is rejected when its held-out exams (`evidence` says
+    which: the test split, or pooled cross-validation) are too few to judge it, when the 95%
+    interval of its exam AUC does not lie above 0.5, or when on the same held-out exams it
+    ranks worse than the active version."""
+    scores = [o.score for o in held_out]
+    labels = [o.malignant for o in held_out]
+    auc = roc_auc(scores, labels)
+    low, high = auc_interval
+    comparison: dict[str, Any] | None = None
+    difference = diff_low = diff_high = 0.0
+    if active is not None:
+        difference, diff_low, diff_high = paired_auc_difference(
+            scores, active.scores, labels, seed=seed
+        )
+        comparison = {
+            "active_version": active.name,
+            "exams": len(held_out),
+            "candidate_exam_auc": auc,
+            "active_exam_auc": roc_auc(active.scores, labels),
+            "difference": difference,
+            "difference_ci95": [diff_low, diff_high],
+        }
+    malignant, other = sum(labels), len(labels) - sum(labels)
+    if min(malignant, other) < min_per_class:
+        return Review(
+            True,
+            f"its {evidence} holds {malignant} malignant and {other} other exams; judging a "
+            f"model takes at least {min_per_class} of each. Label more exams, or train with "
+            "cross-validation folds, which judge every exam once.",
+            comparison,
+        )
+    if low <= 0.5:
+        return Review(
+            True,
+            f"its {evidence} exam AUC is {auc:.3f} with a 95% interval of {low:.3f}-{high:.3f},"
+            f" which does not lie above 0.5 (chance) on {len(held_out)} exams. Label more "
+            "exams, warm-start from a trained version, or use cross-validation folds.",
+            comparison,
+        )
+    if active is not None and comparison is not None and difference < 0:
+        return Review(
+            True,
+            f"on the same {len(held_out)} held-out exams its exam AUC is {auc:.3f}, below the "
+            f"active version {active.name}'s "
+            f"{comparison['active_exam_auc']:.3f} (difference {difference:+.3f},"
+            f" 95% interval {diff_low:+.3f} to {diff_high:+.3f}).",
+            comparison,
+        )
+    return Review(False, None, comparison)
+
+
 def threshold_for_sensitivity(
     scores: Sequence[float], labels: Sequence[bool], target: float
 ) -> float:

@@ -12,9 +12,10 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+from shared import audit
 from shared.config import Settings
 from shared.db.base import utcnow
-from shared.db.models import ModelStatus, ModelVersion
+from shared.db.models import AuditAction, ModelStatus, ModelVersion
 from shared.storage import Keys, ObjectStore
 
 UNTRAINED_MODEL_NAME = "untrained-seed0"
@@ -145,9 +146,14 @@ def find_model(*, session: Session, name_or_id: str) -> ModelVersion:
     return version
 
 
-def promote(*, session: Session, version: ModelVersion) -> ModelVersion | None:
+def promote(
+    *, session: Session, version: ModelVersion, actor: str, force_reason: str | None = None
+) -> ModelVersion | None:
     """Make `version` the active model; the previously active one is retired and returned.
 
+    A version registration rejected (no better than chance, or worse than the active version
+    on the same held-out exams) is refused unless `force_reason` says why it goes live anyway.
+    Every promotion is a system event in the audit log, with `actor` and any reason.
     Workers read the active version at the start of every task, so new predictions use it
     without a restart.
     """
@@ -159,6 +165,13 @@ def promote(*, session: Session, version: ModelVersion) -> ModelVersion | None:
         )
     if version.status == ModelStatus.ACTIVE:
         return None
+    forced = version.status == ModelStatus.REJECTED
+    if forced and not (force_reason or "").strip():
+        raise RegistryError(
+            "model_rejected",
+            f"{version.name} was rejected at registration: {version.rejection_reason} "
+            "Promote it anyway only with --force and a --reason the audit log keeps.",
+        )
     previous = active_model(session=session)
     now = utcnow()
     if previous is not None:
@@ -168,11 +181,35 @@ def promote(*, session: Session, version: ModelVersion) -> ModelVersion | None:
     version.status = ModelStatus.ACTIVE
     version.promoted_at = now
     version.retired_at = None
+    _audit(
+        session,
+        AuditAction.PROMOTE_MODEL,
+        version,
+        actor,
+        previous=previous.name if previous else None,
+        forced=forced,
+        reason=force_reason,
+        rejection_reason=version.rejection_reason if forced else None,
+    )
     session.flush()
     return previous
 
 
-def rollback(*, session: Session) -> ModelVersion:
+def _audit(
+    session: Session, action: AuditAction, version: ModelVersion, actor: str, **detail: Any
+) -> None:
+    audit.record(
+        session=session,
+        tenant_id=None,
+        key_prefix=actor[:32],
+        action=action,
+        resource_type="model_version",
+        resource_id=version.id,
+        detail={"name": version.name, **detail},
+    )
+
+
+def rollback(*, session: Session, actor: str) -> ModelVersion:
     """Re-activate the trained version retired most recently (the one active before the
     current one); the current one is retired. A second rollback undoes the first."""
     session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": REGISTRY_LOCK_KEY})
@@ -201,5 +238,6 @@ def rollback(*, session: Session) -> ModelVersion:
     previous.status = ModelStatus.ACTIVE
     previous.promoted_at = now
     previous.retired_at = None
+    _audit(session, AuditAction.ROLLBACK_MODEL, previous, actor, previous=current.name)
     session.flush()
     return previous

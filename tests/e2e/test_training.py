@@ -28,6 +28,7 @@ pytestmark = pytest.mark.e2e
 
 SMALL = SMALL_SYNTH
 TINY = TINY_TRAINING  # seconds per epoch, so a run can be killed mid-way
+FORCE = ("--force", "--reason")
 FAST_RECOVERY = {
     "SCREENING_TRAINING_HEARTBEAT_S": "0.5",
     "SCREENING_TRAINING_STALE_S": "4",
@@ -82,7 +83,8 @@ def test_a_killed_trainer_resumes_from_its_last_checkpoint(
     with session_scope(training_stack.env["SCREENING_DATABASE_URL"]) as session:
         rows = session.scalars(select(TrainingEpoch.epoch)).all()
     assert sorted(rows) == list(range(12))
-    assert final["model_version"]["status"] == "candidate"
+    # Registered, and judged: a handful of test exams cannot show it is any good.
+    assert final["model_version"]["status"] == "rejected"
     assert final["evaluation"]["test"]["exams"] > 0
 
 
@@ -126,8 +128,11 @@ def test_promote_and_rollback_change_what_new_predictions_record(
             "--wait",
         )
         assert trained.returncode == 0, trained.stdout + trained.stderr
-        assert "registered candidate" in trained.stdout
-        names.append(trained.stdout.split("registered candidate ")[1].split(":")[0])
+        # Two epochs judged on a handful of test exams: rejected, and never offered for
+        # promotion.
+        assert "as REJECTED" in trained.stdout, trained.stdout
+        assert "Promote it with" not in trained.stdout
+        names.append(trained.stdout.split("registered ")[1].split(" as REJECTED")[0])
     first, second = names
     exam = sorted(training_data.glob("exam00000_*.dcm"))
     worker_pid = training_stack.services["worker"]
@@ -136,10 +141,15 @@ def test_promote_and_rollback_change_what_new_predictions_record(
         before = _screen(client, exam, "before")
         assert {r["model_version"]["trained"] for r in before} == {False}
 
-        assert _cli(env, "models", "promote", first).returncode == 0
+        refused = _cli(env, "models", "promote", first)
+        assert refused.returncode == 1
+        assert "model_rejected" in refused.stderr
+        assert _cli(env, "models", "promote", first, "--force").returncode == 2  # no reason
+        forced = [*FORCE, "first trial"]
+        assert _cli(env, "models", "promote", first, *forced).returncode == 0
         assert {r["model_version"]["name"] for r in _screen(client, exam, "first")} == {first}
 
-        promoted = _cli(env, "models", "promote", second)
+        promoted = _cli(env, "models", "promote", second, *FORCE, "second trial")
         assert f"retired {first}" in promoted.stdout
         assert {r["model_version"]["name"] for r in _screen(client, exam, "second")} == {second}
 

@@ -17,6 +17,7 @@ from devstack.synth import generate_exams
 from services.worker.training import run_training
 from shared.config import Settings
 from shared.db.models import Image, ImageStatus, ModelVersion, TrainingExample
+from shared.ml.registry import RegistryError, ensure_active_model, promote, shipped_model_dir
 from shared.storage import ObjectStore
 from tests.factories import SMALL_SYNTH, TINY_TRAINING, make_tenant
 from tests.helpers import auth, files_field, queued_task_args
@@ -83,6 +84,8 @@ def test_a_run_trains_evaluates_registers_and_is_reproducible(
     labelled: Path,
 ) -> None:
     _, key = make_tenant(session)
+    shipped = ensure_active_model(session=session, store=store, shipped=shipped_model_dir(settings))
+    session.commit()
     batch_id = _training_batch(ingest, key, labelled)
     detail = results.get(f"/v1/batches/{batch_id}", headers=auth(key)).json()
     # Training images are kept, not screened: nothing queued for inference, batch complete.
@@ -120,7 +123,24 @@ def test_a_run_trains_evaluates_registers_and_is_reproducible(
     low, high = test["exam_auc_ci95"]
     assert low <= test["exam_auc"] <= high
     version = run["model_version"]
-    assert (version["status"], version["trained"]) == ("candidate", True)
+    # Three epochs of a tiny network, judged on a handful of test exams: too few to show it
+    # better than chance or than the active (shipped) model, so it is registered rejected.
+    assert (version["status"], version["trained"]) == ("rejected", True)
+    review = run["evaluation"]["review"]
+    assert review["rejected"] is True
+    assert version["rejection_reason"] == review["reason"]
+    assert "judging a model takes at least 10 of each" in review["reason"]
+    comparison = review["comparison_with_active"]
+    assert comparison["active_version"] == shipped.name
+    assert comparison["exams"] == test["exams"]
+    assert comparison["candidate_exam_auc"] == pytest.approx(test["exam_auc"])
+    with pytest.raises(RegistryError, match="rejected at registration"):
+        promote(
+            session=session,
+            version=session.get_one(ModelVersion, uuid.UUID(version["id"])),
+            actor="operator:test",
+        )
+    session.rollback()
 
     models = results.get("/v1/models", headers=auth(key)).json()["items"]
     (registered,) = [m for m in models if m["id"] == version["id"]]

@@ -5,6 +5,7 @@ import pytest
 
 from shared.db.models import Laterality, View
 from shared.ml.evaluation import (
+    ActiveComparison,
     ExamOutcome,
     ScoredView,
     bootstrap_auc_interval,
@@ -13,6 +14,7 @@ from shared.ml.evaluation import (
     evaluate_exams,
     exam_outcomes,
     fit_calibration,
+    review_candidate,
     sensitivity_specificity,
     threshold_for_sensitivity,
 )
@@ -92,3 +94,71 @@ def test_evaluation_reports_every_figure_of_the_model_card() -> None:
     assert point.validation_sensitivity >= 0.9
     assert 0 <= report["specificity"] <= 1
     assert report["calibration_error_calibrated"] <= report["calibration_error_raw"] + 0.05
+
+
+def _outcomes(scores: list[float], labels: list[bool]) -> list[ExamOutcome]:
+    return [
+        ExamOutcome(f"s{i:03d}", s, y) for i, (s, y) in enumerate(zip(scores, labels, strict=False))
+    ]
+
+
+def test_review_rejects_a_candidate_whose_interval_reaches_chance() -> None:
+    rng = np.random.default_rng(0)
+    labels = [bool(i % 3 == 0) for i in range(60)]
+    chance = _outcomes(rng.random(60).tolist(), labels)
+    interval = bootstrap_auc_interval([o.score for o in chance], labels, seed=1)
+    review = review_candidate(chance, auc_interval=interval, evidence="test", active=None, seed=1)
+    assert review.rejected
+    assert review.reason is not None
+    assert "does not lie above 0.5" in review.reason
+
+    good = _outcomes([float(y) * 0.5 + rng.random() * 0.6 for y in labels], labels)
+    interval = bootstrap_auc_interval([o.score for o in good], labels, seed=1)
+    assert interval[0] > 0.5
+    accepted = review_candidate(good, auc_interval=interval, evidence="test", active=None, seed=1)
+    assert (accepted.rejected, accepted.reason) == (False, None)
+
+    few = good[:8] + [o for o in good if o.malignant][:3]
+    interval = bootstrap_auc_interval([o.score for o in few], [o.malignant for o in few], seed=1)
+    too_few = review_candidate(few, auc_interval=interval, evidence="test", active=None, seed=1)
+    assert too_few.rejected
+    assert too_few.reason is not None
+    assert "at least 10 of each" in too_few.reason
+
+
+def test_review_rejects_a_candidate_worse_than_the_active_version_on_the_same_exams() -> None:
+    rng = np.random.default_rng(2)
+    labels = [bool(i % 3 == 0) for i in range(90)]
+    weaker = [float(y) * 0.4 + rng.random() for y in labels]
+    stronger = [float(y) * 0.9 + rng.random() for y in labels]
+    candidate = _outcomes(weaker, labels)
+    interval = bootstrap_auc_interval(weaker, labels, seed=3)
+    assert interval[0] > 0.5  # better than chance, and still not good enough
+    review = review_candidate(
+        candidate,
+        auc_interval=interval,
+        evidence="test",
+        active=ActiveComparison("shipped", stronger),
+        seed=3,
+    )
+    assert review.rejected
+    assert review.reason is not None
+    assert "below the active version shipped" in review.reason
+    comparison = review.comparison
+    assert comparison is not None
+    assert comparison["difference"] == pytest.approx(
+        roc_auc(weaker, labels) - roc_auc(stronger, labels)
+    )
+    low, high = comparison["difference_ci95"]
+    assert low <= comparison["difference"] <= high
+
+    flipped = review_candidate(
+        _outcomes(stronger, labels),
+        auc_interval=bootstrap_auc_interval(stronger, labels, seed=3),
+        evidence="test",
+        active=ActiveComparison("shipped", weaker),
+        seed=3,
+    )
+    assert not flipped.rejected
+    assert flipped.comparison is not None
+    assert flipped.comparison["difference"] > 0
