@@ -20,7 +20,7 @@ from typing import Generic, TypeVar
 import numpy as np
 import torch
 
-from shared.ml.model import ScreeningNet
+from shared.ml.model import ScreeningNet, heatmaps_within_scores
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -168,11 +168,13 @@ class Predictor:
     @torch.inference_mode()
     def with_heatmaps(self, inputs: list[np.ndarray]) -> tuple[list[float], np.ndarray]:
         """Probabilities and per-position malignancy probabilities (B, H/s, W/s) from the
-        same forward pass (the class activation map through the sigmoid)."""
+        same forward pass (the class activation map through the sigmoid, never hotter than
+        its view's probability)."""
         if not inputs:
             return [], np.zeros((0, 0, 0), dtype=np.float32)
         batch = self._device_batch(inputs)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._cuda):
             logits, maps = self._raw_model.forward_with_heatmap(batch)
-        scores = [float(p) for p in torch.sigmoid(logits.float()).cpu()]
-        return scores, torch.sigmoid(maps.float()).cpu().numpy()
+        probabilities = torch.sigmoid(logits.float())
+        heatmaps = heatmaps_within_scores(probabilities, torch.sigmoid(maps.float()))
+        return [float(p) for p in probabilities.cpu()], heatmaps.cpu().numpy()

@@ -142,3 +142,17 @@ class ScreeningNet(nn.Module):
 
 def build_model(config: ScreeningNetConfig) -> ScreeningNet:
     return ScreeningNet(config)
+
+
+def heatmaps_within_scores(probabilities: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Per-position probabilities (B, h, w) scaled so that no position shows more than its
+    view's probability (B,), keeping the map's shape.
+
+    The class activation map through the sigmoid is not bounded by the view's score: the head
+    applied at one position can exceed the pooled output. Unscaled, a view scored 0.19 could
+    show a broad red region and draw a reader to places the model does not find suspicious;
+    scaled, a map is only as hot as the score it explains.
+    """
+    peaks = maps.flatten(1).amax(dim=1).clamp(min=1e-6)
+    factor = torch.clamp(probabilities / peaks, max=1.0)
+    return maps * factor.view(-1, 1, 1)

@@ -64,6 +64,11 @@ def test_heatmaps_peak_inside_the_lesion_and_exams_carry_a_recommendation(
         assert grey.headers["content-type"] == "image/png"
         heat = np.asarray(PILImage.open(io.BytesIO(grey.content)))
         assert heat.shape == (1024 // SHRINK, 832 // SHRINK)
+        # No hotter than the view's score; a confidently scored view still shows its lesion
+        # (the overlay draws from 0.5 up).
+        assert heat.max() / 255 <= result["score"] + 1 / 255
+        if result["score"] >= 0.8:
+            assert heat.max() / 255 >= 0.6
         row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
         assert synth.box is not None
         x0, y0, x1, y1 = synth.box
@@ -84,6 +89,11 @@ def test_heatmaps_peak_inside_the_lesion_and_exams_carry_a_recommendation(
         )
         assert 0 < exam["exam_probability"] < 1
         assert all(i["heatmap_url"] for i in exam["images"])
+    for exam in exams:
+        for image in exam["images"]:
+            grey = results.get(image["heatmap_url"], params={"style": "grey"}, headers=auth(key))
+            peak = np.asarray(PILImage.open(io.BytesIO(grey.content))).max() / 255
+            assert peak <= image["score"] + 1 / 255, "a map hotter than its score"
     malignant = [e for e in exams if e["id"] in malignant_studies]
     normal = [e for e in exams if e["id"] not in malignant_studies]
     recalled = sum(e["recall"] == "recall" for e in malignant)
