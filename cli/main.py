@@ -34,6 +34,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         benign_prevalence=(
             defaults.benign_prevalence if args.benign_prevalence is None else args.benign_prevalence
         ),
+        style=args.style,
+        views=tuple(args.views.split(",")),
     )
     images = generate_exams(
         Path(args.out),
@@ -584,6 +586,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="plain",
         help="plain: explicit VR little endian; demo: MONOCHROME1, JPEG 2000, grey background "
         "and burnt-in label mixed in; all: every transfer syntax, MONOCHROME1 and 2",
+    )
+    synth.add_argument(
+        "--style",
+        choices=["digital", "film", "vendor"],
+        default="digital",
+        help="digital: a 14-bit detector (what the shipped model knows); film: scanned "
+        "screen-film mammograms, 8-bit; vendor: 12-bit digital views after vendor processing",
+    )
+    synth.add_argument(
+        "--views", default="CC,MLO", help="views per breast, e.g. MLO for film-archive exams"
     )
     synth.set_defaults(func=_cmd_synth)
 

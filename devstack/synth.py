@@ -1,7 +1,9 @@
 """Synthetic screening mammograms: the project's own demo and test data.
 
-Each exam has four views (L-CC, L-MLO, R-CC, R-MLO) written as DICOM (Modality MG, 14 bits
-stored in 16), plus one `labels.csv` row per image.
+Each exam has four views (L-CC, L-MLO, R-CC, R-MLO; `SynthOptions.views` can keep only the
+MLOs) written as DICOM (Modality MG, 14 bits stored in 16), plus one `labels.csv` row per
+image. `SynthOptions.style` makes the same anatomy look like another domain (`Style`): a
+scanned screen-film mammogram or a vendor-processed digital view.
 
 Physical scale (default pixel spacing 0.2 mm, 1024 x 832 pixels, about 205 x 166 mm):
 - breast tissue: 1/f^beta texture with beta about 3, the power law measured on real
@@ -59,6 +61,7 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
+from scipy import ndimage
 
 # Digital Mammography X-Ray Image Storage - For Presentation.
 MAMMO_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.2")
@@ -101,6 +104,68 @@ class SynthOptions:
     # Peak lesion contrast over the surrounding tissue, in units of the detector range;
     # the same range for malignant and benign findings.
     lesion_contrast: tuple[float, float] = (0.08, 0.15)
+    # How the images look once acquired (see Style): today's digital detector, a scanned
+    # screen-film mammogram, or a vendor-processed digital view.
+    style: str = "digital"
+    # The views of each breast: ("MLO",) makes film-archive style two-image exams.
+    views: tuple[str, ...] = ("CC", "MLO")
+
+
+class Style(enum.StrEnum):
+    """A domain: how a mammogram looks once acquired. A model trained on one meets the others
+    at real sites, which is what the second and third are for (warm start, cross-validation,
+    out-of-distribution warnings are developed and tested on them).
+
+    - DIGITAL: a raw-ish digital detector, 14 bits stored, linear (the first domain).
+    - FILM: a screen-film mammogram digitised by a film scanner: 8 bits, the film's S-shaped
+      characteristic curve (contrast crushed in the dense and fatty extremes), screen blur,
+      scanner noise with row banding, the unexposed film edge as a bright border, lead
+      markers and a paper label burnt in, and the layout of the light box: every breast with
+      its chest wall on the left, the right ones too (PatientOrientation says so).
+    - VENDOR: a digital view after a vendor's "for presentation" processing: 12 bits in 16,
+      thickness equalisation (the skin line brought up to the centre's level), strong
+      unsharp masking and a logarithmic display curve.
+    """
+
+    DIGITAL = "digital"
+    FILM = "film"
+    VENDOR = "vendor"
+
+    @property
+    def bits_stored(self) -> int:
+        return {Style.DIGITAL: BITS_STORED, Style.FILM: 8, Style.VENDOR: 12}[self]
+
+
+def _film_scan(
+    image: NDArray, breast: NDArray, rng: np.random.Generator, laterality_marker: str
+) -> NDArray:
+    # Film density follows log exposure through an S curve; the scan shows density as
+    # brightness (dense tissue is bright, as on the light box).
+    curve = 1.0 / (1.0 + np.exp(-9.0 * (image - 0.42)))
+    curve = (curve - curve.min()) / max(1e-6, float(np.ptp(curve)))
+    blurred = ndimage.gaussian_filter(curve, sigma=1.6)  # intensifying screen unsharpness
+    h, w = blurred.shape
+    banding = rng.normal(0, 0.012, size=(h, 1)) * np.ones((1, w))  # scanner rows
+    scanned = 0.06 + 0.86 * blurred + banding + rng.normal(0, 0.02, (h, w))
+    edge = max(3, h // 60)  # unexposed film under the cassette frame: bright
+    scanned[:edge, :] = scanned[-edge:, :] = 0.93
+    scanned[:, -edge:] = 0.93
+    _burn_in_label(scanned)  # the lead marker
+    label_top, label_left = h - h // 7, w - w // 3  # the paper identification label
+    scanned[label_top : label_top + h // 14, label_left : label_left + w // 4] = 0.97
+    del breast, laterality_marker
+    result: NDArray = np.clip(scanned, 0, 1)
+    return result
+
+
+def _vendor_processing(image: NDArray, breast: NDArray, thickness: NDArray) -> NDArray:
+    # Thickness equalisation: lift the periphery, where the compressed breast thins out.
+    equalised = image + 0.22 * (1.0 - thickness) * breast
+    detail = equalised - ndimage.gaussian_filter(equalised, sigma=12)
+    sharpened = equalised + 1.4 * detail  # unsharp masking
+    display = np.log1p(6.0 * np.clip(sharpened, 0, None)) / np.log1p(6.0)
+    result: NDArray = np.clip(np.where(breast, display, 0.02), 0, 1)
+    return result
 
 
 # Every transfer syntax the generator can write; the decoder is tested against each.
@@ -340,8 +405,13 @@ def _render_view(
     if lesion is not None:
         centre = _lesion_centre(lesion, view, geometry, rng)
         box = _draw_lesion(image, lesion, centre, options.pixel_spacing_mm)
-    image = image + rng.normal(0, 0.004, shape)  # quantum noise
-    return np.clip(image, 0, 1), box
+    image = np.clip(image + rng.normal(0, 0.004, shape), 0, 1)  # quantum noise
+    style = Style(options.style)
+    if style == Style.FILM:
+        image = _film_scan(image, breast, rng, view)
+    elif style == Style.VENDOR:
+        image = _vendor_processing(image, breast, thickness)
+    return image, box
 
 
 def _burn_in_label(image: NDArray) -> None:
@@ -394,7 +464,8 @@ def _write_dicom(
     seed_parts: list[str],
     variant: DicomVariant,
 ) -> None:
-    stored = np.round(pixels * MAX_VALUE).astype(np.uint16)
+    bits_stored = Style(options.style).bits_stored
+    stored = np.round(pixels * ((1 << bits_stored) - 1)).astype(np.uint16)
     sop_uid = generate_uid(entropy_srcs=[*seed_parts, "sop"])
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MAMMO_FOR_PRESENTATION
@@ -425,7 +496,10 @@ def _write_dicom(
     # Which way rows and columns run in the patient (PS3.3 C.7.6.1.1.1), as mammography
     # modalities write it: the chest wall on the left for a left breast, on the right for a
     # right one.
-    ds.PatientOrientation = PATIENT_ORIENTATIONS[(laterality, view)]
+    orientation = PATIENT_ORIENTATIONS[(laterality, view)]
+    if laterality == "R" and options.style == Style.FILM:
+        orientation = ["A", orientation[1]]  # mirrored: the nipple towards the image's right
+    ds.PatientOrientation = orientation
     ds.Rows, ds.Columns = stored.shape
     ds.PixelSpacing = [options.pixel_spacing_mm, options.pixel_spacing_mm]
     ds.ImagerPixelSpacing = [options.pixel_spacing_mm, options.pixel_spacing_mm]
@@ -435,7 +509,12 @@ def _write_dicom(
     ds.RescaleIntercept = 0
     ds.RescaleSlope = 1
     ds.VOILUTFunction = variant.voi_lut_function
-    _encode_pixels(ds, stored, variant)
+    if options.style == Style.FILM:
+        ds.Manufacturer = "Synthetic Film Digitizer"
+        ds.ConversionType = "DF"  # digitised film
+    elif options.style == Style.VENDOR:
+        ds.Manufacturer = "Synthetic Vendor"
+    _encode_pixels(ds, stored, variant, bits_stored)
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
 
 
@@ -447,11 +526,14 @@ PATIENT_ORIENTATIONS = {
 }
 
 
-def _encode_pixels(ds: Dataset, stored: NDArray, variant: DicomVariant) -> None:
-    """Set the pixel module and Pixel Data for `variant`'s photometric and transfer syntax."""
+def _encode_pixels(
+    ds: Dataset, stored: NDArray, variant: DicomVariant, bits_stored: int = BITS_STORED
+) -> None:
+    """Set the pixel module and Pixel Data for `variant`'s photometric and transfer syntax;
+    `stored` holds `bits_stored`-bit values."""
     syntax = UID(variant.transfer_syntax)
-    bits = {JPEGBaseline8Bit: 8, JPEGExtended12Bit: 12}.get(syntax, BITS_STORED)
-    values = stored >> (BITS_STORED - bits) if bits < BITS_STORED else stored
+    bits = min(bits_stored, {JPEGBaseline8Bit: 8, JPEGExtended12Bit: 12}.get(syntax, bits_stored))
+    values = stored >> (bits_stored - bits) if bits < bits_stored else stored
     top = (1 << bits) - 1
     if variant.monochrome1:
         values = top - values
@@ -463,6 +545,10 @@ def _encode_pixels(ds: Dataset, stored: NDArray, variant: DicomVariant) -> None:
     ds.WindowWidth = top
     values = values.astype(np.uint8 if bits == 8 else np.uint16)
     if syntax in UNCOMPRESSED_SYNTAXES:
+        if bits == 8:
+            ds.PixelData = values.tobytes()
+            ds["PixelData"].VR = "OB"
+            return
         ds.PixelData = values.astype(">u2" if syntax == ExplicitVRBigEndian else "<u2").tobytes()
         return
     if syntax in LOSSY_SYNTAXES:
@@ -532,10 +618,12 @@ def generate_exams(
         variant = variants[index % len(variants)]
         for laterality in ("L", "R"):
             series_uid = generate_uid(entropy_srcs=[str(seed), str(index), laterality])
-            for view in ("CC", "MLO"):
+            for view in options.views:
                 side_lesion = lesion if laterality == lesion_side else None
                 pixels, box = _render_view(view, side_lesion, options, rng, variant)
-                if laterality == "R":
+                # Digital detectors image a right breast with its chest wall on the image's
+                # right; a film on the light box is scanned with every chest wall on the left.
+                if laterality == "R" and options.style != Style.FILM:
                     # Right breasts are imaged with the chest wall on the image's right.
                     pixels = pixels[:, ::-1]
                     if box is not None:

@@ -19,16 +19,6 @@ Array = NDArray[np.float32]
 
 
 @dataclass(frozen=True)
-class CanonicalOrientation:
-    """Flip right breasts left-right so the chest wall is always on the left edge."""
-
-    def __call__(self, pixels: Array, laterality: Laterality | None) -> Array:
-        if laterality == Laterality.RIGHT:
-            return np.ascontiguousarray(pixels[:, ::-1])
-        return pixels
-
-
-@dataclass(frozen=True)
 class BreastCrop:
     """Crop to the bounding box of the breast: the largest bright connected region.
 
@@ -44,6 +34,9 @@ class BreastCrop:
     # then the box is scaled back: the crop's edges move by under k pixels, and it costs a
     # fraction of labelling a full-resolution mammogram.
     search_size: int = 256
+    # One half must hold this much more of the breast than the other to tell the chest wall's
+    # side; otherwise (a breast centred in the image) the header's laterality decides.
+    side_margin: float = 0.1
 
     def __call__(self, pixels: Array) -> Array:
         rows, cols = self.box(pixels)
@@ -52,6 +45,17 @@ class BreastCrop:
 
     def box(self, pixels: Array) -> tuple[slice, slice]:
         """(rows, columns) of the breast's bounding box in `pixels`."""
+        rows, cols, _ = self.locate(pixels)
+        return rows, cols
+
+    def locate(self, pixels: Array) -> tuple[slice, slice, bool | None]:
+        """(rows, columns) of the breast's bounding box in `pixels`, and whether its chest
+        wall is on the image's right: True or False, or None when the pixels do not say.
+
+        The breast is widest at the chest wall and tapers to the nipple, so the half of the
+        image nearer the chest wall holds clearly more of it. Read from the pixels, not the
+        header's laterality: scanned films and some exports put every chest wall on the left.
+        """
         step = max(1, max(pixels.shape) // self.search_size)
         coarse = pixels[::step, ::step]
         background = float(np.percentile(coarse, 10))
@@ -65,10 +69,17 @@ class BreastCrop:
                 "mammogram for presentation and not blank or inverted",
             )
         largest = int(np.argmax(sizes)) + 1
-        rows, cols = ndimage.find_objects((labels == largest).astype(np.int32))[0]
+        breast = labels == largest
+        rows, cols = ndimage.find_objects(breast.astype(np.int32))[0]
+        half = breast.shape[1] // 2
+        left, right = float(breast[:, :half].sum()), float(breast[:, half:].sum())
+        chest_wall_right = None
+        if abs(left - right) >= self.side_margin * (left + right):
+            chest_wall_right = right > left
         return (
             slice(rows.start * step, min(pixels.shape[0], rows.stop * step)),
             slice(cols.start * step, min(pixels.shape[1], cols.stop * step)),
+            chest_wall_right,
         )
 
 
@@ -129,13 +140,19 @@ class Preprocess:
     def with_geometry(
         self, pixels: Array, laterality: Laterality | None
     ) -> tuple[Array, InputGeometry]:
-        oriented = CanonicalOrientation()(pixels, laterality)
-        rows, cols = BreastCrop().box(oriented)
+        rows, cols, chest_wall_right = BreastCrop().locate(pixels)
+        flipped = laterality == Laterality.RIGHT if chest_wall_right is None else chest_wall_right
+        if flipped:  # the box, in the canonically oriented (mirrored) image
+            width = pixels.shape[1]
+            cols = slice(width - cols.stop, width - cols.start)
+            oriented = np.ascontiguousarray(pixels[:, ::-1])
+        else:
+            oriented = pixels
         cropped = oriented[rows, cols]
         scale = min(self.height / cropped.shape[0], self.width / cropped.shape[1])
         geometry = InputGeometry(
             image_shape=(pixels.shape[0], pixels.shape[1]),
-            flipped=laterality == Laterality.RIGHT,
+            flipped=flipped,
             rows=rows,
             cols=cols,
             resized_shape=(

@@ -8,6 +8,10 @@ import pydicom
 import pytest
 
 from devstack.synth import Finding, SynthOptions, _power_law_texture, generate_exams
+from shared.db.models import Laterality
+from shared.imaging.decode import decode_image
+from shared.imaging.formats import MediaType
+from shared.imaging.preprocess import Preprocess
 
 SMALL = SynthOptions(
     height=512, width=416, pixel_spacing_mm=0.4, malignant_prevalence=0.5, benign_prevalence=0.5
@@ -104,3 +108,28 @@ def test_variants_cycle_per_exam_and_are_recorded_in_the_labels(tmp_path: Path) 
     everything = variant_mix("all")
     assert len({v.transfer_syntax for v in everything}) == 12
     assert {v.monochrome1 for v in everything} == {True, False}
+
+
+@pytest.mark.parametrize(("style", "bits"), [("film", 8), ("vendor", 12), ("digital", 14)])
+def test_each_style_is_its_own_domain_and_orients_like_its_source(
+    tmp_path: Path, style: str, bits: int
+) -> None:
+    options = SynthOptions(height=512, width=416, pixel_spacing_mm=0.4, style=style, views=("MLO",))
+    images = generate_exams(tmp_path, exams=2, seed=8, options=options)
+    assert len(images) == 4  # MLO views only: two images per woman
+    assert {i.view for i in images} == {"MLO"}
+    for image in images:
+        ds = pydicom.dcmread(image.path)
+        assert ds.BitsStored == bits
+        pixels = decode_image(image.path.read_bytes(), MediaType.DICOM)
+        half = pixels.shape[1] // 2
+        chest_wall_left = bool(pixels[:, :half].mean() > pixels[:, half:].mean())
+        # Digital detectors put a right breast's chest wall on the right; film scans put
+        # every chest wall on the left, and the header says so.
+        expected_left = image.laterality == "L" or style == "film"
+        assert chest_wall_left is expected_left
+        assert (ds.PatientOrientation[0] == "A") is expected_left
+        # Preprocessing brings every one to the chest wall on the left, from the pixels.
+        laterality = Laterality.LEFT if image.laterality == "L" else Laterality.RIGHT
+        inputs = Preprocess(128, 104)(pixels, laterality)
+        assert inputs[:, :8].mean() > inputs[:, -8:].mean()

@@ -7,7 +7,6 @@ from shared.db.models import Laterality
 from shared.imaging.formats import ImageRejected
 from shared.imaging.preprocess import (
     BreastCrop,
-    CanonicalOrientation,
     Preprocess,
     ResizePad,
     Standardize,
@@ -20,11 +19,32 @@ def _breast(background: float = 0.0) -> np.ndarray:
     return img
 
 
-def test_right_breasts_are_flipped_left_breasts_are_not() -> None:
-    img = _breast()[:, ::-1].copy()
-    flipped = CanonicalOrientation()(img, Laterality.RIGHT)
-    assert flipped[100, :10].mean() == pytest.approx(0.6)
-    assert CanonicalOrientation()(img, Laterality.LEFT) is img
+def test_the_chest_wall_goes_left_whatever_side_the_image_or_header_puts_it() -> None:
+    rows, cols = np.mgrid[0:200, 0:160]
+    # A half ellipse: widest at the chest wall (left edge), tapering to the nipple.
+    left = np.where(((rows - 100) / 60) ** 2 + (cols / 90) ** 2 <= 1, 0.6, 0.0).astype(np.float32)
+    right = left[:, ::-1].copy()  # chest wall on the right, as digital right breasts come
+    preprocess = Preprocess(64, 48)
+    for pixels, laterality, flipped in [
+        (left, Laterality.LEFT, False),
+        (right, Laterality.RIGHT, True),
+        # A scanned film puts every chest wall on the left, the right breast's too; a
+        # mislabelled header does not flip a breast the wrong way either.
+        (left, Laterality.RIGHT, False),
+        (right, Laterality.LEFT, True),
+    ]:
+        inputs, geometry = preprocess.with_geometry(pixels, laterality)
+        assert geometry.flipped is flipped
+        assert inputs[:, 0].mean() > inputs[:, -1].mean()  # the chest wall on the left
+        assert geometry.cols.start == 0, "the box, in the oriented image"
+        assert 85 <= geometry.cols.stop <= 95
+
+
+def test_a_centred_breast_is_oriented_by_its_laterality() -> None:
+    img = np.zeros((200, 160), dtype=np.float32)
+    img[40:160, 35:125] = 0.6  # symmetric: the pixels do not tell the chest wall's side
+    assert Preprocess(64, 48).with_geometry(img, Laterality.RIGHT)[1].flipped is True
+    assert Preprocess(64, 48).with_geometry(img, Laterality.LEFT)[1].flipped is False
 
 
 @pytest.mark.parametrize("background", [0.0, 0.15])
