@@ -87,6 +87,57 @@ def _labelled_inputs(folder: Path, height: int, width: int) -> list[tuple[dict[s
     return inputs
 
 
+def _statistics_job(job: tuple[str, str, int, int]) -> np.ndarray:
+    path, laterality, height, width = job
+    pixels = decode_image(Path(path).read_bytes(), "application/dicom", max_pixels=10**8)
+    return Preprocess(height, width).prepare(pixels, Laterality(laterality))[2]
+
+
+def folder_statistics(folder: Path, height: int, width: int, processes: int) -> np.ndarray:
+    """The input statistics (shared/ml/input_reference.py) of every image in `folder`."""
+    with open(folder / "labels.csv", newline="") as handle:
+        jobs = [
+            (str(folder / row["file"]), row["laterality"], height, width)
+            for row in csv.DictReader(handle)
+        ]
+    with ProcessPoolExecutor(max_workers=processes) as pool:
+        return np.stack(list(pool.map(_statistics_job, jobs, chunksize=8)))
+
+
+def add_reference(directory: Path, args: argparse.Namespace) -> None:
+    """Write the input reference of an exported version made before versions had one: the
+    statistics of the first `--reference-exams` exams of its training seed (the same images
+    the run trained on: each exam depends only on the seed and its number)."""
+    from shared.ml.checkpoint import load_checkpoint
+    from shared.ml.input_reference import fit_reference
+
+    record = json.loads((directory / "version.json").read_text())
+    config = load_checkpoint(
+        (directory / "checkpoint.pt").read_bytes(), device=torch.device("cpu")
+    ).config
+    with tempfile.TemporaryDirectory(prefix="bench-reference-") as data:
+        folder = Path(data) / "train"
+        generate(
+            folder,
+            exams=args.reference_exams,
+            seed=record["bench"]["train_seed"],
+            processes=args.processes,
+            encodings=record["bench"]["encodings"],
+        )
+        statistics = folder_statistics(
+            folder, config.input_height, config.input_width, args.processes
+        )
+    reference = fit_reference(statistics)
+    assert reference is not None
+    record["input_reference"] = reference.to_dict()
+    record["input_reference_source"] = (
+        f"exams 0-{args.reference_exams - 1} of training seed {record['bench']['train_seed']} "
+        f"({len(statistics)} images), bench/model.py --add-reference"
+    )
+    (directory / "version.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"input reference of {len(statistics)} images, threshold {reference.threshold:.2f}")
+
+
 def _view(row: dict[str, str], score: float) -> ScoredView:
     return ScoredView(
         row["study"],
@@ -174,6 +225,7 @@ def train_through_api(
                 "calibration": version.calibration,
                 "metrics": version.metrics,
                 "model_card": version.model_card,
+                "input_reference": version.input_reference,
             }
         return run, checkpoint, registry_row
     finally:
@@ -217,7 +269,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--out", type=Path, default=Path("bench/model.json"))
     parser.add_argument("--export", type=Path, default=None, help="write the model version here")
+    parser.add_argument(
+        "--add-reference",
+        type=Path,
+        default=None,
+        help="only add the input reference to an exported version made without one",
+    )
+    parser.add_argument("--reference-exams", type=int, default=300)
     args = parser.parse_args(argv)
+    if args.add_reference is not None:
+        add_reference(args.add_reference, args)
+        return 0
     if args.train_seed == args.test_seed:
         parser.error("the test set must come from a seed not used in training")
 

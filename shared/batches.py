@@ -214,6 +214,23 @@ def model_versions_used(
     return list(session.scalars(query))
 
 
+def warning_counts(
+    *, session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID
+) -> dict[str, int]:
+    """How many of the batch's images carry each prediction warning (any model version)."""
+    code = func.unnest(Prediction.warnings).label("code")
+    flagged = (
+        select(Prediction.image_id, code)
+        .join(Image, Image.id == Prediction.image_id)
+        .where(Image.batch_id == batch_id, Prediction.tenant_id == tenant_id)
+        .subquery()
+    )
+    query = select(flagged.c.code, func.count(func.distinct(flagged.c.image_id))).group_by(
+        flagged.c.code
+    )
+    return {str(code): int(count) for code, count in session.execute(query).all()}
+
+
 def get_image(*, session: Session, tenant_id: uuid.UUID, image_id: uuid.UUID) -> Image | None:
     return session.scalar(select(Image).where(Image.id == image_id, Image.tenant_id == tenant_id))
 
@@ -229,7 +246,8 @@ def latest_predictions(
         .where(Prediction.image_id.in_(image_ids), Prediction.tenant_id == tenant_id)
         .order_by(Prediction.image_id, Prediction.created_at.desc())
         .ext(distinct_on(Prediction.image_id))
-        .options(joinedload(Prediction.model_version))
+        # The reference is for workers; a results page never reads it.
+        .options(joinedload(Prediction.model_version).defer(ModelVersion.input_reference))
     )
     return {p.image_id: p for p in session.scalars(query)}
 

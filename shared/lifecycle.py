@@ -315,6 +315,8 @@ def record_prediction(
     model_version_id: uuid.UUID,
     score: float,
     heatmap_key: str | None = None,
+    input_distance: float | None = None,
+    warnings: Sequence[str] = (),
 ) -> bool:
     """Mark a running image done with its score; False (and nothing written) otherwise.
 
@@ -331,6 +333,8 @@ def record_prediction(
             model_version_id=model_version_id,
             malignancy_score=score,
             heatmap_key=heatmap_key,
+            input_distance=input_distance,
+            warnings=list(warnings),
             created_at=utcnow(),
         )
         .on_conflict_do_nothing(index_elements=[Prediction.image_id, Prediction.model_version_id])

@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 
 from shared.config import Settings
 from shared.db.base import session_scope
-from shared.db.models import Image, ImageStatus, InferenceBatch
+from shared.db.models import Image, ImageStatus, InferenceBatch, Prediction
 from shared.deliveries import delivery_counts
 from shared.queue import Queue
 
@@ -103,6 +103,10 @@ class PipelineCollector(Collector):
             ).all()
             forward_passes = session.scalar(select(func.count()).select_from(InferenceBatch))
             deliveries = delivery_counts(session)
+            warning_code = func.unnest(Prediction.warnings).label("code")
+            input_warnings = session.execute(
+                select(warning_code, func.count()).group_by(warning_code)
+            ).all()
 
         images = GaugeMetricFamily(
             "screening_images", "Images by status (all tenants)", labels=["status"]
@@ -128,6 +132,15 @@ class PipelineCollector(Collector):
         for delivery_status, count in deliveries.items():
             exported.add_metric([delivery_status], float(count))
         yield exported
+        warned = CounterMetricFamily(
+            "screening_input_warnings",
+            "Predictions that carry a warning, by code (input_unlike_training_data: the image "
+            "looks unlike the model's training inputs)",
+            labels=["code"],
+        )
+        for code, count in input_warnings:
+            warned.add_metric([code], float(count))
+        yield warned
         passes = CounterMetricFamily("screening_forward_passes", "Batched forward passes run")
         passes.add_metric([], float(forward_passes or 0))
         yield passes

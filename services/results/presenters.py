@@ -18,9 +18,30 @@ from services.results.schemas import (
 from shared.api.deps import Caller
 from shared.batches import latest_predictions
 from shared.config import Settings
-from shared.db.models import Image, Prediction, Study
+from shared.db.models import Image, ModelVersion, Prediction, PredictionWarning, Study
 from shared.exams import assess_exam
 from shared.vault import VaultKeyMissing, open_identities
+
+UNTRAINED_WARNING = (
+    "scores in this batch come from an untrained (randomly initialised) model and carry no "
+    "diagnostic meaning"
+)
+UNLIKE_TRAINING_WARNING = (
+    "{count} image(s) look unlike the images the model was trained on "
+    "(input_unlike_training_data: another scanner, a film scan, other processing?); their "
+    "scores may not mean what the model's evaluation says. Validate the model on such images "
+    "before relying on it."
+)
+
+
+def batch_warnings(versions: Sequence[ModelVersion], flagged: dict[str, int]) -> list[str]:
+    """What a reader of the batch must be told, in words: an untrained model, and how many
+    images look unlike the model's training inputs (`flagged`: images per warning code)."""
+    warnings = [UNTRAINED_WARNING] if any(not v.trained for v in versions) else []
+    unlike = flagged.get(PredictionWarning.INPUT_UNLIKE_TRAINING_DATA.value)
+    if unlike:
+        warnings.append(UNLIKE_TRAINING_WARNING.format(count=unlike))
+    return warnings
 
 
 def latest_prediction(session: Session, caller: Caller, image: Image) -> Prediction | None:
@@ -53,9 +74,13 @@ def exam_public(
                 score=predictions[i.id].malignancy_score if i.id in predictions else None,
                 error_code=i.error_code,
                 heatmap_url=heatmap_url(i, predictions.get(i.id)),
+                warnings=list(predictions[i.id].warnings) if i.id in predictions else [],
             )
             for i in images
         ],
+        warnings=sorted(
+            {w for i in images if i.id in predictions for w in predictions[i.id].warnings}
+        ),
         views_present=assessment.views_present,
         missing_views=assessment.missing_views,
         breasts=[

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from services.results import cursors
 from services.results.deps import CallerDep, SessionDep, SettingsDep, StoreDep
 from services.results.presenters import (
+    batch_warnings,
     exam_public,
     heatmap_url,
     latest_prediction,
@@ -54,6 +55,7 @@ from shared.batches import (
     rejection_count,
     rejections_page,
     results_page,
+    warning_counts,
 )
 from shared.config import Settings
 from shared.db.base import session_scope
@@ -69,10 +71,6 @@ router = APIRouter(
 
 MAX_WAIT_S = 60.0
 LONG_POLL_INTERVAL_S = 0.5
-UNTRAINED_WARNING = (
-    "scores in this batch come from an untrained (randomly initialised) model and carry no "
-    "diagnostic meaning"
-)
 
 
 def _image_result(image: Image, prediction: Prediction | None) -> ImageResult:
@@ -93,6 +91,8 @@ def _image_result(image: Image, prediction: Prediction | None) -> ImageResult:
             ModelVersionPublic.model_validate(prediction.model_version) if prediction else None
         ),
         heatmap_url=heatmap_url(image, prediction),
+        warnings=list(prediction.warnings) if prediction else [],
+        input_distance=prediction.input_distance if prediction else None,
         created_at=image.created_at,
         finished_at=image.finished_at,
     )
@@ -122,14 +122,15 @@ def _batch_detail(session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID) -
         raise ApiError(404, "batch_not_found", f"no batch {batch_id} exists for this API key")
     counts = image_counts(session=session, tenant_id=tenant_id, batch_id=batch.id)
     versions = model_versions_used(session=session, tenant_id=tenant_id, batch_id=batch.id)
-    warnings = [UNTRAINED_WARNING] if any(not v.trained for v in versions) else []
+    flagged = warning_counts(session=session, tenant_id=tenant_id, batch_id=batch.id)
     return BatchDetail(
         **BatchPublic.model_validate(batch).model_dump(),
         counts=ImageCounts(**counts),
         total_images=sum(counts.values()),
         rejected_files=rejection_count(session=session, tenant_id=tenant_id, batch_id=batch.id),
         model_versions=[ModelVersionPublic.model_validate(v) for v in versions],
-        warnings=warnings,
+        warnings=batch_warnings(versions, flagged),
+        warning_counts=flagged,
     )
 
 
@@ -266,6 +267,8 @@ EXPORT_COLUMNS = [
     "score",
     "error_code",
     "model_version",
+    "warnings",  # codes joined by ";"
+    "input_distance",
     "finished_at",
 ]
 
@@ -306,6 +309,8 @@ def _export_row(image: Image, prediction: Prediction | None) -> dict[str, object
         "score": prediction.malignancy_score if prediction else None,
         "error_code": image.error_code,
         "model_version": prediction.model_version.name if prediction else None,
+        "warnings": ";".join(prediction.warnings) if prediction else "",
+        "input_distance": prediction.input_distance if prediction else None,
         "finished_at": image.finished_at.isoformat() if image.finished_at else None,
     }
 

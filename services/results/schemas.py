@@ -41,7 +41,9 @@ class BatchDetail(BatchPublic):
     total_images: int
     rejected_files: int  # uploads the quality gate refused; listed at .../rejections
     model_versions: list[ModelVersionPublic]
-    warnings: list[str]
+    warnings: list[str]  # sentences for a reader
+    # Images per prediction warning code, e.g. {"input_unlike_training_data": 3}.
+    warning_counts: dict[str, int] = {}
 
 
 class BatchPage(BaseModel):
@@ -64,6 +66,11 @@ class ImageResult(BaseModel):
     error_message: str | None
     model_version: ModelVersionPublic | None
     heatmap_url: str | None = None  # PNG overlay at 1/4 of the image's size
+    # Codes a reader must see beside the score: "input_unlike_training_data" when the image
+    # looks unlike the model's training inputs (input_distance: how far, in the model
+    # version's own units; above its threshold is "unlike").
+    warnings: list[str] = []
+    input_distance: float | None = None
     created_at: datetime
     finished_at: datetime | None
 
@@ -113,6 +120,7 @@ class ExamImage(BaseModel):
     score: float | None
     error_code: str | None
     heatmap_url: str | None = None
+    warnings: list[str] = []
 
 
 class BreastResult(BaseModel):
@@ -147,6 +155,8 @@ class Exam(BaseModel):
     recall: Literal["recall", "routine"] | None = None
     recall_threshold: float | None = None
     model_version: ModelVersionPublic | None = None
+    # Every warning code of the exam's images (e.g. input_unlike_training_data).
+    warnings: list[str] = []
     # For a key with the export_identified scope: the original patient id and accession
     # number (None without that scope, or when the vault holds none); original_error says why
     # they could not be shown (vault_key_missing).

@@ -20,7 +20,12 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
 from services.results.dicom import exam_report_file, image_heatmap_file
-from services.results.presenters import exam_public, latest_prediction, show_originals
+from services.results.presenters import (
+    batch_warnings,
+    exam_public,
+    latest_prediction,
+    show_originals,
+)
 from services.results.schemas import Exam, ExamImage
 from shared.api.deps import Caller, SessionDep, SettingsDep, StoreDep
 from shared.batches import (
@@ -31,6 +36,8 @@ from shared.batches import (
     image_counts,
     latest_predictions,
     list_batches,
+    model_versions_used,
+    warning_counts,
 )
 from shared.db.models import AuditAction, ExportStatus, ImageStatus, Scope
 from shared.deliveries import get_export
@@ -190,8 +197,20 @@ def batch_page(
         show_originals(session, settings, caller, batch_id, studies, exams)
     exams.sort(key=lambda e: -1.0 if e.exam_score is None else e.exam_score, reverse=True)
     caller.audit(session, AuditAction.READ, "batch_exams", batch_id, exams=len(exams), via="viewer")
+    warnings = batch_warnings(
+        model_versions_used(session=session, tenant_id=caller.tenant.id, batch_id=batch_id),
+        warning_counts(session=session, tenant_id=caller.tenant.id, batch_id=batch_id),
+    )
     session.commit()
-    return _page(request, "batch.html", caller, batch=batch, exams=exams, show_ids=show_ids)
+    return _page(
+        request,
+        "batch.html",
+        caller,
+        batch=batch,
+        exams=exams,
+        show_ids=show_ids,
+        batch_warnings=warnings,
+    )
 
 
 @dataclass(frozen=True)

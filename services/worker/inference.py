@@ -40,6 +40,7 @@ from shared.lifecycle import (
     release_images,
 )
 from shared.logs import log_context
+from shared.ml.input_reference import INPUT_UNLIKE_TRAINING_DATA
 from shared.ml.registry import ensure_active_model, shipped_model_dir
 from shared.queue import Queue, TaskName
 from shared.storage import MISSING_OBJECT_CODES, Keys, ObjectStore
@@ -76,6 +77,7 @@ class PreparedImage:
     inputs: np.ndarray
     geometry: InputGeometry
     preview: bytes  # PNG, written with the image's results
+    statistics: np.ndarray  # what the input looks like (shared/ml/input_reference.py)
 
 
 @dataclass(frozen=True)
@@ -195,8 +197,8 @@ class ScreeningRun:
                 raise StorageConnectionError(str(err)) from err
             raise ImageRejected.missing_object(item.object_key) from err
         pixels = decode_image(data, item.media_type, max_pixels=self.ctx.settings.max_image_pixels)
-        inputs, geometry = self.preprocess.with_geometry(pixels, item.laterality)
-        return PreparedImage(inputs, geometry, preview_png(pixels, PREVIEW_SHRINK))
+        inputs, geometry, statistics = self.preprocess.prepare(pixels, item.laterality)
+        return PreparedImage(inputs, geometry, preview_png(pixels, PREVIEW_SHRINK), statistics)
 
     def _may_claim_more(self) -> bool:
         settings = self.ctx.settings
@@ -280,6 +282,15 @@ class ScreeningRun:
 
         return scores, list(self.writers.map(write, range(len(ready))))
 
+    def _input_check(self, prepared: PreparedImage) -> tuple[float | None, list[str]]:
+        """The input's distance from the version's training inputs, and the warning when it
+        is too far for the score to mean what the version's evaluation says."""
+        reference = self.loaded.reference
+        if reference is None:
+            return None, []
+        distance = reference.distance(prepared.statistics)
+        return distance, [INPUT_UNLIKE_TRAINING_DATA] if reference.unlike(distance) else []
+
     def _screen_batch(
         self, batch: list[tuple[WorkItem, PreparedImage | BaseException]]
     ) -> tuple[int, int]:
@@ -298,13 +309,16 @@ class ScreeningRun:
         with session_scope(self.ctx.settings.database_url) as session:
             ids = [item.id for item, _ in batch]
             rows = {i.id: i for i in session.scalars(select(Image).where(Image.id.in_(ids)))}
-            for (item, _), score, key in zip(ready, scores, heatmap_keys, strict=True):
+            for (item, prepared), score, key in zip(ready, scores, heatmap_keys, strict=True):
+                distance, warnings = self._input_check(prepared)
                 record_prediction(
                     session=session,
                     image=rows[item.id],
                     model_version_id=self.loaded.version_id,
                     score=score,
                     heatmap_key=key,
+                    input_distance=distance,
+                    warnings=warnings,
                 )
             for image_id, failure in failures.items():
                 log.info(

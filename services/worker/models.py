@@ -14,6 +14,7 @@ from services.worker.pipeline import Predictor
 from shared.config import Settings
 from shared.db.models import ModelVersion
 from shared.ml.checkpoint import load_checkpoint
+from shared.ml.input_reference import InputReference
 from shared.ml.model import ScreeningNet
 from shared.storage import ObjectStore
 
@@ -44,6 +45,8 @@ class LoadedModel:
     model: ScreeningNet
     device: torch.device
     predictor: Predictor
+    # What the version's training inputs looked like; None: no out-of-distribution warnings.
+    reference: InputReference | None = None
 
 
 class ModelCache:
@@ -66,7 +69,13 @@ class ModelCache:
                 )
                 predictor = Predictor(model, self.device, compile_model=self._compile)
                 cached = LoadedModel(
-                    version.id, version.name, version.trained, model, self.device, predictor
+                    version.id,
+                    version.name,
+                    version.trained,
+                    model,
+                    self.device,
+                    predictor,
+                    InputReference.from_dict(version.input_reference),
                 )
                 self._models[version.id] = cached
             return cached

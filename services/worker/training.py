@@ -40,6 +40,7 @@ from shared.ml.evaluation import (
     model_card,
     review_candidate,
 )
+from shared.ml.input_reference import fit_reference
 from shared.ml.registry import active_model
 from shared.ml.training import (
     LoadedSplit,
@@ -185,7 +186,8 @@ def run_training(run_id: uuid.UUID, *, settings: Settings, store: ObjectStore) -
         heartbeat.stopping.set()
 
 
-Loaded = tuple[np.ndarray, tuple[float, float, float, float] | None]
+# A model input (float16), its lesion box in input pixels, and its statistics.
+Loaded = tuple[np.ndarray, tuple[float, float, float, float] | None, np.ndarray]
 
 
 def load_inputs(
@@ -197,7 +199,8 @@ def load_inputs(
     store: ObjectStore,
 ) -> list[Loaded | None]:
     """Each image as a model input of (height, width), float16, with its lesion box in input
-    pixels; None for an image that cannot be decoded (logged and left out)."""
+    pixels and its statistics; None for an image that cannot be decoded (logged and left
+    out)."""
     preprocess = Preprocess(height, width)
 
     def load(image: DatasetImage) -> Loaded | None:
@@ -207,12 +210,12 @@ def load_inputs(
                 image.media_type,
                 max_pixels=settings.max_image_pixels,
             )
-            inputs, geometry = preprocess.with_geometry(pixels, image.laterality)
+            inputs, geometry, statistics = preprocess.prepare(pixels, image.laterality)
         except ImageRejected as err:
             log.warning("training image %s left out: %s", image.image_id, err.message)
             return None
         box = box_in_input(image.box, geometry) if image.box else None
-        return inputs.astype(np.float16), box
+        return inputs.astype(np.float16), box, statistics
 
     with ThreadPoolExecutor(max_workers=max(1, settings.worker_loader_threads)) as pool:
         return list(pool.map(load, images))
@@ -249,6 +252,7 @@ def load_splits(
             [a[1] for _, a in members if a is not None],
             stride=stride,
         )
+        splits[split].statistics = np.stack([a[2] for _, a in members if a is not None])
     return splits
 
 
@@ -354,6 +358,8 @@ def register(
         seed=trainer.seed,
     )
     name = f"run-{run_id.hex[:12]}"
+    train_statistics = splits[Split.TRAIN].statistics
+    reference = fit_reference(train_statistics) if train_statistics is not None else None
     split_sizes: dict[str, Any] = {
         split.value: {
             "images": len(loaded.examples),
@@ -392,6 +398,16 @@ def register(
         },
     }
     card["review"] = evaluation["review"]
+    card["input_reference"] = (
+        {
+            "images": reference.images,
+            "threshold": reference.threshold,
+            "statistics": reference.statistics,
+            "use": "images farther than the threshold are flagged input_unlike_training_data",
+        }
+        if reference
+        else "none: fewer training images than a reference needs; no input warnings"
+    )
     with session_scope(settings.database_url) as session:
         run = session.get_one(TrainingRun, run_id, with_for_update=True)
         if run.attempts != attempt:
@@ -414,6 +430,7 @@ def register(
         version.recall_threshold = point.threshold
         version.calibration = point.calibration
         version.model_card = card
+        version.input_reference = reference.to_dict() if reference else None
         version.training_run_id = run_id
         session.flush()
         complete_run(run, model_version_id=version.id, evaluation=evaluation)

@@ -341,6 +341,9 @@ class ModelVersion(Base):
     # Platt scaling of the exam score's logit: probability = sigmoid(a * logit + b).
     calibration: Mapped[dict[str, float] | None] = mapped_column(JSONB)
     model_card: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # The training inputs' statistics (shared/ml/input_reference.py): what an image must look
+    # like for the version's scores to mean what its evaluation says. None: no warnings.
+    input_reference: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     # Why registration rejected the version (ModelStatus.REJECTED), in words for the operator.
     rejection_reason: Mapped[str | None] = mapped_column(Text)
     training_run_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("training_runs.id"))
@@ -357,6 +360,14 @@ Index(
 )
 
 
+class PredictionWarning(enum.StrEnum):
+    """Codes a reader must see beside a score (Prediction.warnings)."""
+
+    # The image's statistics lie far from the model version's training inputs
+    # (shared/ml/input_reference.py).
+    INPUT_UNLIKE_TRAINING_DATA = "input_unlike_training_data"
+
+
 class Prediction(Base):
     __tablename__ = "predictions"
     __table_args__ = (UniqueConstraint("image_id", "model_version_id"),)
@@ -367,6 +378,12 @@ class Prediction(Base):
     model_version_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("model_versions.id"))
     malignancy_score: Mapped[float] = mapped_column(Float)
     heatmap_key: Mapped[str | None] = mapped_column(String(512))
+    # How far the input lies from the model version's training inputs (Mahalanobis distance
+    # of its statistics, shared/ml/input_reference.py); None when the version has no
+    # reference.
+    input_distance: Mapped[float | None] = mapped_column(Float)
+    # Codes a reader must see beside the score, e.g. "input_unlike_training_data".
+    warnings: Mapped[list[str]] = mapped_column(ARRAY(String(64)), default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     image: Mapped[Image] = relationship(back_populates="predictions")

@@ -109,6 +109,8 @@ def _register_shipped(*, session: Session, store: ObjectStore, directory: Path) 
             model_card={**record["model_card"], "reproduce": record.get("reproduce")},
         )
         session.add(version)
+    if version.input_reference is None:  # registered before the shipped model had one
+        version.input_reference = record.get("input_reference")
     version.status = ModelStatus.ACTIVE
     version.promoted_at = utcnow()
     session.flush()

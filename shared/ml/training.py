@@ -72,6 +72,9 @@ class LoadedSplit:
     targets: torch.Tensor
     dense: torch.Tensor
     dense_known: torch.Tensor
+    # Each input's statistics (N, len(INPUT_STATISTICS)), when loaded by the trainer: the
+    # training split's become the version's input reference.
+    statistics: np.ndarray | None = None
 
     @classmethod
     def build(
