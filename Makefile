@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 STACK_DIR := .stack
 
 .DEFAULT_GOAL := help
-.PHONY: help install up down demo test test-fast lint format clean bench bench-model browser dicom-tools
+.PHONY: help install up down demo test test-fast lint format clean bench bench-model bench-warm-start browser dicom-tools
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ bench: install ## throughput benchmark on the real stack: prints and writes benc
 
 bench-model: install ## train through the API on 800 synthetic exams, test on a fresh set: bench/model.json
 	$(BIN)/python -m bench.model --out bench/model.json
+
+bench-warm-start: install ## 5-fold CV on 150 film-scan exams: scratch vs warm start: bench/warm_start.json
+	$(BIN)/python -m bench.warm_start --out bench/warm_start.json
 
 lint: install ## ruff (lint and format check) and mypy
 	$(BIN)/ruff check .

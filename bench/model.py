@@ -205,7 +205,7 @@ def train_through_api(
                     point = run["curve"][-1]
                     print(
                         f"  epoch {point['epoch']}: loss {point['train_loss']:.4f}, "
-                        f"validation exam AUC {point['validation_auc']:.3f} "
+                        f"validation exam AUC {point['validation_auc'] or 0:.3f} "
                         f"({point['seconds']:.0f}s)",
                         flush=True,
                     )
@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--name", default="bench-model")
     parser.add_argument(
         "--hyperparameters",
-        default=json.dumps({"time_budget_s": 1020}),
+        default=json.dumps({"time_budget_s": 1020, "init_from": "none", "folds": 1}),
         help="JSON object for POST /v1/training-runs (defaults: the API's)",
     )
     parser.add_argument("--timeout", type=float, default=3600)

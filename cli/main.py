@@ -312,13 +312,24 @@ def _client_from_settings() -> Client:
     )
 
 
+def _auc(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _print_epoch(run: dict[str, Any]) -> None:
     curve = run["curve"]
-    if curve:
+    if run.get("stages"):
+        parts = []
+        for stage in run["stages"]:
+            name = "final" if stage["kind"] == "final" else f"fold {stage['fold']}"
+            auc = f" AUC {stage['exam_auc']:.3f}" if stage["exam_auc"] is not None else ""
+            parts.append(f"{name} {stage['status']} ({stage['epochs_done']} epochs{auc})")
+        print(f"  {run['status']}: " + ", ".join(parts), flush=True)
+    elif curve:
         point = curve[-1]
         print(
             f"  {run['status']}: epoch {point['epoch']}  loss {point['train_loss']:.4f}  "
-            f"validation AUC {point['validation_auc']:.3f}  ({point['seconds']:.0f}s)",
+            f"validation AUC {_auc(point['validation_auc'])}  ({point['seconds']:.0f}s)",
             flush=True,
         )
     else:
@@ -341,20 +352,40 @@ def _cmd_train(args: argparse.Namespace) -> int:
             hyperparameters=hyperparameters,
             on_upload=lambda done, total: print(f"  uploaded {done}/{total}", flush=True),
         )
-        print(f"training run {run['id']} queued; splits: {json.dumps(run['split_sizes'])}")
+        start = f"from {run['init_from']}" if run.get("init_from") else "from scratch"
+        how = (
+            f"{run['folds']}-fold cross-validation and a final model"
+            if run.get("kind") == "cross_validation"
+            else "one split"
+        )
+        print(
+            f"training run {run['id']} queued ({how}, {start}); "
+            f"splits: {json.dumps(run['split_sizes'])}"
+        )
         if not args.wait:
             return 0
         final = client.wait_training(run["id"], timeout=args.timeout, on_progress=_print_epoch)
     if final["status"] != "completed":
         print(f"training run failed: {final['error_code']}: {final['error_message']}")
         return 1
-    test = final["evaluation"]["test"]
-    low, high = test["exam_auc_ci95"]
+    evaluation = final["evaluation"]
+    cross_validated = "cross_validation" in evaluation
+    held_out = evaluation["cross_validation" if cross_validated else "test"]
+    low, high = held_out["exam_auc_ci95"]
     version = final["model_version"]
     summary = (
-        f"test exam AUC {test['exam_auc']:.3f} (95% CI {low:.3f}-{high:.3f}), sensitivity "
-        f"{test['sensitivity']:.2f}, specificity {test['specificity']:.2f}"
+        f"{'pooled out-of-fold' if cross_validated else 'test'} exam AUC "
+        f"{held_out['exam_auc']:.3f} (95% CI {low:.3f}-{high:.3f}), sensitivity "
+        f"{held_out['sensitivity']:.2f}, specificity {held_out['specificity']:.2f}"
     )
+    if cross_validated:
+        spread_low, spread_high = held_out["fold_auc_range"]
+        summary += (
+            f"; {held_out['folds']} folds, fold AUC {held_out['fold_auc_mean']:.3f} "
+            f"(sd {held_out['fold_auc_sd']:.3f}, {spread_low:.3f}-{spread_high:.3f})"
+        )
+    if evaluation.get("init_from"):
+        summary += f"; warm-started from {evaluation['init_from']}"
     if version["status"] == "rejected":
         print(
             f"registered {version['name']} as REJECTED: {summary}.\n"
@@ -415,6 +446,72 @@ def _cmd_models_promote(args: argparse.Namespace) -> int:
             )
     except RegistryError as err:
         print(f"{err.code}: {err.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_models_import(args: argparse.Namespace) -> int:
+    """Validate a site's TorchScript model on synthetic exams and register it."""
+    import tempfile
+
+    import torch
+
+    from devstack.synth import DEMO_VARIANTS, generate_exams
+    from shared.config import get_settings
+    from shared.db.base import session_scope
+    from shared.db.models import Laterality
+    from shared.imaging.decode import decode_image
+    from shared.ml.imported import ImportedModel, Manifest, ManifestError, load_model
+    from shared.ml.imported import validate_imported as validate
+    from shared.ml.registry import RegistryError, register_imported
+    from shared.storage import ObjectStore
+
+    settings = get_settings()
+    archive = Path(args.file).read_bytes()
+    try:
+        manifest = Manifest.from_dict(json.loads(Path(args.manifest).read_text()))
+        architecture = {"format": "torchscript", "manifest": manifest.to_dict()}
+        try:
+            model = load_model(architecture, archive, device=torch.device("cpu"))
+        except Exception as err:  # not a TorchScript archive, or one this torch cannot read
+            raise ManifestError(
+                "model_unreadable", f"{args.file} is not a TorchScript archive: {err}"
+            ) from err
+        assert isinstance(model, ImportedModel)
+        preprocess = manifest.preprocess()
+        with tempfile.TemporaryDirectory(prefix="import-check-") as folder:
+            exams = generate_exams(Path(folder), exams=2, seed=1, variants=DEMO_VARIANTS)
+            inputs = [
+                preprocess(
+                    decode_image(exam.path.read_bytes(), "application/dicom"),
+                    Laterality(exam.laterality),
+                )
+                for exam in exams
+            ]
+        validation = validate(model, inputs)
+        with session_scope(settings.database_url) as session:
+            version = register_imported(
+                session=session,
+                store=ObjectStore(settings),
+                name=args.name,
+                archive=archive,
+                manifest=manifest.to_dict(),
+                validation=validation,
+                actor=_operator(),
+            )
+            print(
+                f"registered candidate {version.name} (TorchScript, validated on "
+                f"{validation['images']} synthetic images; probabilities "
+                f"{validation['probability_range'][0]:.3f}-"
+                f"{validation['probability_range'][1]:.3f}). It has no evaluation on this "
+                "deployment's data: measure it on your labelled exams before making it "
+                f"active (screening models promote {version.name})"
+            )
+    except (ManifestError, RegistryError) as err:
+        print(f"{err.code}: {err.message}", file=sys.stderr)
+        return 1
+    except (OSError, json.JSONDecodeError) as err:
+        print(f"manifest_invalid: {args.manifest}: {err}", file=sys.stderr)
         return 1
     return 0
 
@@ -711,6 +808,13 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parser(
         "rollback", help="re-activate the version that was active before this one"
     ).set_defaults(func=_cmd_models_rollback)
+    imported = models.add_parser(
+        "import", help="register a TorchScript model trained elsewhere, with its manifest"
+    )
+    imported.add_argument("file", help="the TorchScript archive (torch.jit.save)")
+    imported.add_argument("--manifest", required=True, help="its manifest (JSON)")
+    imported.add_argument("--name", required=True, help="the version's name")
+    imported.set_defaults(func=_cmd_models_import)
 
     train = commands.add_parser(
         "train", help="upload a labelled folder (images + labels.csv) and train a model on it"

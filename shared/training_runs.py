@@ -24,6 +24,7 @@ from shared.db.models import (
     TrainingExample,
     TrainingLabel,
     TrainingRun,
+    TrainingRunKind,
     TrainingStatus,
     View,
 )
@@ -43,10 +44,11 @@ def get_run(*, session: Session, tenant_id: uuid.UUID, run_id: uuid.UUID) -> Tra
 
 
 def list_runs(*, session: Session, tenant_id: uuid.UUID, limit: int) -> list[TrainingRun]:
+    """The tenant's runs as submitted (a cross-validation's folds are listed under it)."""
     return list(
         session.scalars(
             select(TrainingRun)
-            .where(TrainingRun.tenant_id == tenant_id)
+            .where(TrainingRun.tenant_id == tenant_id, TrainingRun.parent_id.is_(None))
             .order_by(TrainingRun.created_at.desc(), TrainingRun.id.desc())
             .limit(limit)
         )
@@ -121,6 +123,8 @@ def claim_run(
     run = session.scalar(select(TrainingRun).where(TrainingRun.id == run_id).with_for_update())
     if run is None or run.status in (TrainingStatus.COMPLETED, TrainingStatus.FAILED):
         raise RunNotClaimable(f"training run {run_id} is finished or unknown")
+    if run.kind == TrainingRunKind.CROSS_VALIDATION:
+        raise RunNotClaimable(f"training run {run_id} is a cross-validation: its stages train")
     fresh = utcnow() - timedelta(seconds=stale_s)
     if (
         run.status == TrainingStatus.RUNNING
@@ -129,7 +133,8 @@ def claim_run(
     ):
         raise RunNotClaimable(f"training run {run_id} is being trained by another worker")
     if run.attempts >= max_attempts:
-        fail_run(
+        fail_with_parent(
+            session,
             run,
             code="too_many_attempts",
             message=f"the worker training this run stopped {run.attempts} times; it was not "
@@ -163,7 +168,7 @@ def record_epoch(
     session: Session,
     run: TrainingRun,
     epoch: int,
-    metrics: dict[str, float],
+    metrics: dict[str, float | None],
     checkpoint_key: str,
 ) -> None:
     """One point of the curve and the checkpoint that follows it, in one transaction. A
@@ -188,8 +193,85 @@ def fail_run(run: TrainingRun, *, code: str, message: str) -> None:
     run.finished_at = utcnow()
 
 
+def fail_with_parent(session: Session, run: TrainingRun, *, code: str, message: str) -> None:
+    """Fail the run, and the cross-validation it is a stage of: without every fold there is
+    no pooled evaluation to judge a model on."""
+    fail_run(run, code=code, message=message)
+    if run.parent_id is not None:
+        parent = session.get_one(TrainingRun, run.parent_id, with_for_update=True)
+        if parent.status not in (TrainingStatus.COMPLETED, TrainingStatus.FAILED):
+            stage = "the final model" if run.fold is None else f"fold {run.fold}"
+            fail_run(parent, code=code, message=f"{stage} failed: {message}")
+
+
+def stages(*, session: Session, parent_id: uuid.UUID) -> list[TrainingRun]:
+    """A cross-validation's folds in order, then its final model (once it exists)."""
+    return list(
+        session.scalars(
+            select(TrainingRun)
+            .where(TrainingRun.parent_id == parent_id)
+            .order_by(TrainingRun.kind, TrainingRun.fold)
+        )
+    )
+
+
+def fold_evaluations(*, session: Session, parent_id: uuid.UUID) -> list[dict[str, Any]]:
+    return [
+        run.evaluation
+        for run in stages(session=session, parent_id=parent_id)
+        if run.kind == TrainingRunKind.FOLD and run.evaluation is not None
+    ]
+
+
+def complete_fold(
+    *, session: Session, run: TrainingRun, evaluation: dict[str, Any]
+) -> uuid.UUID | None:
+    """Complete a fold; when it is the last of its cross-validation, create the final model's
+    run (every image for training, for the folds' median best epoch count) and return its id
+    for the caller to send after the commit. Idempotent: the parent row is locked, and a
+    final run is made once."""
+    complete_run(run, model_version_id=None, evaluation=evaluation)
+    assert run.parent_id is not None
+    parent = session.get_one(TrainingRun, run.parent_id, with_for_update=True)
+    session.flush()
+    children = stages(session=session, parent_id=parent.id)
+    folds = [c for c in children if c.kind == TrainingRunKind.FOLD]
+    if parent.status == TrainingStatus.FAILED or any(
+        c.status != TrainingStatus.COMPLETED for c in folds
+    ):
+        return None
+    if any(c.kind == TrainingRunKind.FINAL for c in children):
+        return None
+    best_epochs = sorted(int(c.evaluation["best_epoch"]) for c in folds if c.evaluation)
+    epochs = max(1, best_epochs[len(best_epochs) // 2] + 1)
+    final = TrainingRun(
+        tenant_id=parent.tenant_id,
+        name=f"{parent.name} (final model)",
+        kind=TrainingRunKind.FINAL,
+        parent_id=parent.id,
+        hyperparameters={**parent.hyperparameters, "epochs": epochs, "folds": 1},
+        seed=parent.seed,
+        split_sizes={},
+    )
+    session.add(final)
+    session.flush()
+    for example in session.scalars(
+        select(TrainingExample).where(TrainingExample.run_id == folds[0].id)
+    ):
+        session.add(
+            TrainingExample(
+                run_id=final.id,
+                image_id=example.image_id,
+                label=example.label,
+                split=Split.TRAIN,
+                box=example.box,
+            )
+        )
+    return final.id
+
+
 def complete_run(
-    run: TrainingRun, *, model_version_id: uuid.UUID, evaluation: dict[str, Any]
+    run: TrainingRun, *, model_version_id: uuid.UUID | None, evaluation: dict[str, Any]
 ) -> None:
     run.status = TrainingStatus.COMPLETED
     run.model_version_id = model_version_id
@@ -214,7 +296,9 @@ def resend_stalled_runs(
                     & (TrainingRun.heartbeat_at < stale),
                     (TrainingRun.status == TrainingStatus.QUEUED)
                     & (TrainingRun.enqueued_at.is_(None) | (TrainingRun.enqueued_at < unsent)),
-                )
+                ),
+                # A cross-validation is trained by its stages, which are sent themselves.
+                TrainingRun.kind != TrainingRunKind.CROSS_VALIDATION,
             )
             .order_by(TrainingRun.created_at)
             .limit(SWEEP_LIMIT)

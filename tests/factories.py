@@ -109,4 +109,8 @@ TINY_TRAINING: dict[str, Any] = {
     "stem_channels": 4,
     "stage_channels": [4, 8, 8, 8],
     "patience": 100,
+    # One train/validation/test split (a few dozen exams would default to cross-validation),
+    # from scratch (the shipped model's layers are wider anyway).
+    "folds": 1,
+    "init_from": "none",
 }

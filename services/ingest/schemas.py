@@ -123,6 +123,14 @@ class TrainingHyperparameters(BaseModel):
     stage_channels: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
         default=list(_DEFAULTS.stage_channels), min_length=1, max_length=6
     )
+    # None: cross-validation when the data set has fewer than 200 patients; 0 or 1: one split.
+    folds: int | None = Field(default=_DEFAULTS.folds, ge=0, le=20)
+    init_from: str = Field(default=_DEFAULTS.init_from, min_length=1, max_length=200)
+    fine_tune_learning_rate: float = Field(default=_DEFAULTS.fine_tune_learning_rate, gt=0, le=1)
+    freeze_epochs: int = Field(default=_DEFAULTS.freeze_epochs, ge=0, le=500)
+    fine_tune_augment_strength: float = Field(
+        default=_DEFAULTS.fine_tune_augment_strength, ge=0, le=4
+    )
 
 
 class TrainingRunCreate(BaseModel):
@@ -137,4 +145,10 @@ class TrainingRunAccepted(BaseModel):
     name: str
     status: TrainingStatus
     seed: int
+    # One split: images and malignant images per train/validation/test. Cross-validation:
+    # the same per fold ("fold 0" ...), each fold's held-out share.
     split_sizes: dict[str, dict[str, int]]
+    kind: str = "single"  # or "cross_validation"
+    folds: int = 1
+    # The registered version the run starts from (warm start), or None: from scratch.
+    init_from: str | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter
+from dataclasses import replace
 
 from fastapi import APIRouter
 from kombu.exceptions import OperationalError as BrokerError
@@ -34,8 +35,17 @@ from shared.db.models import (
     TrainingExample,
     TrainingLabel,
     TrainingRun,
+    TrainingRunKind,
+    TrainingStatus,
 )
-from shared.ml.config import TrainingConfig, split_by_patient
+from shared.ml.config import (
+    TrainingConfig,
+    fold_split,
+    folds_for,
+    split_by_patient,
+    stratified_folds,
+)
+from shared.ml.registry import RegistryError, resolve_init_from
 from shared.training_runs import enqueue_training
 
 log = logging.getLogger(__name__)
@@ -132,7 +142,10 @@ def _resolve_images(
 
 
 def _check_splits(
-    resolved: list[tuple[Image, Study, LabelledImage]], splits: dict[uuid.UUID, Split]
+    resolved: list[tuple[Image, Study, LabelledImage]],
+    splits: dict[uuid.UUID, Split],
+    *,
+    fold: int | None = None,
 ) -> dict[str, dict[str, int]]:
     sizes: dict[str, dict[str, int]] = {
         split.value: {"images": 0, "malignant_images": 0} for split in Split
@@ -147,47 +160,25 @@ def _check_splits(
         if entry["malignant_images"] == 0 or entry["malignant_images"] == entry["images"]
     ]
     if short:
+        where = f"fold {fold}'s " if fold is not None else "the "
         raise ApiError(
             422,
             "dataset_too_small",
-            f"the {', '.join(short)} split(s) would have no malignant or no non-malignant "
+            f"{where}{', '.join(short)} split(s) would have no malignant or no non-malignant "
             "image; label more patients (at least a few malignant and a few other patients "
-            "per split) or change validation_fraction/test_fraction",
-            detail={"split_sizes": sizes},
+            "per split) or change validation_fraction/test_fraction (or folds)",
+            detail={"split_sizes": sizes, "fold": fold},
         )
     return sizes
 
 
-@router.post(
-    "/training-runs",
-    status_code=202,
-    response_model=TrainingRunAccepted,
-    responses=error_responses(404),
-)
-def post_training_run(
-    spec: TrainingRunCreate, session: SessionDep, caller: CallerDep, producer: ProducerDep
-) -> TrainingRunAccepted:
-    """Queue a training run on the `training` queue; poll GET /v1/training-runs/{id}."""
-    tenant_id = caller.tenant.id
-    resolved = _resolve_images(spec, session, tenant_id)
-    config = TrainingConfig.from_dict(spec.hyperparameters.model_dump())
-    splits = split_by_patient(
-        [
-            (image.id, study.patient_key, item.label == "malignant")
-            for image, study, item in resolved
-        ],
-        seed=spec.seed,
-        validation_fraction=config.validation_fraction,
-        test_fraction=config.test_fraction,
-    )
-    sizes = _check_splits(resolved, splits)
-    run = TrainingRun(
-        tenant_id=tenant_id,
-        name=spec.name,
-        hyperparameters=config.to_dict(),
-        seed=spec.seed,
-        split_sizes=sizes,
-    )
+def _add_run(
+    session: SessionDep,
+    resolved: list[tuple[Image, Study, LabelledImage]],
+    splits: dict[uuid.UUID, Split],
+    **columns: object,
+) -> TrainingRun:
+    run = TrainingRun(**columns)
     session.add(run)
     session.flush()
     session.add_all(
@@ -200,16 +191,98 @@ def post_training_run(
         )
         for image, _, item in resolved
     )
-    caller.audit(session, AuditAction.CREATE, "training_run", run.id, images=len(resolved))
+    return run
+
+
+@router.post(
+    "/training-runs",
+    status_code=202,
+    response_model=TrainingRunAccepted,
+    responses=error_responses(404),
+)
+def post_training_run(
+    spec: TrainingRunCreate, session: SessionDep, caller: CallerDep, producer: ProducerDep
+) -> TrainingRunAccepted:
+    """Queue a training run on the `training` queue; poll GET /v1/training-runs/{id}.
+
+    With fewer than 200 patients (or `folds` > 1) the run is a cross-validation: one queued
+    run per fold, then a final model on all the data; this run reports them all."""
+    tenant_id = caller.tenant.id
+    resolved = _resolve_images(spec, session, tenant_id)
+    config = TrainingConfig.from_dict(spec.hyperparameters.model_dump())
+    labelled = [
+        (image.id, study.patient_key, item.label == "malignant") for image, study, item in resolved
+    ]
+    folds = folds_for(config, len({patient for _, patient, _ in labelled}))
+    try:
+        init_from = resolve_init_from(session=session, config=config)
+    except RegistryError as err:
+        raise ApiError(422, err.code, err.message) from err
+    # What the run will do, recorded: the workers never resolve "auto" themselves.
+    config = replace(config, folds=folds, init_from=init_from or "none")
+    common = {"tenant_id": tenant_id, "hyperparameters": config.to_dict(), "seed": spec.seed}
+    if folds == 1:
+        splits = split_by_patient(
+            labelled,
+            seed=spec.seed,
+            validation_fraction=config.validation_fraction,
+            test_fraction=config.test_fraction,
+        )
+        sizes = _check_splits(resolved, splits)
+        run = _add_run(session, resolved, splits, name=spec.name, split_sizes=sizes, **common)
+        queued = [run]
+    else:
+        fold_of = stratified_folds(labelled, folds=folds, seed=spec.seed)
+        per_fold = [
+            {image_id: fold_split(f, fold, folds) for image_id, f in fold_of.items()}
+            for fold in range(folds)
+        ]
+        fold_sizes = [_check_splits(resolved, s, fold=n) for n, s in enumerate(per_fold)]
+        sizes = {f"fold {n}": fold_sizes[n][Split.TEST.value] for n in range(folds)}
+        run = TrainingRun(
+            name=spec.name,
+            kind=TrainingRunKind.CROSS_VALIDATION,
+            status=TrainingStatus.RUNNING,
+            started_at=utcnow(),
+            split_sizes=sizes,
+            **common,
+        )
+        session.add(run)
+        session.flush()
+        queued = [
+            _add_run(
+                session,
+                resolved,
+                per_fold[n],
+                name=f"{spec.name} (fold {n})",
+                kind=TrainingRunKind.FOLD,
+                parent_id=run.id,
+                fold=n,
+                split_sizes=fold_sizes[n],
+                **common,
+            )
+            for n in range(folds)
+        ]
+    caller.audit(
+        session, AuditAction.CREATE, "training_run", run.id, images=len(resolved), folds=folds
+    )
     session.commit()
     # Committed; now the worker may hear of it. If the broker is down, the sweeper sends it.
     try:
-        enqueue_training(producer, run.id)
-        run.enqueued_at = utcnow()
+        for stage in queued:
+            enqueue_training(producer, stage.id)
+            stage.enqueued_at = utcnow()
         session.commit()
     except (BrokerError, DatabaseError) as err:
         session.rollback()
         log.warning("training run %s stored but not yet queued: %s", run.id, err)
     return TrainingRunAccepted(
-        id=run.id, name=run.name, status=run.status, seed=run.seed, split_sizes=sizes
+        id=run.id,
+        name=run.name,
+        status=run.status,
+        seed=run.seed,
+        split_sizes=sizes,
+        kind=run.kind.value,
+        folds=folds,
+        init_from=init_from,
     )

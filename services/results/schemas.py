@@ -190,10 +190,20 @@ class EpochPoint(BaseModel):
 
     epoch: int
     train_loss: float
-    validation_loss: float
-    validation_auc: float  # exam level
+    # None for a cross-validation's final model, which has no validation split.
+    validation_loss: float | None
+    validation_auc: float | None  # exam level
     seconds: float
     attempt: int  # which attempt of the run trained this epoch (a resumed run: > 1)
+
+
+class TrainingStage(BaseModel):
+    id: uuid.UUID
+    kind: str  # fold | final
+    fold: int | None
+    status: TrainingStatus
+    epochs_done: int
+    exam_auc: float | None  # a fold's, on its held-out fold
 
 
 class TrainingRunDetail(BaseModel):
@@ -215,6 +225,12 @@ class TrainingRunDetail(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     curve: list[EpochPoint]
+    # "single", or a cross-validation ("cross_validation") and its stages: "fold" runs and
+    # the "final" model's run, each with its own status and curve at its own URL.
+    kind: str = "single"
+    parent_id: uuid.UUID | None = None
+    fold: int | None = None
+    stages: list[TrainingStage] = []
 
 
 class TrainingRunsPage(BaseModel):

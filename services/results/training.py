@@ -16,13 +16,14 @@ from services.results.schemas import (
     ModelVersionPublic,
     TrainingRunDetail,
     TrainingRunsPage,
+    TrainingStage,
 )
 from shared.api.deps import require_scope
 from shared.api.errors import ApiError
 from shared.api.schemas import COMMON_ERRORS
-from shared.db.models import AuditAction, ModelVersion, Scope, TrainingRun
+from shared.db.models import AuditAction, ModelVersion, Scope, TrainingRun, TrainingRunKind
 from shared.ml.registry import list_models
-from shared.training_runs import get_run, list_runs, metric_curve
+from shared.training_runs import get_run, list_runs, metric_curve, stages
 
 router = APIRouter(dependencies=[require_scope(Scope.READ)], prefix="/v1", responses=COMMON_ERRORS)
 
@@ -46,6 +47,22 @@ def _run_detail(session: Session, run: TrainingRun) -> TrainingRunDetail:
         started_at=run.started_at,
         finished_at=run.finished_at,
         curve=[EpochPoint.model_validate(p) for p in metric_curve(session=session, run_id=run.id)],
+        kind=run.kind.value,
+        parent_id=run.parent_id,
+        fold=run.fold,
+        stages=[
+            TrainingStage(
+                id=stage.id,
+                kind=stage.kind.value,
+                fold=stage.fold,
+                status=stage.status,
+                epochs_done=stage.epochs_done,
+                exam_auc=(stage.evaluation or {}).get("exam_auc"),
+            )
+            for stage in stages(session=session, parent_id=run.id)
+        ]
+        if run.kind == TrainingRunKind.CROSS_VALIDATION
+        else [],
     )
 
 

@@ -28,7 +28,7 @@ from shared.db.base import session_scope
 from shared.db.models import Image, InferenceBatch, Laterality
 from shared.imaging.decode import decode_image
 from shared.imaging.formats import ImageRejected, RejectCode
-from shared.imaging.preprocess import InputGeometry, Preprocess, heatmap_on_image
+from shared.imaging.preprocess import InputGeometry, heatmap_on_image
 from shared.imaging.renders import heatmap_pngs, preview_png
 from shared.lifecycle import (
     abandon_images,
@@ -40,6 +40,7 @@ from shared.lifecycle import (
     release_images,
 )
 from shared.logs import log_context
+from shared.ml.imported import preprocess_for
 from shared.ml.input_reference import INPUT_UNLIKE_TRAINING_DATA
 from shared.ml.registry import ensure_active_model, shipped_model_dir
 from shared.queue import Queue, TaskName
@@ -177,8 +178,7 @@ class ScreeningRun:
     def __init__(self, ctx: WorkerContext, loaded: LoadedModel) -> None:
         self.ctx = ctx
         self.loaded = loaded
-        config = loaded.model.config
-        self.preprocess = Preprocess(config.input_height, config.input_width)
+        self.preprocess = preprocess_for(loaded.model)
         self.policy = BatchPolicy(
             max_batch=ctx.settings.inference_batch_size,
             max_wait_s=ctx.settings.inference_max_wait_s,
@@ -262,7 +262,7 @@ class ScreeningRun:
         inputs = [prepared.inputs for _, prepared in ready]
         store = self.ctx.store
         version_id = self.loaded.version_id
-        with_heatmaps = self.ctx.settings.worker_heatmaps
+        with_heatmaps = self.ctx.settings.worker_heatmaps and self.loaded.has_heatmaps
         if with_heatmaps:
             scores, maps = self.loaded.predictor.with_heatmaps(inputs)
         else:

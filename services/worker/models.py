@@ -13,7 +13,7 @@ import torch
 from services.worker.pipeline import Predictor
 from shared.config import Settings
 from shared.db.models import ModelVersion
-from shared.ml.checkpoint import load_checkpoint
+from shared.ml.imported import ImportedModel, load_model
 from shared.ml.input_reference import InputReference
 from shared.ml.model import ScreeningNet
 from shared.storage import ObjectStore
@@ -42,11 +42,16 @@ class LoadedModel:
     version_id: uuid.UUID
     name: str
     trained: bool
-    model: ScreeningNet
+    model: ScreeningNet | ImportedModel
     device: torch.device
     predictor: Predictor
     # What the version's training inputs looked like; None: no out-of-distribution warnings.
     reference: InputReference | None = None
+
+    @property
+    def has_heatmaps(self) -> bool:
+        """Our networks' class activation maps; an imported model has none."""
+        return isinstance(self.model, ScreeningNet)
 
 
 class ModelCache:
@@ -64,8 +69,10 @@ class ModelCache:
                 log.info(
                     "loading model version %s (%s) on %s", version.name, version.id, self.device
                 )
-                model = load_checkpoint(
-                    self._store.get_bytes(version.checkpoint_key), device=self.device
+                model = load_model(
+                    version.architecture,
+                    self._store.get_bytes(version.checkpoint_key),
+                    device=self.device,
                 )
                 predictor = Predictor(model, self.device, compile_model=self._compile)
                 cached = LoadedModel(

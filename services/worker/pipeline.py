@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 import numpy as np
 import torch
 
+from shared.ml.imported import ImportedModel
 from shared.ml.model import ScreeningNet, heatmaps_within_scores
 
 T = TypeVar("T")
@@ -138,7 +139,9 @@ class Predictor:
     model cache.
     """
 
-    def __init__(self, model: ScreeningNet, device: torch.device, *, compile_model: bool) -> None:
+    def __init__(
+        self, model: ScreeningNet | ImportedModel, device: torch.device, *, compile_model: bool
+    ) -> None:
         self.device = device
         self._cuda = device.type == "cuda"
         if self._cuda:
@@ -173,6 +176,7 @@ class Predictor:
         if not inputs:
             return [], np.zeros((0, 0, 0), dtype=np.float32)
         batch = self._device_batch(inputs)
+        assert isinstance(self._raw_model, ScreeningNet), "imported models have no heatmaps"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._cuda):
             logits, maps = self._raw_model.forward_with_heatmap(batch)
         probabilities = torch.sigmoid(logits.float())

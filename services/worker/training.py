@@ -24,24 +24,35 @@ import torch
 from sqlalchemy import select
 
 from services.worker.celery_app import app
+from services.worker.cross_validation import cross_validated_figures, fold_evaluation
 from shared.config import Settings, get_settings
-from shared.db.base import session_scope
-from shared.db.models import ModelStatus, ModelVersion, Split, TrainingLabel, TrainingRun
+from shared.db.base import session_scope, utcnow
+from shared.db.models import (
+    ModelStatus,
+    ModelVersion,
+    Split,
+    TrainingLabel,
+    TrainingRun,
+    TrainingRunKind,
+)
 from shared.imaging.decode import decode_image
 from shared.imaging.formats import ImageRejected
 from shared.imaging.preprocess import Preprocess, box_in_input
 from shared.logs import log_context
-from shared.ml.checkpoint import checkpoint_bytes, load_checkpoint
+from shared.ml.checkpoint import checkpoint_bytes
 from shared.ml.config import Example, TrainingConfig
 from shared.ml.evaluation import (
     ActiveComparison,
+    OperatingPoint,
+    Review,
     choose_operating_point,
     evaluate_exams,
     model_card,
     review_candidate,
 )
+from shared.ml.imported import load_model, preprocess_for
 from shared.ml.input_reference import fit_reference
-from shared.ml.registry import active_model
+from shared.ml.registry import RegistryError, active_model, find_model, resolve_init_from
 from shared.ml.training import (
     LoadedSplit,
     Trainer,
@@ -49,16 +60,19 @@ from shared.ml.training import (
     outcomes_for,
     predict,
 )
-from shared.queue import Queue, TaskName
+from shared.queue import Queue, TaskName, producer
 from shared.storage import Keys, ObjectStore
 from shared.training_runs import (
     DatasetImage,
     RunNotClaimable,
     beat,
     claim_run,
+    complete_fold,
     complete_run,
     dataset_images,
-    fail_run,
+    enqueue_training,
+    fail_with_parent,
+    fold_evaluations,
     record_epoch,
 )
 
@@ -136,6 +150,7 @@ def run_training(run_id: uuid.UUID, *, settings: Settings, store: ObjectStore) -
                 max_attempts=settings.max_attempts,
             )
             attempt, seed, resume_from = run.attempts, run.seed, run.checkpoint_key
+            kind, parent_id, fold = run.kind, run.parent_id, run.fold
             config = TrainingConfig.from_dict(run.hyperparameters)
             images = dataset_images(session=session, run_id=run_id)
     except RunNotClaimable as reason:
@@ -144,12 +159,20 @@ def run_training(run_id: uuid.UUID, *, settings: Settings, store: ObjectStore) -
     heartbeat = Heartbeat(settings, run_id, attempt)
     heartbeat.start()
     try:
-        splits = load_splits(images, config, settings=settings, store=store)
+        splits = load_splits(
+            images,
+            config,
+            settings=settings,
+            store=store,
+            held_out=kind != TrainingRunKind.FINAL,
+        )
+        init_from, init_weights = initial_weights(config, settings=settings, store=store)
         trainer = Trainer(
             config,
             seed=seed,
             train=splits[Split.TRAIN],
-            validation=splits[Split.VALIDATION],
+            validation=splits.get(Split.VALIDATION),
+            init_weights=init_weights,
         )
         if resume_from is not None:
             state = torch.load(io.BytesIO(store.get_bytes(resume_from)), weights_only=True)
@@ -163,21 +186,41 @@ def run_training(run_id: uuid.UUID, *, settings: Settings, store: ObjectStore) -
             store=store,
             heartbeat=heartbeat,
         )
-        register(
-            trainer,
-            splits,
-            images,
-            run_id=run_id,
-            attempt=attempt,
-            settings=settings,
-            store=store,
-        )
+        if kind == TrainingRunKind.FOLD:
+            assert fold is not None
+            finish_fold(
+                trainer, splits[Split.TEST], fold, run_id=run_id, attempt=attempt, settings=settings
+            )
+        elif kind == TrainingRunKind.FINAL:
+            assert parent_id is not None
+            register_cross_validated(
+                trainer,
+                splits,
+                images,
+                run_id=run_id,
+                parent_id=parent_id,
+                attempt=attempt,
+                settings=settings,
+                store=store,
+                init_from=init_from,
+            )
+        else:
+            register(
+                trainer,
+                splits,
+                images,
+                run_id=run_id,
+                attempt=attempt,
+                settings=settings,
+                store=store,
+                init_from=init_from,
+            )
         return "completed"
     except DatasetUnusable as err:
         with session_scope(settings.database_url) as session:
             run = session.get_one(TrainingRun, run_id, with_for_update=True)
             if run.attempts == attempt:
-                fail_run(run, code=err.code, message=err.message)
+                fail_with_parent(session, run, code=err.code, message=err.message)
         return "failed"
     except LostRun:
         log.warning("training run %s was taken over by another attempt; stopping", run_id)
@@ -186,14 +229,107 @@ def run_training(run_id: uuid.UUID, *, settings: Settings, store: ObjectStore) -
         heartbeat.stopping.set()
 
 
+def initial_weights(
+    config: TrainingConfig, *, settings: Settings, store: ObjectStore
+) -> tuple[str | None, dict[str, torch.Tensor] | None]:
+    """The version a run starts from (resolved when the run was created; "auto" here only
+    for a run made another way) and its weights; (None, None) from scratch."""
+    try:
+        with session_scope(settings.database_url) as session:
+            name = resolve_init_from(session=session, config=config)
+            if name is None:
+                return None, None
+            key = find_model(session=session, name_or_id=name).checkpoint_key
+    except RegistryError as err:
+        raise DatasetUnusable(err.code, err.message) from err
+    payload = torch.load(io.BytesIO(store.get_bytes(key)), map_location="cpu", weights_only=True)
+    log.info("warm start from %s", name)
+    return name, payload["state_dict"]
+
+
+def finish_fold(
+    trainer: Trainer,
+    test: LoadedSplit,
+    fold: int,
+    *,
+    run_id: uuid.UUID,
+    attempt: int,
+    settings: Settings,
+) -> None:
+    """Store the fold's out-of-fold predictions; the last fold to finish queues the final
+    model's run (sent after the commit; the sweeper sends it if this process dies first)."""
+    evaluation = fold_evaluation(trainer, test, fold)
+    with session_scope(settings.database_url) as session:
+        run = session.get_one(TrainingRun, run_id, with_for_update=True)
+        if run.attempts != attempt:
+            raise LostRun()
+        final_id = complete_fold(session=session, run=run, evaluation=evaluation)
+    log.info(
+        "training run %s (fold %d): held-out exam AUC %.3f", run_id, fold, evaluation["exam_auc"]
+    )
+    if final_id is not None:
+        try:
+            enqueue_training(producer(settings), final_id)
+            with session_scope(settings.database_url) as session:
+                session.get_one(TrainingRun, final_id).enqueued_at = utcnow()
+        except Exception:  # the broker or database blinked: the sweeper sends queued runs
+            log.warning(
+                "final model run %s not sent yet; the sweeper will", final_id, exc_info=True
+            )
+
+
+def register_cross_validated(
+    trainer: Trainer,
+    splits: dict[Split, LoadedSplit],
+    images: list[DatasetImage],
+    *,
+    run_id: uuid.UUID,
+    parent_id: uuid.UUID,
+    attempt: int,
+    settings: Settings,
+    store: ObjectStore,
+    init_from: str | None,
+) -> None:
+    """Register the final model, judged on the pooled out-of-fold scores of its folds (and
+    against the active version on every exam: none of them trained it)."""
+    with session_scope(settings.database_url) as session:
+        folds = fold_evaluations(session=session, parent_id=parent_id)
+    pooled, point, figures = cross_validated_figures(
+        folds, target_sensitivity=trainer.config.target_sensitivity, seed=trainer.seed
+    )
+    active = active_comparison(splits[Split.TRAIN], images, settings=settings, store=store)
+    if active is not None and len(active.scores) != len(pooled):
+        active = None  # an image decoded for one and not the other: no like-for-like
+    low, high = figures["exam_auc_ci95"]
+    review = review_candidate(
+        pooled,
+        auc_interval=(low, high),
+        evidence="pooled out-of-fold",
+        active=active,
+        seed=trainer.seed,
+    )
+    save_version(
+        trainer,
+        splits,
+        run_id=run_id,
+        attempt=attempt,
+        settings=settings,
+        store=store,
+        point=point,
+        review=review,
+        held_out={"cross_validation": figures},
+        init_from=init_from,
+        parent_id=parent_id,
+    )
+
+
 # A model input (float16), its lesion box in input pixels, and its statistics.
 Loaded = tuple[np.ndarray, tuple[float, float, float, float] | None, np.ndarray]
 
 
 def load_inputs(
     images: list[DatasetImage],
-    height: int,
-    width: int,
+    preprocess: Preprocess,
     *,
     settings: Settings,
     store: ObjectStore,
@@ -201,7 +337,6 @@ def load_inputs(
     """Each image as a model input of (height, width), float16, with its lesion box in input
     pixels and its statistics; None for an image that cannot be decoded (logged and left
     out)."""
-    preprocess = Preprocess(height, width)
 
     def load(image: DatasetImage) -> Loaded | None:
         try:
@@ -222,14 +357,21 @@ def load_inputs(
 
 
 def load_splits(
-    images: list[DatasetImage], config: TrainingConfig, *, settings: Settings, store: ObjectStore
+    images: list[DatasetImage],
+    config: TrainingConfig,
+    *,
+    settings: Settings,
+    store: ObjectStore,
+    held_out: bool = True,
 ) -> dict[Split, LoadedSplit]:
+    """The run's splits in memory. Without `held_out` (a cross-validation's final model)
+    every image is in the training split and there is no other."""
     loaded = load_inputs(
-        images, config.input_height, config.input_width, settings=settings, store=store
+        images, Preprocess(config.input_height, config.input_width), settings=settings, store=store
     )
     stride = model_config(config).output_stride
     splits = {}
-    for split in Split:
+    for split in Split if held_out else (Split.TRAIN,):
         members = [
             (i, a)
             for i, a in zip(images, loaded, strict=True)
@@ -293,11 +435,11 @@ def train_epochs(
         if previous is not None and previous != key:
             store.delete(previous)  # the newest checkpoint holds everything a resume needs
         log.info(
-            "training run %s epoch %d: loss %.4f, validation AUC %.3f (%.0fs)",
+            "training run %s epoch %d: loss %.4f, validation AUC %s (%.0fs)",
             run_id,
             result.epoch,
             result.train_loss,
-            result.validation_auc,
+            "-" if result.validation_auc is None else f"{result.validation_auc:.3f}",
             result.seconds,
         )
 
@@ -311,13 +453,16 @@ def active_comparison(
         active = active_model(session=session)
         if active is None or not active.trained:
             return None
-        name, checkpoint_key = active.name, active.checkpoint_key
-    model = load_checkpoint(store.get_bytes(checkpoint_key), device=torch.device("cpu"))
+        name, checkpoint_key, architecture = (
+            active.name,
+            active.checkpoint_key,
+            active.architecture,
+        )
+    model = load_model(architecture, store.get_bytes(checkpoint_key), device=torch.device("cpu"))
     by_id = {image.image_id: image for image in images}
     loaded = load_inputs(
         [by_id[example.image_id] for example in test.examples],
-        model.config.input_height,
-        model.config.input_width,
+        preprocess_for(model),
         settings=settings,
         store=store,
     )
@@ -337,8 +482,9 @@ def register(
     attempt: int,
     settings: Settings,
     store: ObjectStore,
+    init_from: str | None,
 ) -> None:
-    """Evaluate the best epoch's weights and register them as a candidate model version."""
+    """Evaluate the best epoch's weights on the held-out test split and register them."""
     config = trainer.config
     model = trainer.best_model()
     _, validation_probabilities = predict(model, splits[Split.VALIDATION].inputs)
@@ -357,10 +503,22 @@ def register(
         active=active_comparison(splits[Split.TEST], images, settings=settings, store=store),
         seed=trainer.seed,
     )
-    name = f"run-{run_id.hex[:12]}"
-    train_statistics = splits[Split.TRAIN].statistics
-    reference = fit_reference(train_statistics) if train_statistics is not None else None
-    split_sizes: dict[str, Any] = {
+    save_version(
+        trainer,
+        splits,
+        run_id=run_id,
+        attempt=attempt,
+        settings=settings,
+        store=store,
+        point=point,
+        review=review,
+        held_out={"test": test_metrics},
+        init_from=init_from,
+    )
+
+
+def split_sizes_of(splits: dict[Split, LoadedSplit]) -> dict[str, Any]:
+    return {
         split.value: {
             "images": len(loaded.examples),
             "exams": len({e.study_key for e in loaded.examples}),
@@ -369,13 +527,40 @@ def register(
         }
         for split, loaded in splits.items()
     }
+
+
+def save_version(
+    trainer: Trainer,
+    splits: dict[Split, LoadedSplit],
+    *,
+    run_id: uuid.UUID,
+    attempt: int,
+    settings: Settings,
+    store: ObjectStore,
+    point: OperatingPoint,
+    review: Review,
+    held_out: dict[str, Any],
+    init_from: str | None,
+    parent_id: uuid.UUID | None = None,
+) -> None:
+    """Register the best epoch's weights as a model version (candidate, or rejected by its
+    review) with its card and input reference, and complete the run (and the cross-validation
+    it ends, `parent_id`). `held_out`: the figures it was judged on ("test" or
+    "cross_validation", with what goes with them)."""
+    config = trainer.config
+    model = trainer.best_model()
+    name = f"run-{run_id.hex[:12]}"
+    train_statistics = splits[Split.TRAIN].statistics
+    reference = fit_reference(train_statistics) if train_statistics is not None else None
+    split_sizes = split_sizes_of(splits)
+    judged_on = held_out.get("test") or held_out["cross_validation"]
     card = model_card(
         name=name,
         architecture=model.config.to_dict(),
         hyperparameters=config.to_dict(),
         split_sizes=split_sizes,
         point=point,
-        test_metrics=test_metrics,
+        test_metrics=judged_on,
         target_sensitivity=config.target_sensitivity,
         epochs_trained=trainer.next_epoch,
     )
@@ -387,16 +572,19 @@ def register(
     )
     evaluation = {
         "best_epoch": trainer.best_epoch,
-        "best_validation_auc": trainer.best_auc,
+        "best_validation_auc": trainer.best_auc if trainer.validation is not None else None,
         "epochs_trained": trainer.next_epoch,
-        "test": test_metrics,
+        **held_out,
         "recall_threshold": point.threshold,
+        "init_from": init_from,
         "review": {
             "rejected": review.rejected,
             "reason": review.reason,
             "comparison_with_active": review.comparison,
         },
     }
+    card.update({k: v for k, v in held_out.items() if k != "test"})
+    card["init_from"] = init_from or "none: trained from scratch"
     card["review"] = evaluation["review"]
     card["input_reference"] = (
         {
@@ -423,8 +611,8 @@ def register(
         version.checkpoint_key = key
         version.trained = True
         version.metrics = {
-            "test": test_metrics,
-            "best_validation_auc": trainer.best_auc,
+            **held_out,
+            "best_validation_auc": evaluation["best_validation_auc"],
             "comparison_with_active": review.comparison,
         }
         version.recall_threshold = point.threshold
@@ -434,10 +622,14 @@ def register(
         version.training_run_id = run_id
         session.flush()
         complete_run(run, model_version_id=version.id, evaluation=evaluation)
+        if parent_id is not None:
+            parent = session.get_one(TrainingRun, parent_id, with_for_update=True)
+            parent.split_sizes = {**parent.split_sizes, "all": split_sizes[Split.TRAIN.value]}
+            complete_run(parent, model_version_id=version.id, evaluation=evaluation)
     log.info(
-        "training run %s registered %s (%s): test exam AUC %.3f",
+        "training run %s registered %s (%s): held-out exam AUC %.3f",
         run_id,
         name,
         "rejected" if review.rejected else "candidate",
-        test_metrics["exam_auc"],
+        judged_on["exam_auc"],
     )

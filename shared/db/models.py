@@ -409,6 +409,14 @@ class Split(enum.StrEnum):
     TEST = "test"
 
 
+class TrainingRunKind(enum.StrEnum):
+    SINGLE = "single"  # one train/validation/test split, one model
+    # k folds and a final model: this row holds no data of its own; its stages do the work.
+    CROSS_VALIDATION = "cross_validation"
+    FOLD = "fold"  # one fold of a cross-validation: its held-out predictions, no model
+    FINAL = "final"  # a cross-validation's model, trained on all the data
+
+
 class TrainingRun(Base):
     """One training job: its dataset, hyperparameters, progress and resulting model version.
 
@@ -425,6 +433,12 @@ class TrainingRun(Base):
         _enum(TrainingStatus, "training_status"), default=TrainingStatus.QUEUED
     )
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    kind: Mapped[TrainingRunKind] = mapped_column(
+        _enum(TrainingRunKind, "training_run_kind"), default=TrainingRunKind.SINGLE
+    )
+    # A fold's or final model's cross-validation run, and which fold it is.
+    parent_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("training_runs.id"), index=True)
+    fold: Mapped[int | None] = mapped_column(Integer)
     seed: Mapped[int] = mapped_column(Integer)
     split_sizes: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -464,8 +478,9 @@ class TrainingEpoch(Base):
     run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("training_runs.id"), primary_key=True)
     epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
     train_loss: Mapped[float] = mapped_column(Float)
-    validation_loss: Mapped[float] = mapped_column(Float)
-    validation_auc: Mapped[float] = mapped_column(Float)
+    # None for a run without a validation split (a cross-validation's final model).
+    validation_loss: Mapped[float | None] = mapped_column(Float)
+    validation_auc: Mapped[float | None] = mapped_column(Float)
     seconds: Mapped[float] = mapped_column(Float)
     attempt: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -498,6 +513,7 @@ class AuditAction(enum.StrEnum):
     # (no tenant) that every tenant's audit log lists.
     PROMOTE_MODEL = "promote_model"
     ROLLBACK_MODEL = "rollback_model"
+    IMPORT_MODEL = "import_model"
 
 
 class AuditEvent(Base):

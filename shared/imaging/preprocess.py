@@ -129,19 +129,34 @@ class InputGeometry:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """The full chain from a decoded [0, 1] image to a model input of (height, width)."""
+    """The full chain from a decoded [0, 1] image to a model input of (height, width).
+
+    Our models take each input standardised on its own (`normalisation` "per_image") with
+    the chest wall on the left. An imported model may want the [0, 1] grey levels ("unit"),
+    or a fixed (mean, std) of them, and may have been trained on images as acquired
+    (`orient` False: no mirroring; the crop is the same).
+    """
 
     height: int
     width: int
+    normalisation: str | tuple[float, float] = "per_image"
+    orient: bool = True
 
     def __call__(self, pixels: Array, laterality: Laterality | None) -> Array:
         return self.with_geometry(pixels, laterality)[0]
+
+    def _normalise(self, resized: Array) -> Array:
+        if isinstance(self.normalisation, str):
+            return Standardize()(resized) if self.normalisation == "per_image" else resized
+        mean, std = self.normalisation
+        normalised: Array = ((resized - mean) / std).astype(np.float32)
+        return normalised
 
     def with_geometry(
         self, pixels: Array, laterality: Laterality | None
     ) -> tuple[Array, InputGeometry]:
         resized, geometry = self._oriented_crop(pixels, laterality)
-        return Standardize()(resized), geometry
+        return self._normalise(resized), geometry
 
     def prepare(
         self, pixels: Array, laterality: Laterality | None
@@ -149,13 +164,14 @@ class Preprocess:
         """The model input, its geometry, and the input's statistics (`input_statistics`)
         from the same resized crop."""
         resized, geometry = self._oriented_crop(pixels, laterality)
-        return Standardize()(resized), geometry, input_statistics(resized, geometry)
+        return self._normalise(resized), geometry, input_statistics(resized, geometry)
 
     def _oriented_crop(
         self, pixels: Array, laterality: Laterality | None
     ) -> tuple[Array, InputGeometry]:
         rows, cols, chest_wall_right = BreastCrop().locate(pixels)
         flipped = laterality == Laterality.RIGHT if chest_wall_right is None else chest_wall_right
+        flipped = flipped and self.orient
         if flipped:  # the box, in the canonically oriented (mirrored) image
             width = pixels.shape[1]
             cols = slice(width - cols.stop, width - cols.start)

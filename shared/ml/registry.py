@@ -16,6 +16,7 @@ from shared import audit
 from shared.config import Settings
 from shared.db.base import utcnow
 from shared.db.models import AuditAction, ModelStatus, ModelVersion
+from shared.ml.config import TrainingConfig, weights_fit
 from shared.storage import Keys, ObjectStore
 
 UNTRAINED_MODEL_NAME = "untrained-seed0"
@@ -243,3 +244,85 @@ def rollback(*, session: Session, actor: str) -> ModelVersion:
     _audit(session, AuditAction.ROLLBACK_MODEL, previous, actor, previous=current.name)
     session.flush()
     return previous
+
+
+def resolve_init_from(*, session: Session, config: TrainingConfig) -> str | None:
+    """The registered version a run starts from (its name), or None for from scratch.
+
+    "auto": the active version when it is trained and its layers have the run's shapes.
+    A named version must exist, be trained and fit (RegistryError otherwise): a site that
+    asks for one must not silently get a model trained from scratch.
+    """
+    if config.init_from == "none":
+        return None
+    if config.init_from == "auto":
+        active = active_model(session=session)
+        if active is None or not active.trained or not weights_fit(active.architecture, config):
+            return None
+        return active.name
+    version = find_model(session=session, name_or_id=config.init_from)
+    if not version.trained:
+        raise RegistryError(
+            "init_from_untrained", f"{version.name} was never trained: nothing to start from"
+        )
+    if not weights_fit(version.architecture, config):
+        widths = {k: version.architecture.get(k) for k in ("stem_channels", "stage_channels")}
+        raise RegistryError(
+            "init_from_mismatch",
+            f"{version.name} has layers of other widths ({widths}) than this run's; set "
+            "stem_channels and stage_channels to match, or init_from to none",
+        )
+    return version.name
+
+
+def register_imported(
+    *,
+    session: Session,
+    store: ObjectStore,
+    name: str,
+    archive: bytes,
+    manifest: dict[str, Any],
+    validation: dict[str, Any],
+    actor: str,
+) -> ModelVersion:
+    """Register a site's TorchScript model (validated by the caller: shared/ml/imported.py)
+    as a candidate. It carries no evaluation on this deployment's data and no input
+    reference; its card says so."""
+    if session.scalar(select(ModelVersion).where(ModelVersion.name == name)) is not None:
+        raise RegistryError("model_exists", f"a model version named {name} exists; pick another")
+    key = Keys.model_checkpoint(name)
+    store.put_bytes(key, archive, content_type="application/octet-stream")
+    version = ModelVersion(
+        name=name,
+        architecture={"format": "torchscript", "architecture": "torchscript", "manifest": manifest},
+        checkpoint_key=key,
+        status=ModelStatus.CANDIDATE,
+        trained=True,
+        metrics={"imported": validation},
+        recall_threshold=manifest.get("recall_threshold"),
+        model_card={
+            "name": name,
+            "imported": True,
+            "description": manifest.get("description", ""),
+            "manifest": manifest,
+            "validation_on_import": validation,
+            "not_for_clinical_use": True,
+            "limitations": [
+                "Trained elsewhere: no evaluation on this deployment's data, and no input "
+                "reference, so no input_unlike_training_data warnings.",
+                "No heatmaps: an imported model has no class activation map here.",
+            ],
+        },
+    )
+    session.add(version)
+    session.flush()
+    audit.record(
+        session=session,
+        tenant_id=None,
+        key_prefix=actor[:32],
+        action=AuditAction.IMPORT_MODEL,
+        resource_type="model_version",
+        resource_id=version.id,
+        detail={"name": name, "bytes": len(archive)},
+    )
+    return version

@@ -106,31 +106,38 @@ class LoadedSplit:
 
 
 def augment_batch(
-    inputs: torch.Tensor, dense: torch.Tensor, views: Sequence[View], generator: torch.Generator
+    inputs: torch.Tensor,
+    dense: torch.Tensor,
+    views: Sequence[View],
+    generator: torch.Generator,
+    strength: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Changes a reader would accept as the same anatomy (applied to the per-position targets
     alike): a small shift along the chest wall,
     exposure (contrast and brightness) jitter, and an up-down flip of CC views only (a CC has
     no up or down; an MLO's pectoral muscle does). Never left-right: after canonical
-    orientation the chest wall is always on the left."""
+    orientation the chest wall is always on the left. `strength` scales the shift and the
+    jitter (the small-data recipe uses more)."""
     batch, height, _ = inputs.shape
     stride = height // dense.shape[2]
     out, out_dense = inputs.clone(), dense.clone()
+    reach = max(1, round(2 * strength))
     for index in range(batch):
         # Whole map cells, so the per-position targets move with the image.
-        cells = int(torch.randint(-2, 3, (1,), generator=generator))
+        cells = int(torch.randint(-reach, reach + 1, (1,), generator=generator))
         out[index] = torch.roll(out[index], shifts=cells * stride, dims=0)
         out_dense[index] = torch.roll(out_dense[index], shifts=cells, dims=1)
         if views[index] == View.CC and torch.rand(1, generator=generator).item() < 0.5:
             out[index] = torch.flip(out[index], dims=(0,))
             out_dense[index] = torch.flip(out_dense[index], dims=(1,))
-    contrast = 1 + 0.1 * (torch.rand(batch, 1, 1, generator=generator) * 2 - 1)
-    brightness = 0.1 * (torch.rand(batch, 1, 1, generator=generator) * 2 - 1)
+    jitter = 0.1 * strength
+    contrast = 1 + jitter * (torch.rand(batch, 1, 1, generator=generator) * 2 - 1)
+    brightness = jitter * (torch.rand(batch, 1, 1, generator=generator) * 2 - 1)
     return out * contrast + brightness, out_dense
 
 
 def predict(
-    model: ScreeningNet, inputs: torch.Tensor, *, batch_size: int = 32
+    model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 32
 ) -> tuple[list[float], list[float]]:
     """(logits, probabilities) for float16 inputs (N, H, W), in eval mode."""
     model.eval()
@@ -154,14 +161,21 @@ def outcomes_for(split: LoadedSplit, probabilities: Sequence[float]) -> list[Exa
 class EpochResult:
     epoch: int
     train_loss: float
-    validation_loss: float
-    validation_auc: float  # exam level
+    validation_loss: float | None  # None without a validation split
+    validation_auc: float | None  # exam level
     seconds: float
     improved: bool
 
 
 class Trainer:
-    """The epoch loop. `state()` / `restore()` carry everything a resumed run needs."""
+    """The epoch loop. `state()` / `restore()` carry everything a resumed run needs.
+
+    Without a validation split (a cross-validation's final model, whose epochs the folds
+    chose), every epoch counts as the best so far: the last one's weights are the model.
+    With `init_weights` (a warm start from a registered version) the small-data recipe of the
+    config applies: its fine-tuning learning rate, the stem and first stage frozen for
+    `freeze_epochs`, and augmentation of `fine_tune_augment_strength`.
+    """
 
     def __init__(
         self,
@@ -169,7 +183,8 @@ class Trainer:
         *,
         seed: int,
         train: LoadedSplit,
-        validation: LoadedSplit,
+        validation: LoadedSplit | None,
+        init_weights: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.config = config
         self.seed = seed
@@ -177,8 +192,14 @@ class Trainer:
         self.validation = validation
         torch.manual_seed(seed)
         self.model = build_model(model_config(config))
+        self.warm = init_weights is not None
+        if init_weights is not None:
+            self.model.load_state_dict(init_weights)
+        self.augment_strength = config.fine_tune_augment_strength if self.warm else 1.0
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+            self.model.parameters(),
+            lr=config.fine_tune_learning_rate if self.warm else config.learning_rate,
+            weight_decay=config.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=max(1, config.epochs)
@@ -212,6 +233,9 @@ class Trainer:
             return True
         return config.time_budget_s is not None and self.elapsed_s >= config.time_budget_s
 
+    def _early_layers(self) -> list[nn.Module]:
+        return [self.model.stem, self.model.stages[0]]
+
     def run_epoch(self) -> EpochResult:
         epoch = self.next_epoch
         started = time.perf_counter()
@@ -219,6 +243,13 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.seed * 10_009 + epoch)
         order = torch.randperm(len(self.train.targets), generator=generator)
         self.model.train()
+        # A warm start first adapts the later layers to the new images while the early
+        # (generic edge and texture) filters, and their batch-norm statistics, stay put.
+        frozen = self.warm and epoch < self.config.freeze_epochs
+        for module in self._early_layers():
+            module.requires_grad_(not frozen)
+            if frozen:
+                module.eval()
         total, count = 0.0, 0
         for start in range(0, len(order), self.config.batch_size):
             index = order[start : start + self.config.batch_size]
@@ -228,7 +259,9 @@ class Trainer:
             dense = self.train.dense[index]
             if self.config.augment:
                 views = [self.train.examples[int(i)].view for i in index]
-                inputs, dense = augment_batch(inputs, dense, views, generator)
+                inputs, dense = augment_batch(
+                    inputs, dense, views, generator, self.augment_strength
+                )
             outputs, maps = self.model.outputs_and_maps(inputs.unsqueeze(1))
             loss = self.loss(outputs, self.train.targets[index])
             known = self.train.dense_known[index][:, :, None, None].expand_as(dense).float()
@@ -243,15 +276,18 @@ class Trainer:
             total += float(loss.detach()) * len(index)
             count += len(index)
         self.scheduler.step()
-        logits, probabilities = predict(self.model, self.validation.inputs)
-        validation_loss = float(
-            self.malignancy_loss(torch.tensor(logits), self.validation.malignant)
-        )
-        outcomes = outcomes_for(self.validation, probabilities)
-        auc = roc_auc([o.score for o in outcomes], [o.malignant for o in outcomes])
-        improved = auc > self.best_auc
+        validation_loss: float | None = None
+        auc: float | None = None
+        if self.validation is not None:
+            logits, probabilities = predict(self.model, self.validation.inputs)
+            validation_loss = float(
+                self.malignancy_loss(torch.tensor(logits), self.validation.malignant)
+            )
+            outcomes = outcomes_for(self.validation, probabilities)
+            auc = roc_auc([o.score for o in outcomes], [o.malignant for o in outcomes])
+        improved = auc is None or auc > self.best_auc
         if improved:
-            self.best_auc, self.best_epoch = auc, epoch
+            self.best_auc, self.best_epoch = (-1.0 if auc is None else auc), epoch
             self.best_weights = self._copy_weights()
         seconds = time.perf_counter() - started
         self.elapsed_s += seconds

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from shared.db.models import Laterality, Split, TrainingLabel, View
-from shared.ml.config import Example, TrainingConfig, split_by_patient
+from shared.ml.config import (
+    Example,
+    TrainingConfig,
+    fold_split,
+    folds_for,
+    split_by_patient,
+    stratified_folds,
+    weights_fit,
+)
 from shared.ml.training import LoadedSplit, Trainer, augment_batch, dense_target
 
 TINY = TrainingConfig(
@@ -179,3 +187,68 @@ def test_early_stopping_ends_once_validation_stops_improving(
         assert epochs == trainer.best_epoch + 2 or epochs == 6
     else:
         assert epochs == 6
+
+
+def test_folds_hold_out_every_patient_once_with_positives_in_every_fold() -> None:
+    images = _patients(50, malignant_every=5)  # 10 malignant patients
+    fold_of = stratified_folds(images, folds=5, seed=2)
+    by_patient: dict[str, set[int]] = {}
+    for image_id, patient, _ in images:
+        by_patient.setdefault(patient, set()).add(fold_of[image_id])
+    assert all(len(f) == 1 for f in by_patient.values())
+    for fold in range(5):
+        roles = {fold_split(fold_of[i], fold, 5) for i, _, _ in images}
+        assert roles == set(Split)
+        held_out = [m for i, _, m in images if fold_split(fold_of[i], fold, 5) == Split.TEST]
+        assert sum(held_out) == 2 * 4  # two malignant patients, four images each
+        assert len(held_out) == 10 * 4
+    assert stratified_folds(list(reversed(images)), folds=5, seed=2) == fold_of
+    assert stratified_folds(images, folds=5, seed=3) != fold_of
+
+
+def test_small_data_sets_default_to_folds_and_warm_start_needs_matching_layers() -> None:
+    config = TrainingConfig()
+    assert folds_for(config, 150) == 5
+    assert folds_for(config, 400) == 1
+    assert folds_for(TrainingConfig(folds=1), 20) == 1
+    assert folds_for(TrainingConfig(folds=3), 1000) == 3
+    ours = {
+        "architecture": "screening-resnet-v1",
+        "stem_channels": 16,
+        "stage_channels": [16, 32, 64, 128],
+        "input_height": 1024,
+    }
+    assert weights_fit(ours, config)  # another input size is fine
+    assert not weights_fit({**ours, "stage_channels": [8, 16, 32, 64]}, config)
+    assert not weights_fit({"format": "torchscript", "manifest": {}}, config)
+
+
+def test_a_warm_start_keeps_the_early_layers_frozen_for_its_first_epochs() -> None:
+    source = _trainer()
+    source.run_epoch()
+    weights = {k: v.clone() for k, v in source.model.state_dict().items()}
+    config = TrainingConfig(**{**TINY.to_dict(), "freeze_epochs": 1})
+    warm = Trainer(
+        config, seed=7, train=_tiny_split(1), validation=_tiny_split(2, 24), init_weights=weights
+    )
+    assert warm.optimizer.param_groups[0]["lr"] == config.fine_tune_learning_rate
+    stem_before = warm.model.stem[0].weight.detach().clone()
+    head_before = warm.model.head.weight.detach().clone()
+    bn_before = warm.model.stem[1].running_mean.clone()
+    warm.run_epoch()
+    assert torch.equal(warm.model.stem[0].weight, stem_before), "frozen in the first epoch"
+    assert torch.equal(warm.model.stem[1].running_mean, bn_before), "batch-norm statistics too"
+    assert not torch.equal(warm.model.head.weight, head_before)
+    warm.run_epoch()
+    assert not torch.equal(warm.model.stem[0].weight, stem_before), "thawed afterwards"
+    cold = Trainer(config, seed=7, train=_tiny_split(1), validation=_tiny_split(2, 24))
+    assert cold.optimizer.param_groups[0]["lr"] == config.learning_rate
+
+
+def test_without_a_validation_split_every_epoch_is_the_best_so_far() -> None:
+    config = TrainingConfig(**{**TINY.to_dict(), "epochs": 2, "patience": 1})
+    trainer = Trainer(config, seed=1, train=_tiny_split(3), validation=None)
+    results = [trainer.run_epoch() for _ in range(2)]
+    assert [r.validation_auc for r in results] == [None, None]
+    assert trainer.finished
+    assert trainer.best_epoch == 1
