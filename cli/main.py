@@ -36,6 +36,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         ),
         style=args.style,
         views=tuple(args.views.split(",")),
+        anatomy=args.anatomy,
     )
     images = generate_exams(
         Path(args.out),
@@ -693,6 +694,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.add_argument(
         "--views", default="CC,MLO", help="views per breast, e.g. MLO for film-archive exams"
+    )
+    synth.add_argument(
+        "--anatomy",
+        choices=["ellipse", "realistic"],
+        default="ellipse",
+        help="ellipse: what the shipped model knows; realistic: contour, nipple, skin line, "
+        "curved pectoral edge, BI-RADS density classes, vessels and ligaments",
     )
     synth.set_defaults(func=_cmd_synth)
 

@@ -80,6 +80,7 @@ LABEL_FIELDS = [
     "box_x1",
     "box_y1",
     "encoding",
+    "density",
 ]
 
 
@@ -109,6 +110,9 @@ class SynthOptions:
     style: str = "digital"
     # The views of each breast: ("MLO",) makes film-archive style two-image exams.
     views: tuple[str, ...] = ("CC", "MLO")
+    # "ellipse": the textured ellipse (and straight pectoral edge) the shipped model was
+    # trained on; "realistic": `_realistic_anatomy`, closer to real mammograms.
+    anatomy: str = "ellipse"
 
 
 class Style(enum.StrEnum):
@@ -259,6 +263,7 @@ class SynthImage:
     lesion_type: str
     box: tuple[int, int, int, int] | None  # x0, y0, x1, y1 in pixels of the written image
     encoding: str = DicomVariant().name
+    density: str = ""  # BI-RADS class A-D (realistic anatomy only)
 
 
 def _power_law_texture(rng: np.random.Generator, shape: tuple[int, int], beta: float) -> NDArray:
@@ -381,24 +386,152 @@ def _draw_lesion(
     return c0, r0, c1, r1
 
 
+# BI-RADS (5th edition) breast density classes: their shares among women screened in the US
+# (Sprague et al., J Natl Cancer Inst 2014: 10%, 43%, 39%, 8%) and the fibroglandular share
+# of the breast each stands for.
+DENSITY_CLASSES: dict[str, tuple[float, tuple[float, float]]] = {
+    "A": (0.10, (0.05, 0.25)),  # almost entirely fatty
+    "B": (0.43, (0.25, 0.50)),  # scattered fibroglandular densities
+    "C": (0.39, (0.50, 0.75)),  # heterogeneously dense
+    "D": (0.08, (0.75, 0.92)),  # extremely dense
+}
+
+
+def draw_density(rng: np.random.Generator) -> tuple[str, float]:
+    """A woman's density class, by the published shares, and her fibroglandular fraction."""
+    names = list(DENSITY_CLASSES)
+    name = names[int(rng.choice(len(names), p=[DENSITY_CLASSES[n][0] for n in names]))]
+    low, high = DENSITY_CLASSES[name][1]
+    return name, float(rng.uniform(low, high))
+
+
+def _curve(
+    rng: np.random.Generator, start: tuple[float, float], heading: float, steps: int, step: float
+) -> NDArray:
+    """Points of a smooth random walk (a vessel or a ligament): heading changes slowly."""
+    points = [start]
+    turn = 0.0
+    for _ in range(steps):
+        turn = 0.85 * turn + rng.normal(0, 0.06)
+        heading += turn
+        r, c = points[-1]
+        points.append((r + step * np.sin(heading), c + step * np.cos(heading)))
+    return np.array(points)
+
+
+def _draw_curves(canvas: NDArray, curves: list[NDArray], width: float, contrast: float) -> None:
+    """Thin bright lines along `curves` (rows, cols), Gaussian across, added in place."""
+    lines = np.zeros_like(canvas)
+    h, w = canvas.shape
+    for curve in curves:
+        for r, c in curve:
+            ri, ci = round(float(r)), round(float(c))
+            if 0 <= ri < h and 0 <= ci < w:
+                lines[ri, ci] = 1.0
+    canvas += contrast * np.clip(ndimage.gaussian_filter(lines, width) * width * 4.0, 0, 1)
+
+
+def _realistic_anatomy(
+    view: str,
+    shape: tuple[int, int],
+    geometry: tuple[float, float, float, float],
+    rng: np.random.Generator,
+    options: SynthOptions,
+    density: tuple[str, float],
+    background: float,
+) -> tuple[NDArray, NDArray, NDArray, NDArray]:
+    """(image, breast mask, pectoral mask, thickness) of a breast closer to a real one than
+    a textured ellipse: an irregular contour with a nipple in profile, a skin line over a
+    subcutaneous fat layer, fibroglandular tissue filling the woman's density class's share
+    of the breast (clumped, densest behind the nipple), vessels running from the chest wall,
+    Cooper's ligaments under the skin, and in MLO views a curved pectoral muscle edge. The
+    tissue texture keeps the power law of real mammograms (1/f^beta, beta about 3)."""
+    h, w = shape
+    centre_r, _, semi_r, semi_c = geometry
+    mm = 1.0 / options.pixel_spacing_mm
+    rows, cols = np.mgrid[0:h, 0:w].astype(np.float64)
+    dr, dc = (rows - centre_r) / semi_r, cols / semi_c
+    angle, rho = np.arctan2(dr, dc), np.hypot(dr, dc)
+    boundary = np.ones(shape)
+    for k in (2, 3, 4, 5):
+        boundary += rng.uniform(0, 0.035) * np.cos(k * angle + rng.uniform(0, 2 * np.pi))
+    nipple_angle = rng.normal(0, 0.08)
+    boundary += (4 * mm / semi_c) * np.exp(-(((angle - nipple_angle) / (5 * mm / semi_r)) ** 2))
+    breast = rho <= boundary
+    depth_mm = (boundary - rho) * min(semi_r, semi_c) / mm  # about the distance to the skin
+    thickness = np.clip(1.0 - (rho / boundary) ** 4, 0, 1)
+    pectoral = np.zeros(shape, dtype=bool)
+    if view == "MLO":
+        top_width, bottom_row = w * rng.uniform(0.28, 0.4), h * rng.uniform(0.38, 0.5)
+        bulge = rng.uniform(1.4, 2.2)  # > 1: the edge bows towards the nipple
+        pectoral = cols < top_width * (1.0 - np.clip(rows / bottom_row, 0, 1) ** bulge)
+    _, fraction = density
+    # Fibroglandular tissue: a smooth field, weighted to the retroareolar cone, cut at the
+    # quantile that fills `fraction` of the breast away from the skin.
+    field = _power_law_texture(rng, shape, 3.5)
+    field = field + 1.2 * np.exp(-(dr**2) / 0.35) * (1.0 - 0.5 * dc) - 0.8 * (depth_mm < 12)
+    inner = breast & ~pectoral & (depth_mm > 3)
+    cut = np.quantile(field[inner], 1.0 - fraction) if inner.any() else np.inf
+    # A soft edge: fibroglandular tissue thins out into fat rather than stopping at a line.
+    glandular = ndimage.gaussian_filter(1.0 / (1.0 + np.exp(-(field - cut) / 0.3)), 1.0 * mm)
+    texture = _power_law_texture(rng, shape, options.texture_beta)
+    tissue = (
+        0.30
+        + 0.06 * thickness
+        + 0.15 * glandular
+        + options.texture_amplitude * texture * thickness * (0.6 + 0.8 * glandular)
+    )
+    tissue += 0.05 * (depth_mm < 1.8)  # skin
+    tissue -= 0.02 * ((depth_mm >= 1.8) & (depth_mm < 6))  # subcutaneous fat
+    image = np.where(breast, tissue, background)
+    vessels = [
+        _curve(
+            rng,
+            (centre_r + rng.normal(0, 0.35) * semi_r, 0.0),
+            rng.normal(0, 0.25),
+            int(semi_c * 0.8 / (2 * mm)),
+            2 * mm,
+        )
+        for _ in range(int(rng.integers(2, 5)))
+    ]
+    _draw_curves(image, vessels, 0.5 * mm, 0.035)
+    ligaments = []
+    for _ in range(int(rng.integers(6, 12))):
+        theta = rng.uniform(-1.2, 1.2)
+        r = centre_r + np.sin(theta) * semi_r * 0.88
+        c = np.cos(theta) * semi_c * 0.88
+        ligaments.append(_curve(rng, (r, c), theta + rng.normal(0, 0.4), int(8 * mm / 2), 2.0))
+    _draw_curves(image, ligaments, 0.3 * mm, 0.025)
+    image = np.where(breast | pectoral, image, background)
+    texture_pectoral = 0.62 + 0.05 * texture
+    image = np.where(pectoral, texture_pectoral, image)
+    return image, breast | pectoral, pectoral, thickness
+
+
 def _render_view(
     view: str,
     lesion: Lesion | None,
     options: SynthOptions,
     rng: np.random.Generator,
     variant: DicomVariant,
+    density: tuple[str, float] = ("", 0.0),
 ) -> tuple[NDArray, tuple[int, int, int, int] | None]:
     shape = (options.height, options.width)
     breast, pectoral, geometry = _breast_geometry(view, shape, rng)
     centre_r, _, semi_r, semi_c = geometry
     rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
-    # Compressed thickness falls off towards the skin line; density follows it.
-    radial = np.sqrt(((rows - centre_r) / semi_r) ** 2 + (cols / semi_c) ** 2)
-    thickness = np.clip(1.0 - radial**4, 0, 1)
-    texture = _power_law_texture(rng, shape, options.texture_beta)
-    density = 0.32 + 0.16 * thickness + options.texture_amplitude * texture * thickness
-    image = np.where(breast, density, variant.background)
-    image = np.where(pectoral, 0.62 + 0.05 * texture, image)
+    if options.anatomy == "realistic":
+        image, breast, pectoral, thickness = _realistic_anatomy(
+            view, shape, geometry, rng, options, density, variant.background
+        )
+    else:
+        # Compressed thickness falls off towards the skin line; density follows it.
+        radial = np.sqrt(((rows - centre_r) / semi_r) ** 2 + (cols / semi_c) ** 2)
+        thickness = np.clip(1.0 - radial**4, 0, 1)
+        texture = _power_law_texture(rng, shape, options.texture_beta)
+        density_map = 0.32 + 0.16 * thickness + options.texture_amplitude * texture * thickness
+        image = np.where(breast, density_map, variant.background)
+        image = np.where(pectoral, 0.62 + 0.05 * texture, image)
     if variant.burnt_in_label:
         _burn_in_label(image)
     box = None
@@ -615,12 +748,19 @@ def generate_exams(
         )
         lesion_side = "L" if rng.random() < 0.5 else "R"
         lesion = _draw_lesion_spec(rng, finding, options) if finding != Finding.NORMAL else None
+        # A woman's density (both breasts), drawn apart so the ellipse anatomy's images stay
+        # exactly what they were.
+        density = (
+            draw_density(np.random.default_rng([seed, index, 17]))
+            if options.anatomy == "realistic"
+            else ("", 0.0)
+        )
         variant = variants[index % len(variants)]
         for laterality in ("L", "R"):
             series_uid = generate_uid(entropy_srcs=[str(seed), str(index), laterality])
             for view in options.views:
                 side_lesion = lesion if laterality == lesion_side else None
-                pixels, box = _render_view(view, side_lesion, options, rng, variant)
+                pixels, box = _render_view(view, side_lesion, options, rng, variant, density)
                 # Digital detectors image a right breast with its chest wall on the image's
                 # right; a film on the light box is scanned with every chest wall on the left.
                 if laterality == "R" and options.style != Style.FILM:
@@ -654,6 +794,7 @@ def generate_exams(
                         side_lesion.kind if side_lesion else "",
                         box,
                         variant.name,
+                        density[0],
                     )
                 )
     write_labels(out_dir / "labels.csv", written)
@@ -677,5 +818,6 @@ def write_labels(path: Path, images: list[SynthImage]) -> None:
                     image.lesion_type,
                     *box,
                     image.encoding,
+                    image.density,
                 ]
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import csv
 import json
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pydicom
@@ -183,3 +185,34 @@ def run_orthanc(
         yield Orthanc(url=url, aet=aet, dicom_port=dicom_port)
     finally:
         stop_pid(process.pid)
+
+
+def training_labels(folder: Path) -> list[dict[str, Any]]:
+    """The labels of a generated folder (its labels.csv) as POST /v1/training-runs takes them."""
+    with open(folder / "labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    labels = []
+    for row in rows:
+        entry: dict[str, Any] = {"file": row["file"], "label": row["label"]}
+        if row["box_x0"]:
+            entry["box"] = [int(row[f"box_{c}"]) for c in ("x0", "y0", "x1", "y1")]
+        labels.append(entry)
+    return labels
+
+
+def training_batch(ingest: TestClient, key: str, folder: Path) -> str:
+    """Upload a folder as a closed training batch; its id."""
+    batch = ingest.post(
+        "/v1/batches", json={"name": "training data", "purpose": "training"}, headers=auth(key)
+    ).json()
+    assert batch["purpose"] == "training"
+    paths = sorted(folder.glob("*.dcm"))
+    for start in range(0, len(paths), 32):
+        response = ingest.post(
+            f"/v1/batches/{batch['id']}/images",
+            files=files_field(paths[start : start + 32]),
+            headers=auth(key),
+        )
+        assert response.status_code == 202, response.text
+    ingest.post(f"/v1/batches/{batch['id']}/close", headers=auth(key))
+    return str(batch["id"])

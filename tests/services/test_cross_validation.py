@@ -4,7 +4,6 @@ model, on scanned-film exams (two MLO views per woman)."""
 
 from __future__ import annotations
 
-import csv
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from shared.db.models import Split, TrainingExample, TrainingRun, TrainingStatus
 from shared.ml.registry import ensure_active_model, shipped_model_dir
 from shared.storage import ObjectStore
 from tests.factories import make_tenant
-from tests.helpers import auth, files_field
+from tests.helpers import auth, training_batch, training_labels
 
 # About 300 images of 150 women, as a site's first labelled film archive.
 FILM = SynthOptions(style="film", views=("MLO",))
@@ -36,33 +35,6 @@ def film_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("film")
     generate_exams(folder, exams=EXAMS, seed=21, options=FILM)
     return folder
-
-
-def _labels(folder: Path) -> list[dict[str, Any]]:
-    with open(folder / "labels.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    labels = []
-    for row in rows:
-        entry: dict[str, Any] = {"file": row["file"], "label": row["label"]}
-        if row["box_x0"]:
-            entry["box"] = [int(row[f"box_{c}"]) for c in ("x0", "y0", "x1", "y1")]
-        labels.append(entry)
-    return labels
-
-
-def _upload(ingest: TestClient, key: str, folder: Path) -> str:
-    batch = ingest.post(
-        "/v1/batches", json={"name": "film archive", "purpose": "training"}, headers=auth(key)
-    ).json()
-    paths = sorted(folder.glob("*.dcm"))
-    for start in range(0, len(paths), 50):
-        response = ingest.post(
-            f"/v1/batches/{batch['id']}/images",
-            files=files_field(paths[start : start + 50]),
-            headers=auth(key),
-        )
-        assert response.status_code == 202, response.text
-    return str(batch["id"])
 
 
 def _train_all(session: Session, settings: Settings, store: ObjectStore, run_id: str) -> None:
@@ -96,8 +68,8 @@ def test_a_small_data_set_is_cross_validated_warm_started_and_honestly_reviewed(
     shipped = ensure_active_model(session=session, store=store, shipped=shipped_model_dir(settings))
     session.commit()
     _, key = make_tenant(session)
-    batch_id = _upload(ingest, key, film_set)
-    labels = _labels(film_set)
+    batch_id = training_batch(ingest, key, film_set)
+    labels = training_labels(film_set)
     assert len(labels) == 2 * EXAMS
 
     accepted = ingest.post(

@@ -3,7 +3,6 @@ results API's view of runs and models, on the real servers."""
 
 from __future__ import annotations
 
-import csv
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from shared.db.models import Image, ImageStatus, ModelVersion, TrainingExample
 from shared.ml.registry import RegistryError, ensure_active_model, promote, shipped_model_dir
 from shared.storage import ObjectStore
 from tests.factories import SMALL_SYNTH, TINY_TRAINING, make_tenant
-from tests.helpers import auth, files_field, queued_task_args
+from tests.helpers import auth, queued_task_args, training_batch, training_labels
 
 SMALL = SMALL_SYNTH
 TINY = {**TINY_TRAINING, "epochs": 3}
@@ -31,35 +30,6 @@ def labelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("labelled")
     generate_exams(folder, exams=24, seed=17, options=SMALL)
     return folder
-
-
-def _labels(folder: Path) -> list[dict[str, Any]]:
-    with open(folder / "labels.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    labels = []
-    for row in rows:
-        entry: dict[str, Any] = {"file": row["file"], "label": row["label"]}
-        if row["box_x0"]:
-            entry["box"] = [int(row[f"box_{c}"]) for c in ("x0", "y0", "x1", "y1")]
-        labels.append(entry)
-    return labels
-
-
-def _training_batch(ingest: TestClient, key: str, folder: Path) -> str:
-    batch = ingest.post(
-        "/v1/batches", json={"name": "training data", "purpose": "training"}, headers=auth(key)
-    ).json()
-    assert batch["purpose"] == "training"
-    paths = sorted(folder.glob("*.dcm"))
-    for start in range(0, len(paths), 32):
-        response = ingest.post(
-            f"/v1/batches/{batch['id']}/images",
-            files=files_field(paths[start : start + 32]),
-            headers=auth(key),
-        )
-        assert response.status_code == 202, response.text
-    ingest.post(f"/v1/batches/{batch['id']}/close", headers=auth(key))
-    return str(batch["id"])
 
 
 def _run(
@@ -86,7 +56,7 @@ def test_a_run_trains_evaluates_registers_and_is_reproducible(
     _, key = make_tenant(session)
     shipped = ensure_active_model(session=session, store=store, shipped=shipped_model_dir(settings))
     session.commit()
-    batch_id = _training_batch(ingest, key, labelled)
+    batch_id = training_batch(ingest, key, labelled)
     detail = results.get(f"/v1/batches/{batch_id}", headers=auth(key)).json()
     # Training images are kept, not screened: nothing queued for inference, batch complete.
     assert detail["counts"]["stored"] == 96
@@ -94,7 +64,7 @@ def test_a_run_trains_evaluates_registers_and_is_reproducible(
     assert queued_task_args(settings, "inference") == []
     assert {i.status for i in session.scalars(select(Image))} == {ImageStatus.STORED}
 
-    labels = _labels(labelled)
+    labels = training_labels(labelled)
     accepted = _run(ingest, key, batch_id, labels)
     assert accepted.status_code == 202, accepted.text
     run_id = accepted.json()["id"]
@@ -200,8 +170,8 @@ def test_bad_training_requests_get_a_clear_error_and_create_nothing(
     code: str,
 ) -> None:
     _, key = make_tenant(session)
-    batch_id = _training_batch(ingest, key, labelled)
-    response = _run(ingest, key, batch_id, change(_labels(labelled)))
+    batch_id = training_batch(ingest, key, labelled)
+    response = _run(ingest, key, batch_id, change(training_labels(labelled)))
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["code"] == code
@@ -215,12 +185,12 @@ def test_runs_and_their_data_belong_to_one_tenant(
 ) -> None:
     _, key = make_tenant(session)
     _, other_key = make_tenant(session)
-    batch_id = _training_batch(ingest, key, labelled)
+    batch_id = training_batch(ingest, key, labelled)
     # Another tenant cannot train on this tenant's batch ...
-    stolen = _run(ingest, other_key, batch_id, _labels(labelled))
+    stolen = _run(ingest, other_key, batch_id, training_labels(labelled))
     assert (stolen.status_code, stolen.json()["error"]["code"]) == (404, "batch_not_found")
     # ... nor read its run.
-    run_id = _run(ingest, key, batch_id, _labels(labelled)).json()["id"]
+    run_id = _run(ingest, key, batch_id, training_labels(labelled)).json()["id"]
     hidden = results.get(f"/v1/training-runs/{run_id}", headers=auth(other_key))
     assert (hidden.status_code, hidden.json()["error"]["code"]) == (404, "training_run_not_found")
     assert results.get(f"/v1/training-runs/{run_id}", headers=auth(key)).status_code == 200
