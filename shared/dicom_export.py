@@ -135,6 +135,7 @@ def _exam_result(
                 score=prediction.malignancy_score,
                 heatmap=heatmap,
                 pixels=pixels,
+                warnings=tuple(prediction.warnings),
             )
         )
     return ExamResult(

@@ -44,7 +44,7 @@ from PIL import Image as PILImage
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from shared.db.models import Laterality, View
+from shared.db.models import Laterality, PredictionWarning, View
 from shared.exams import ExamAssessment
 from shared.imaging.deid import Deidentifier
 from shared.imaging.renders import burn_in
@@ -66,6 +66,12 @@ EXAM_SCORE = CodedConcept("exam-score", SCHEME, "Exam malignancy score")
 BREAST_SCORE = CodedConcept("breast-score", SCHEME, "Breast malignancy score")
 IMAGE_SCORE = CodedConcept("image-score", SCHEME, "Image malignancy score")
 HEATMAP = CodedConcept("heatmap", SCHEME, "Malignancy heatmap")
+# An image whose statistics lie far from the model's training inputs (the API's
+# input_unlike_training_data): its score may not mean what the model's evaluation says.
+INPUT_UNLIKE_TRAINING = CodedConcept(
+    "input-unlike-training-data", SCHEME, "Input unlike the model's training data"
+)
+YES = CodedConcept.from_code(codes.SCT.Yes)
 UNITLESS = CodedConcept("1", "UCUM", "no units")
 SCREENING_MAMMOGRAPHY = CodedConcept("24623002", "SCT", "Screening mammography")
 BREAST_SITES = {
@@ -91,6 +97,7 @@ class ImageResult:
     heatmap: np.ndarray | None = None
     # (rows, columns) display-ready pixels in [0, 1], only for a Secondary Capture.
     pixels: np.ndarray | None = None
+    warnings: tuple[str, ...] = ()  # the prediction's, e.g. input_unlike_training_data
 
 
 @dataclass(frozen=True)
@@ -222,6 +229,11 @@ def build_report(exam: ExamResult, uid: UidSource) -> Dataset:
                 algorithm_id=algorithm,
                 finding_sites=[FindingSite(BREAST_SITES[image.laterality])],
                 measurements=[_score(IMAGE_SCORE, image.score, algorithm)],
+                qualitative_evaluations=(
+                    [QualitativeEvaluation(INPUT_UNLIKE_TRAINING, YES)]
+                    if PredictionWarning.INPUT_UNLIKE_TRAINING_DATA.value in image.warnings
+                    else None
+                ),
                 source_images=_sources([image]),
             )
         )

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
@@ -17,11 +18,13 @@ from sqlalchemy.orm import Session
 from bench.model import folder_statistics
 from devstack.synth import DEMO_VARIANTS, SynthOptions, generate_exams
 from shared.config import Settings
+from shared.db.base import session_scope
+from shared.dicom_export import render_due
 from shared.ml.input_reference import INPUT_UNLIKE_TRAINING_DATA, InputReference
 from shared.ml.registry import shipped_model_dir
 from shared.storage import ObjectStore
 from tests.factories import make_tenant
-from tests.helpers import auth, files_field, screen_everything
+from tests.helpers import auth, dciodvfy_errors, files_field, screen_everything
 from tests.services.test_metrics import scrape, value
 
 FILM = SynthOptions(style="film", views=("MLO",))
@@ -108,6 +111,32 @@ def test_the_flag_reaches_results_batch_export_viewer_and_metrics(
         value(scrape(results), "screening_input_warnings_total", code=INPUT_UNLIKE_TRAINING_DATA)
         == 6
     )
+
+    # The DICOM report says it too, per flagged image, and stays a valid SR.
+    with session_scope(settings.database_url) as rendering:
+        while render_due(rendering, settings=settings, store=store):
+            pass
+    for exam in exams:
+        report = results.get(f"/v1/exams/{exam['id']}/report.dcm", headers=auth(key))
+        assert report.status_code == 200, report.text
+        path = tmp_path / f"{exam['id']}.dcm"
+        path.write_bytes(report.content)
+        assert dciodvfy_errors(path) == []
+        flagged = _sr_items(pydicom.dcmread(path), "Input unlike the model's training data")
+        expected = 2 if exam in film_exams else 0  # two MLO views per film exam
+        assert [i.ConceptCodeSequence[0].CodeMeaning for i in flagged] == ["Yes"] * expected
+
+
+def _sr_items(report: pydicom.Dataset, meaning: str) -> list[pydicom.Dataset]:
+    found: list[pydicom.Dataset] = []
+    stack = list(report.ContentSequence)
+    while stack:
+        item = stack.pop(0)
+        name = item.get("ConceptNameCodeSequence")
+        if name and name[0].CodeMeaning == meaning:
+            found.append(item)
+        stack.extend(item.get("ContentSequence", []))
+    return found
 
 
 @pytest.mark.parametrize("page", ["batch", "exam"])
