@@ -194,3 +194,43 @@ def test_runs_and_their_data_belong_to_one_tenant(
     hidden = results.get(f"/v1/training-runs/{run_id}", headers=auth(other_key))
     assert (hidden.status_code, hidden.json()["error"]["code"]) == (404, "training_run_not_found")
     assert results.get(f"/v1/training-runs/{run_id}", headers=auth(key)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("hyperparameters", "code"),
+    [
+        ({"init_from": "no-such-version"}, "model_not_found"),
+        # The shipped model's layers are wider than the tiny network's.
+        ({"init_from": "SHIPPED"}, "init_from_mismatch"),
+        ({"folds": 50}, "invalid_request"),
+        # Twelve folds of 24 patients: some fold's splits lack a malignant patient.
+        ({"folds": 12}, "dataset_too_small"),
+    ],
+)
+def test_a_run_that_cannot_start_as_asked_is_refused_before_anything_is_queued(
+    ingest: TestClient,
+    results: TestClient,
+    session: Session,
+    settings: Settings,
+    store: ObjectStore,
+    labelled: Path,
+    hyperparameters: dict[str, Any],
+    code: str,
+) -> None:
+    shipped = ensure_active_model(session=session, store=store, shipped=shipped_model_dir(settings))
+    session.commit()
+    if hyperparameters.get("init_from") == "SHIPPED":
+        hyperparameters = {**hyperparameters, "init_from": shipped.name}
+    _, key = make_tenant(session)
+    batch_id = training_batch(ingest, key, labelled)
+    response = _run(
+        ingest,
+        key,
+        batch_id,
+        training_labels(labelled),
+        hyperparameters={**TINY, **hyperparameters},
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == code
+    assert results.get("/v1/training-runs", headers=auth(key)).json()["items"] == []
+    assert queued_task_args(settings, "training") == []
