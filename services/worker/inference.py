@@ -78,7 +78,9 @@ class PreparedImage:
     inputs: np.ndarray
     geometry: InputGeometry
     preview: bytes  # PNG, written with the image's results
-    statistics: np.ndarray  # what the input looks like (shared/ml/input_reference.py)
+    # What the input looks like (shared/ml/input_reference.py); None when the model version
+    # has no reference to compare it with.
+    statistics: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -197,8 +199,12 @@ class ScreeningRun:
                 raise StorageConnectionError(str(err)) from err
             raise ImageRejected.missing_object(item.object_key) from err
         pixels = decode_image(data, item.media_type, max_pixels=self.ctx.settings.max_image_pixels)
+        preview = preview_png(pixels, PREVIEW_SHRINK)
+        if self.loaded.reference is None:  # nothing to compare with: skip the statistics
+            inputs, geometry = self.preprocess.with_geometry(pixels, item.laterality)
+            return PreparedImage(inputs, geometry, preview)
         inputs, geometry, statistics = self.preprocess.prepare(pixels, item.laterality)
-        return PreparedImage(inputs, geometry, preview_png(pixels, PREVIEW_SHRINK), statistics)
+        return PreparedImage(inputs, geometry, preview, statistics)
 
     def _may_claim_more(self) -> bool:
         settings = self.ctx.settings
@@ -286,7 +292,7 @@ class ScreeningRun:
         """The input's distance from the version's training inputs, and the warning when it
         is too far for the score to mean what the version's evaluation says."""
         reference = self.loaded.reference
-        if reference is None:
+        if reference is None or prepared.statistics is None:
             return None, []
         distance = reference.distance(prepared.statistics)
         return distance, [INPUT_UNLIKE_TRAINING_DATA] if reference.unlike(distance) else []
