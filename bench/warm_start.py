@@ -42,8 +42,9 @@ from shared.db.models import Laterality, Split, TrainingLabel, View
 from shared.imaging.decode import decode_image
 from shared.imaging.preprocess import Preprocess, box_in_input
 from shared.ml.config import Example, TrainingConfig, fold_split, stratified_folds
+from shared.ml.data import TrainingSplit
 from shared.ml.registry import REPO_ROOT
-from shared.ml.training import LoadedSplit, Trainer, model_config
+from shared.ml.training import Trainer, model_config
 
 SHIPPED = REPO_ROOT / "models" / "screening-synthetic" / "checkpoint.pt"
 
@@ -95,7 +96,7 @@ def cross_validate(
         for index, example in enumerate(examples):
             parts[fold_split(fold_of[example.image_id], fold, folds)].append(index)
         splits = {
-            split: LoadedSplit.build(
+            split: TrainingSplit.in_memory(
                 [examples[i] for i in members],
                 [loaded[i][0] for i in members],
                 [loaded[i][1] for i in members],

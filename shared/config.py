@@ -92,8 +92,25 @@ class Settings(BaseSettings):
     # CPU threads for torch in an inference worker. 0: one fewer than the cores (its image
     # loaders need one).
     worker_torch_threads: int = Field(default=0, ge=0)
-    # CPU threads for torch in a training worker. 0: every core.
+    # CPU threads for torch in a training worker. 0: every core (shared among its ranks).
     training_torch_threads: int = Field(default=0, ge=0)
+    # Training (README "Training at scale"). Processes that train one run together
+    # (torch.distributed: NCCL on GPUs, gloo on the CPU); "auto" device: a GPU per process
+    # when torch sees enough of them, else the CPU.
+    training_processes: int = Field(default=1, ge=1, le=64)
+    training_device: str = "auto"
+    # Prepared inputs each training process keeps, in bytes: a data set that fits is decoded
+    # once per process (and reused by the folds of a cross-validation); a larger one streams
+    # from the object store every epoch. Batches prepared ahead of the one training.
+    training_cache_bytes: int = Field(default=2 * 1024**3, ge=0)
+    training_read_ahead: int = Field(default=2, ge=0, le=64)
+    # A distributed run whose process dies restarts its processes from the last checkpoint
+    # this many times before the run is left to the sweeper.
+    training_max_restarts: int = Field(default=2, ge=0)
+    # When set, every training process appends a line per epoch here
+    # ({run id}-rank{rank}.jsonl): the epoch, its rank and process, and the image ids it
+    # trained on, in order.
+    training_trace_dir: str | None = None
     # The trained model kept in the repository, registered as the active one when none is
     # (models/screening-synthetic, made by `make bench-model`); "none" registers an untrained
     # one.

@@ -131,6 +131,9 @@ class TrainingHyperparameters(BaseModel):
     fine_tune_augment_strength: float = Field(
         default=_DEFAULTS.fine_tune_augment_strength, ge=0, le=4
     )
+    mixed_precision: Literal["auto", "bf16", "off"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    accumulation_steps: int = Field(default=_DEFAULTS.accumulation_steps, ge=1, le=64)
 
 
 class TrainingRunCreate(BaseModel):

@@ -8,6 +8,7 @@ import statistics
 from typing import Any
 
 from shared.db.models import Laterality, View
+from shared.ml.data import TrainingSplit
 from shared.ml.evaluation import (
     ExamOutcome,
     OperatingPoint,
@@ -16,14 +17,14 @@ from shared.ml.evaluation import (
     evaluate_exams,
     exam_outcomes,
 )
-from shared.ml.training import LoadedSplit, Trainer, outcomes_for, predict
+from shared.ml.training import Trainer, outcomes_for, predict
 from shared.scores import roc_auc
 
 
-def fold_evaluation(trainer: Trainer, test: LoadedSplit, fold: int) -> dict[str, Any]:
+def fold_evaluation(trainer: Trainer, test: TrainingSplit, fold: int) -> dict[str, Any]:
     """The fold's best weights on its held-out fold: every image's score (the out-of-fold
     predictions the pooled figures are made of) and the fold's own exam AUC."""
-    _, probabilities = predict(trainer.best_model(), test.inputs)
+    _, probabilities = predict(trainer.best_model(), test)
     outcomes = outcomes_for(test, probabilities)
     return {
         "fold": fold,

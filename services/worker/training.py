@@ -10,6 +10,7 @@ continues with the next epoch, making the same random draws it would have made.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import threading
@@ -17,6 +18,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +27,7 @@ from sqlalchemy import select
 
 from services.worker.celery_app import app
 from services.worker.cross_validation import cross_validated_figures, fold_evaluation
+from services.worker.distributed import LostRun, RankSpec, train_distributed, training_device
 from shared.config import Settings, get_settings
 from shared.db.base import session_scope, utcnow
 from shared.db.models import (
@@ -41,6 +44,7 @@ from shared.imaging.preprocess import Preprocess, box_in_input
 from shared.logs import log_context
 from shared.ml.checkpoint import checkpoint_bytes
 from shared.ml.config import Example, TrainingConfig
+from shared.ml.data import InputCache, Scanned, TrainingSplit
 from shared.ml.evaluation import (
     ActiveComparison,
     OperatingPoint,
@@ -53,13 +57,7 @@ from shared.ml.evaluation import (
 from shared.ml.imported import load_model, preprocess_for
 from shared.ml.input_reference import fit_reference
 from shared.ml.registry import RegistryError, active_model, find_model, resolve_init_from
-from shared.ml.training import (
-    LoadedSplit,
-    Trainer,
-    model_config,
-    outcomes_for,
-    predict,
-)
+from shared.ml.training import Placement, Trainer, model_config, outcomes_for, predict
 from shared.queue import Queue, TaskName, producer
 from shared.storage import Keys, ObjectStore
 from shared.training_runs import (
@@ -79,10 +77,6 @@ from shared.training_runs import (
 log = logging.getLogger(__name__)
 
 
-class LostRun(Exception):
-    """Another attempt took the run over (this worker's heartbeat lapsed)."""
-
-
 class DatasetUnusable(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -97,6 +91,11 @@ def training_cpu_threads(settings: Settings) -> int:
     training epoch is all forward and backward passes over images already in memory.
     """
     return settings.training_torch_threads or os.cpu_count() or 1
+
+
+def local_placement(settings: Settings) -> Placement:
+    """A single training process: on a GPU when there is one (or as `training_device` says)."""
+    return Placement(device=training_device(settings, local_rank=0, local_world_size=1))
 
 
 @dataclass(frozen=True)
@@ -149,7 +148,7 @@ def run_training(run_id: uuid.UUID, *, settings: Settings, store: ObjectStore) -
                 stale_s=settings.training_stale_s,
                 max_attempts=settings.max_attempts,
             )
-            attempt, seed, resume_from = run.attempts, run.seed, run.checkpoint_key
+            attempt, seed = run.attempts, run.seed
             kind, parent_id, fold = run.kind, run.parent_id, run.fold
             config = TrainingConfig.from_dict(run.hyperparameters)
             images = dataset_images(session=session, run_id=run_id)
@@ -159,25 +158,27 @@ def run_training(run_id: uuid.UUID, *, settings: Settings, store: ObjectStore) -
     heartbeat = Heartbeat(settings, run_id, attempt)
     heartbeat.start()
     try:
-        splits = load_splits(
-            images,
-            config,
-            settings=settings,
-            store=store,
-            held_out=kind != TrainingRunKind.FINAL,
+        held_out = kind != TrainingRunKind.FINAL
+        scanned = scan_images(images, config, settings=settings, store=store)
+        splits = build_splits(
+            images, scanned, config, settings=settings, store=store, held_out=held_out
         )
         init_from, init_weights = initial_weights(config, settings=settings, store=store)
+        if settings.training_processes > 1:
+            # The processes train and checkpoint; this one judges and registers the result.
+            train_distributed(
+                RankSpec(run_id, attempt, seed, config, images, scanned, held_out, settings),
+                lost=heartbeat.lost,
+            )
         trainer = Trainer(
             config,
             seed=seed,
             train=splits[Split.TRAIN],
             validation=splits.get(Split.VALIDATION),
             init_weights=init_weights,
+            placement=None if settings.training_processes > 1 else local_placement(settings),
         )
-        if resume_from is not None:
-            state = torch.load(io.BytesIO(store.get_bytes(resume_from)), weights_only=True)
-            trainer.restore(state)
-            log.info("training run %s resumes at epoch %d", run_id, trainer.next_epoch)
+        restore_last_checkpoint(trainer, run_id, settings=settings, store=store)
         train_epochs(
             trainer,
             run_id=run_id,
@@ -249,7 +250,7 @@ def initial_weights(
 
 def finish_fold(
     trainer: Trainer,
-    test: LoadedSplit,
+    test: TrainingSplit,
     fold: int,
     *,
     run_id: uuid.UUID,
@@ -280,7 +281,7 @@ def finish_fold(
 
 def register_cross_validated(
     trainer: Trainer,
-    splits: dict[Split, LoadedSplit],
+    splits: dict[Split, TrainingSplit],
     images: list[DatasetImage],
     *,
     run_id: uuid.UUID,
@@ -323,58 +324,105 @@ def register_cross_validated(
     )
 
 
-# A model input (float16), its lesion box in input pixels, and its statistics.
-Loaded = tuple[np.ndarray, tuple[float, float, float, float] | None, np.ndarray]
+@lru_cache(maxsize=4)
+def input_cache(max_bytes: int) -> InputCache:
+    """The training process's cache of prepared inputs (one per size asked for)."""
+    return InputCache(max_bytes)
 
 
-def load_inputs(
-    images: list[DatasetImage],
-    preprocess: Preprocess,
-    *,
-    settings: Settings,
-    store: ObjectStore,
-) -> list[Loaded | None]:
-    """Each image as a model input of (height, width), float16, with its lesion box in input
-    pixels and its statistics; None for an image that cannot be decoded (logged and left
-    out)."""
+@dataclass(frozen=True)
+class PreparedImages:
+    """Model inputs of a run's images prepared by `preprocess` (the inference code's), on
+    demand, through the process's cache bounded in bytes."""
 
-    def load(image: DatasetImage) -> Loaded | None:
-        try:
-            pixels = decode_image(
-                store.get_bytes(image.object_key),
-                image.media_type,
-                max_pixels=settings.max_image_pixels,
-            )
-            inputs, geometry, statistics = preprocess.prepare(pixels, image.laterality)
-        except ImageRejected as err:
-            log.warning("training image %s left out: %s", image.image_id, err.message)
-            return None
+    preprocess: Preprocess
+    settings: Settings
+    store: ObjectStore
+
+    @property
+    def cache(self) -> InputCache:
+        return input_cache(self.settings.training_cache_bytes)
+
+    def _prepare(self, image: DatasetImage) -> tuple[np.ndarray, Scanned]:
+        pixels = decode_image(
+            self.store.get_bytes(image.object_key),
+            image.media_type,
+            max_pixels=self.settings.max_image_pixels,
+        )
+        inputs, geometry, statistics = self.preprocess.prepare(pixels, image.laterality)
         box = box_in_input(image.box, geometry) if image.box else None
-        return inputs.astype(np.float16), box, statistics
+        prepared = inputs.astype(np.float16)
+        self.cache.put((image.object_key, self.preprocess), prepared)
+        return prepared, Scanned(box, statistics)
 
-    with ThreadPoolExecutor(max_workers=max(1, settings.worker_loader_threads)) as pool:
-        return list(pool.map(load, images))
+    def fetch(self, image: DatasetImage) -> np.ndarray:
+        """Raises ImageRejected when the image cannot be prepared."""
+        cached = self.cache.get((image.object_key, self.preprocess))
+        return cached if cached is not None else self._prepare(image)[0]
+
+    def scan(self, images: list[DatasetImage]) -> list[Scanned | None]:
+        """Every image prepared once (filling the cache as far as it goes): its box and
+        statistics, or None for an image that cannot be decoded (logged and left out)."""
+
+        def scan_one(image: DatasetImage) -> Scanned | None:
+            try:
+                return self._prepare(image)[1]
+            except ImageRejected as err:
+                log.warning("training image %s left out: %s", image.image_id, err.message)
+                return None
+
+        threads = max(1, self.settings.worker_loader_threads)
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(scan_one, images))
+
+    def split(
+        self,
+        images: list[DatasetImage],
+        boxes: list[tuple[float, float, float, float] | None],
+        *,
+        stride: int,
+    ) -> TrainingSplit:
+        examples = [
+            Example(i.image_id, i.patient_key, i.study_key, i.laterality, i.view, i.label)
+            for i in images
+        ]
+        return TrainingSplit(
+            examples,
+            boxes,
+            lambda index: self.fetch(images[index]),
+            (self.preprocess.height, self.preprocess.width),
+            stride,
+            loader_threads=self.settings.worker_loader_threads,
+            read_ahead=self.settings.training_read_ahead,
+        )
 
 
-def load_splits(
+def scan_images(
+    images: list[DatasetImage], config: TrainingConfig, *, settings: Settings, store: ObjectStore
+) -> list[Scanned | None]:
+    return PreparedImages(
+        Preprocess(config.input_height, config.input_width), settings, store
+    ).scan(images)
+
+
+def build_splits(
     images: list[DatasetImage],
+    scanned: list[Scanned | None],
     config: TrainingConfig,
     *,
     settings: Settings,
     store: ObjectStore,
     held_out: bool = True,
-) -> dict[Split, LoadedSplit]:
-    """The run's splits in memory. Without `held_out` (a cross-validation's final model)
+) -> dict[Split, TrainingSplit]:
+    """The run's splits, streamed. Without `held_out` (a cross-validation's final model)
     every image is in the training split and there is no other."""
-    loaded = load_inputs(
-        images, Preprocess(config.input_height, config.input_width), settings=settings, store=store
-    )
+    source = PreparedImages(Preprocess(config.input_height, config.input_width), settings, store)
     stride = model_config(config).output_stride
     splits = {}
     for split in Split if held_out else (Split.TRAIN,):
         members = [
             (i, a)
-            for i, a in zip(images, loaded, strict=True)
+            for i, a in zip(images, scanned, strict=True)
             if i.split == split and a is not None
         ]
         labels = {i.label == TrainingLabel.MALIGNANT for i, _ in members}
@@ -384,18 +432,23 @@ def load_splits(
                 f"after leaving out images that could not be decoded, the {split.value} split "
                 "has no malignant or no non-malignant image; add labelled images",
             )
-        examples = [
-            Example(i.image_id, i.patient_key, i.study_key, i.laterality, i.view, i.label)
-            for i, _ in members
-        ]
-        splits[split] = LoadedSplit.build(
-            examples,
-            [a[0] for _, a in members if a is not None],
-            [a[1] for _, a in members if a is not None],
-            stride=stride,
+        splits[split] = source.split(
+            [i for i, _ in members], [a.box for _, a in members], stride=stride
         )
-        splits[split].statistics = np.stack([a[2] for _, a in members if a is not None])
+        splits[split].statistics = np.stack([a.statistics for _, a in members])
     return splits
+
+
+def load_splits(
+    images: list[DatasetImage],
+    config: TrainingConfig,
+    *,
+    settings: Settings,
+    store: ObjectStore,
+    held_out: bool = True,
+) -> dict[Split, TrainingSplit]:
+    scanned = scan_images(images, config, settings=settings, store=store)
+    return build_splits(images, scanned, config, settings=settings, store=store, held_out=held_out)
 
 
 def train_epochs(
@@ -405,12 +458,19 @@ def train_epochs(
     attempt: int,
     settings: Settings,
     store: ObjectStore,
-    heartbeat: Heartbeat,
+    heartbeat: Heartbeat | None,
 ) -> None:
+    """Epochs until the trainer is finished, each followed by its checkpoint and its row
+    (written by rank 0 of a distributed run; the other ranks only train)."""
+    writes = trainer.placement.rank == 0
     while not trainer.finished:
-        if heartbeat.lost.is_set():
+        if heartbeat is not None and heartbeat.lost.is_set():
             raise LostRun()
         result = trainer.run_epoch()
+        if settings.training_trace_dir:
+            trace_epoch(trainer, result.epoch, run_id, Path(settings.training_trace_dir))
+        if not writes:
+            continue
         buffer = io.BytesIO()
         torch.save(trainer.state(), buffer)
         key = Keys.training_checkpoint(run_id, result.epoch)
@@ -444,8 +504,33 @@ def train_epochs(
         )
 
 
+def trace_epoch(trainer: Trainer, epoch: int, run_id: uuid.UUID, folder: Path) -> None:
+    rank = trainer.placement.rank
+    line = {
+        "epoch": epoch,
+        "rank": rank,
+        "pid": os.getpid(),
+        "images": [str(trainer.train.examples[i].image_id) for i in trainer.epoch_examples],
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / f"{run_id}-rank{rank}.jsonl").open("a") as trace:
+        trace.write(json.dumps(line) + "\n")
+
+
+def restore_last_checkpoint(
+    trainer: Trainer, run_id: uuid.UUID, *, settings: Settings, store: ObjectStore
+) -> None:
+    """The run's newest checkpoint into `trainer`, if it has one."""
+    with session_scope(settings.database_url) as session:
+        key = session.get_one(TrainingRun, run_id).checkpoint_key
+    if key is not None:
+        state = torch.load(io.BytesIO(store.get_bytes(key)), map_location="cpu", weights_only=True)
+        trainer.restore(state)
+        log.info("training run %s resumes at epoch %d", run_id, trainer.next_epoch)
+
+
 def active_comparison(
-    test: LoadedSplit, images: list[DatasetImage], *, settings: Settings, store: ObjectStore
+    test: TrainingSplit, images: list[DatasetImage], *, settings: Settings, store: ObjectStore
 ) -> ActiveComparison | None:
     """The active trained version's exam scores of the test split, preprocessed for its own
     input size; None when no trained version is active."""
@@ -460,22 +545,19 @@ def active_comparison(
         )
     model = load_model(architecture, store.get_bytes(checkpoint_key), device=torch.device("cpu"))
     by_id = {image.image_id: image for image in images}
-    loaded = load_inputs(
-        [by_id[example.image_id] for example in test.examples],
-        preprocess_for(model),
-        settings=settings,
-        store=store,
-    )
-    inputs = torch.from_numpy(np.stack([item[0] for item in loaded if item is not None]))
-    if len(inputs) != len(test.examples):
+    members = [by_id[example.image_id] for example in test.examples]
+    source = PreparedImages(preprocess_for(model), settings, store)
+    split = source.split(members, [None] * len(members), stride=test.stride)
+    try:
+        _, probabilities = predict(model, split)
+    except ImageRejected:
         return None  # an image decoded for the candidate and not now: no fair comparison
-    _, probabilities = predict(model, inputs)
     return ActiveComparison(name, [o.score for o in outcomes_for(test, probabilities)])
 
 
 def register(
     trainer: Trainer,
-    splits: dict[Split, LoadedSplit],
+    splits: dict[Split, TrainingSplit],
     images: list[DatasetImage],
     *,
     run_id: uuid.UUID,
@@ -487,8 +569,8 @@ def register(
     """Evaluate the best epoch's weights on the held-out test split and register them."""
     config = trainer.config
     model = trainer.best_model()
-    _, validation_probabilities = predict(model, splits[Split.VALIDATION].inputs)
-    _, test_probabilities = predict(model, splits[Split.TEST].inputs)
+    _, validation_probabilities = predict(model, splits[Split.VALIDATION])
+    _, test_probabilities = predict(model, splits[Split.TEST])
     point = choose_operating_point(
         outcomes_for(splits[Split.VALIDATION], validation_probabilities),
         config.target_sensitivity,
@@ -517,7 +599,7 @@ def register(
     )
 
 
-def split_sizes_of(splits: dict[Split, LoadedSplit]) -> dict[str, Any]:
+def split_sizes_of(splits: dict[Split, TrainingSplit]) -> dict[str, Any]:
     return {
         split.value: {
             "images": len(loaded.examples),
@@ -531,7 +613,7 @@ def split_sizes_of(splits: dict[Split, LoadedSplit]) -> dict[str, Any]:
 
 def save_version(
     trainer: Trainer,
-    splits: dict[Split, LoadedSplit],
+    splits: dict[Split, TrainingSplit],
     *,
     run_id: uuid.UUID,
     attempt: int,

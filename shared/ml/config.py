@@ -49,6 +49,14 @@ class TrainingConfig:
     fine_tune_learning_rate: float = 3e-4
     freeze_epochs: int = 2
     fine_tune_augment_strength: float = 1.5
+    # Arithmetic: "auto" is bf16 autocast on a GPU and float32 on the CPU; "bf16" or "off"
+    # ask for one everywhere. Channels-last memory layout: "auto" on a GPU only.
+    mixed_precision: str = "auto"
+    channels_last: str = "auto"
+    # Gradient accumulation: each step's batch goes through in this many parts (for a batch
+    # that does not fit in memory); the update is the same as for the whole batch at once,
+    # but for batch norm's statistics, which see a part at a time.
+    accumulation_steps: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

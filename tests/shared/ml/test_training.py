@@ -17,7 +17,8 @@ from shared.ml.config import (
     stratified_folds,
     weights_fit,
 )
-from shared.ml.training import LoadedSplit, Trainer, augment_batch, dense_target
+from shared.ml.data import TrainingSplit, dense_target
+from shared.ml.training import Trainer, augment_batch
 
 TINY = TrainingConfig(
     epochs=3,
@@ -87,12 +88,12 @@ def test_dense_targets_say_what_the_labels_know() -> None:
 
 
 def test_augmentation_moves_the_targets_with_the_image() -> None:
-    generator = torch.Generator().manual_seed(5)
+    generators = [torch.Generator().manual_seed(5 + i) for i in range(8)]
     inputs = torch.zeros(8, 64, 64)
     dense = torch.zeros(8, 2, 4, 4)
     inputs[:, 16:32, 32:48] = 5.0  # cell (1, 2)
     dense[:, :, 1, 2] = 1.0
-    out, out_dense = augment_batch(inputs, dense, [View.CC] * 4 + [View.MLO] * 4, generator)
+    out, out_dense = augment_batch(inputs, dense, [View.CC] * 4 + [View.MLO] * 4, generators)
     for index in range(8):
         rows, cols = torch.nonzero(out_dense[index, 0], as_tuple=True)
         cell_r, cell_c = int(rows[0]), int(cols[0])
@@ -101,7 +102,7 @@ def test_augmentation_moves_the_targets_with_the_image() -> None:
     assert not torch.equal(out[0], out[1]) or not torch.equal(out[2], out[3])
 
 
-def _tiny_split(seed: int, n: int = 32) -> LoadedSplit:
+def _tiny_split(seed: int, n: int = 32) -> TrainingSplit:
     """Images with a bright 8x8 square where malignant; boxes given."""
     rng = np.random.default_rng(seed)
     examples, arrays, boxes = [], [], []
@@ -118,7 +119,7 @@ def _tiny_split(seed: int, n: int = 32) -> LoadedSplit:
         )
         arrays.append(image)
         boxes.append(box)
-    return LoadedSplit.build(examples, arrays, boxes, stride=STRIDE)
+    return TrainingSplit.in_memory(examples, arrays, boxes, stride=STRIDE)
 
 
 def _trainer() -> Trainer:
