@@ -9,7 +9,10 @@
 3. Load the registered model version from the registry and score the fresh set: exam-level
    AUC with a 95% bootstrap interval.
 4. Score the same fresh set with the non-learned baseline (shared/ml/baseline.py).
-5. Write `bench/model.json` and print it. `--export DIR` also writes the model version
+5. Before 2, time training steps on the first 192 training images (bench/training_scaling.py):
+   `train_images_per_s` on one process, and `train_scaling_2proc`, two gloo processes of one
+   torch thread each over one process of one thread.
+6. Write `bench/model.json` and print it. `--export DIR` also writes the model version
    (checkpoint and version.json) to DIR: that is how models/screening-synthetic was made.
 """
 
@@ -298,6 +301,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{time.monotonic() - started:.0f}s",
             flush=True,
         )
+        from bench.training_scaling import measure
+        from shared.ml.config import TrainingConfig
+
+        print("training throughput: one process, then two gloo processes ...", flush=True)
+        throughput = measure(train_dir, TrainingConfig.from_dict(json.loads(args.hyperparameters)))
+        print(json.dumps(throughput), flush=True)
         run, checkpoint, registry_row = train_through_api(args, train_dir)
 
         from shared.ml.checkpoint import load_checkpoint
@@ -314,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "baseline_auc": baseline_auc,
         "baseline_auc_ci": baseline_ci,
         "train_seconds": run["train_seconds"],
+        **throughput,
         "exams_train": args.train_exams,
         "exams_test": args.test_exams,
         "epochs_trained": run["evaluation"]["epochs_trained"],
