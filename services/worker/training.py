@@ -458,18 +458,6 @@ def build_splits(
     return splits
 
 
-def load_splits(
-    images: list[DatasetImage],
-    config: TrainingConfig,
-    *,
-    settings: Settings,
-    store: ObjectStore,
-    held_out: bool = True,
-) -> dict[Split, TrainingSplit]:
-    scanned = scan_images(images, config, settings=settings, store=store)
-    return build_splits(images, scanned, config, settings=settings, store=store, held_out=held_out)
-
-
 def train_epochs(
     trainer: Trainer,
     *,
