@@ -29,8 +29,17 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: DateTime(timezone=True)}
 
 
+_last_id = 0
+_last_id_lock = threading.Lock()
+
+
 def new_id() -> uuid.UUID:
-    """A UUIDv7: time-ordered, so keyset pagination by id follows creation order."""
+    """A UUIDv7: time-ordered, so keyset pagination by id follows creation order.
+
+    Within a process also for ids made in the same millisecond (RFC 9562's monotonic
+    random): an id that would not sort after the previous one is the previous one plus one,
+    so images uploaded in one request list in the order they came."""
+    global _last_id
     unix_ms = time.time_ns() // 1_000_000
     rand = int.from_bytes(os.urandom(10), "big")
     value = (unix_ms & ((1 << 48) - 1)) << 80
@@ -38,6 +47,10 @@ def new_id() -> uuid.UUID:
     value |= (rand >> 68) << 64  # 12 random bits
     value |= 0b10 << 62  # RFC 4122 variant
     value |= rand & ((1 << 62) - 1)
+    with _last_id_lock:
+        if value <= _last_id:
+            value = _last_id + 1
+        _last_id = value
     return uuid.UUID(int=value)
 
 
