@@ -9,7 +9,6 @@ continues with the next epoch, making the same random draws it would have made.
 
 from __future__ import annotations
 
-import ctypes
 import io
 import json
 import logging
@@ -105,27 +104,9 @@ class TrainerContext:
     store: ObjectStore
 
 
-# mallopt's M_MMAP_THRESHOLD, and ours: a block this large or larger is mmapped on its own.
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 256 * 1024
-
-
-def keep_image_buffers_returnable() -> None:
-    """Fix glibc's mmap threshold. Left dynamic, it rises as large blocks are freed, and from
-    then on image-sized buffers (decoded pixels, prepared inputs) are carved from the heaps of
-    the loader threads that made them and freed into fragments the process keeps: a trainer's
-    memory creeps up epoch after epoch. Mmapped, each goes back to the system when freed."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, macOS): nothing to fix
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-
-
 @lru_cache(maxsize=1)
 def trainer_context() -> TrainerContext:
     """Built once per trainer process, on its first run."""
-    keep_image_buffers_returnable()
     settings = get_settings()
     torch.set_num_threads(training_cpu_threads(settings))
     return TrainerContext(settings, ObjectStore(settings))

@@ -28,7 +28,6 @@ from services.worker.distributed import (
 from services.worker.training import (
     build_splits,
     initial_weights,
-    keep_image_buffers_returnable,
     restore_last_checkpoint,
     train_epochs,
 )
@@ -43,7 +42,6 @@ def train_rank(spec: RankSpec) -> int:
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     settings = spec.settings
-    keep_image_buffers_returnable()
     torch.set_num_threads(rank_threads(settings, local_world_size))
     device = training_device(settings, local_rank=local_rank, local_world_size=local_world_size)
     if device.type == "cuda":
