@@ -101,6 +101,7 @@ def _timed_rank(rank: int, loaded: Loaded, config: TrainingConfig, port: int, ou
     try:
         rate, images = _epoch_images_per_s(loaded, config, Placement(rank=rank, world_size=2))
         out.put((images, images / rate))
+        dist.barrier()  # leave together: a group torn down under a peer can abort it
     finally:
         dist.destroy_process_group()
 

@@ -77,6 +77,9 @@ def train_rank(spec: RankSpec) -> int:
             store=store,
             heartbeat=None,
         )
+        # Leave together, once rank 0 has written the last checkpoint: a process group torn
+        # down while a peer still uses its connections can abort the process.
+        dist.barrier()
         return 0
     except LostRun:
         return LOST_EXIT
