@@ -9,7 +9,8 @@ process group (NCCL on GPUs, gloo on the CPU), train, and rank 0 writes each epo
 and row as a single process does. The task keeps the run's heartbeat and watches them: if one
 dies (killed, out of memory), a collective would wait for it for ever, so the others are
 stopped and all are started again from the last checkpoint, up to `training_max_restarts`
-times. If the run was taken over meanwhile, they are stopped and the task gives up the run.
+times (then the run fails, `training_processes_failed`). If the run was taken over meanwhile,
+they are stopped and the task gives up the run.
 """
 
 from __future__ import annotations
@@ -170,5 +171,8 @@ def train_distributed(spec: RankSpec, *, lost: threading.Event) -> None:
                 settings.training_max_restarts,
             )
     raise RanksKeptFailing(
-        f"training run {spec.run_id}: processes failed {settings.training_max_restarts + 1} times"
+        f"the run's {world_size} training processes failed "
+        f"{settings.training_max_restarts + 1} times in a row (the trainer's log says why: out "
+        "of memory, a device error); fewer processes, a smaller batch or accumulation_steps "
+        "may fit"
     )

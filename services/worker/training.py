@@ -27,7 +27,13 @@ from sqlalchemy import select
 
 from services.worker.celery_app import app
 from services.worker.cross_validation import cross_validated_figures, fold_evaluation
-from services.worker.distributed import LostRun, RankSpec, train_distributed, training_device
+from services.worker.distributed import (
+    LostRun,
+    RanksKeptFailing,
+    RankSpec,
+    train_distributed,
+    training_device,
+)
 from shared.config import Settings, get_settings
 from shared.db.base import session_scope, utcnow
 from shared.db.models import (
@@ -77,7 +83,10 @@ from shared.training_runs import (
 log = logging.getLogger(__name__)
 
 
-class DatasetUnusable(Exception):
+class RunCannotFinish(Exception):
+    """The run fails with this code and message (an unusable data set, a warm start that
+    cannot load, processes that keep dying); no retry would do better."""
+
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
@@ -166,10 +175,13 @@ def run_training(run_id: uuid.UUID, *, settings: Settings, store: ObjectStore) -
         init_from, init_weights = initial_weights(config, settings=settings, store=store)
         if settings.training_processes > 1:
             # The processes train and checkpoint; this one judges and registers the result.
-            train_distributed(
-                RankSpec(run_id, attempt, seed, config, images, scanned, held_out, settings),
-                lost=heartbeat.lost,
-            )
+            try:
+                train_distributed(
+                    RankSpec(run_id, attempt, seed, config, images, scanned, held_out, settings),
+                    lost=heartbeat.lost,
+                )
+            except RanksKeptFailing as err:
+                raise RunCannotFinish("training_processes_failed", str(err)) from err
         trainer = Trainer(
             config,
             seed=seed,
@@ -217,7 +229,7 @@ def run_training(run_id: uuid.UUID, *, settings: Settings, store: ObjectStore) -
                 init_from=init_from,
             )
         return "completed"
-    except DatasetUnusable as err:
+    except RunCannotFinish as err:
         with session_scope(settings.database_url) as session:
             run = session.get_one(TrainingRun, run_id, with_for_update=True)
             if run.attempts == attempt:
@@ -242,7 +254,7 @@ def initial_weights(
                 return None, None
             key = find_model(session=session, name_or_id=name).checkpoint_key
     except RegistryError as err:
-        raise DatasetUnusable(err.code, err.message) from err
+        raise RunCannotFinish(err.code, err.message) from err
     payload = torch.load(io.BytesIO(store.get_bytes(key)), map_location="cpu", weights_only=True)
     log.info("warm start from %s", name)
     return name, payload["state_dict"]
@@ -427,7 +439,7 @@ def build_splits(
         ]
         labels = {i.label == TrainingLabel.MALIGNANT for i, _ in members}
         if labels != {True, False}:
-            raise DatasetUnusable(
+            raise RunCannotFinish(
                 "dataset_unusable",
                 f"after leaving out images that could not be decoded, the {split.value} split "
                 "has no malignant or no non-malignant image; add labelled images",

@@ -211,3 +211,25 @@ def test_a_killed_rank_restarts_the_run_from_its_last_checkpoint(
             if line["rank"] == rank and line["pid"] not in first_pids
         ]
         assert restarted == list(range(resumed_at, 6))
+
+
+def test_processes_that_keep_failing_fail_the_run_with_a_clear_error(
+    ingest: TestClient,
+    session: Session,
+    settings: Settings,
+    store: ObjectStore,
+    labelled: Path,
+) -> None:
+    _, key = make_tenant(session)
+    batch_id = training_batch(ingest, key, labelled)
+    run_id = _post_run(ingest, key, batch_id, training_labels(labelled), epochs=2)
+    # A device no host of ours has: every process fails as it starts, every time.
+    broken = settings.model_copy(
+        update={"training_processes": 2, "training_device": "cuda:63", "training_max_restarts": 1}
+    )
+    assert run_training(run_id, settings=broken, store=store) == "failed"
+    session.expire_all()
+    run = session.get_one(TrainingRun, run_id)
+    assert (run.status.value, run.error_code) == ("failed", "training_processes_failed")
+    assert "failed 2 times in a row" in (run.error_message or "")
+    assert _curve(session, run_id) == []
