@@ -46,9 +46,9 @@ def train_rank(spec: RankSpec) -> int:
     device = training_device(settings, local_rank=local_rank, local_world_size=local_world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=10)
-    )
+    # Long: the others wait in a collective while rank 0 alone validates and checkpoints a
+    # large run. A dead peer is noticed by the task watching the processes, not by this.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     try:
         store = ObjectStore(settings)
         splits = build_splits(

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,15 @@ def labelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("labelled")
     generate_exams(folder, exams=24, seed=17, options=SMALL_SYNTH)
     return folder
+
+
+@pytest.fixture
+def post_run(ingest: TestClient, session: Session, labelled: Path) -> Callable[[int], uuid.UUID]:
+    """POSTs a run of so many epochs on the labelled set, uploaded once for the test."""
+    _, key = make_tenant(session)
+    batch_id = training_batch(ingest, key, labelled)
+    labels = training_labels(labelled)
+    return lambda epochs: _post_run(ingest, key, batch_id, labels, epochs)
 
 
 def _post_run(ingest: TestClient, key: str, batch_id: str, labels: Any, epochs: int) -> uuid.UUID:
@@ -91,19 +101,15 @@ def _curve(session: Session, run_id: uuid.UUID) -> list[TrainingEpoch]:
 
 
 def test_two_gloo_processes_train_disjoint_patients_and_match_one_process(
-    ingest: TestClient,
+    post_run: Callable[[int], uuid.UUID],
     session: Session,
     settings: Settings,
     store: ObjectStore,
-    labelled: Path,
     tmp_path: Path,
 ) -> None:
-    _, key = make_tenant(session)
-    batch_id = training_batch(ingest, key, labelled)
-    labels = training_labels(labelled)
-    single = _post_run(ingest, key, batch_id, labels, epochs=3)
+    single = post_run(3)
     assert run_training(single, settings=settings, store=store) == "completed"
-    double = _post_run(ingest, key, batch_id, labels, epochs=3)
+    double = post_run(3)
     trace = tmp_path / "trace"
     assert run_training(double, settings=_distributed(settings, trace), store=store) == "completed"
 
@@ -157,16 +163,13 @@ def _rank_process(rank: int) -> psutil.Process | None:
 
 
 def test_a_killed_rank_restarts_the_run_from_its_last_checkpoint(
-    ingest: TestClient,
+    post_run: Callable[[int], uuid.UUID],
     session: Session,
     settings: Settings,
     store: ObjectStore,
-    labelled: Path,
     tmp_path: Path,
 ) -> None:
-    _, key = make_tenant(session)
-    batch_id = training_batch(ingest, key, labelled)
-    run_id = _post_run(ingest, key, batch_id, training_labels(labelled), epochs=6)
+    run_id = post_run(6)
     trace = tmp_path / "trace"
     outcome: list[str] = []
     training = threading.Thread(
@@ -214,15 +217,12 @@ def test_a_killed_rank_restarts_the_run_from_its_last_checkpoint(
 
 
 def test_processes_that_keep_failing_fail_the_run_with_a_clear_error(
-    ingest: TestClient,
+    post_run: Callable[[int], uuid.UUID],
     session: Session,
     settings: Settings,
     store: ObjectStore,
-    labelled: Path,
 ) -> None:
-    _, key = make_tenant(session)
-    batch_id = training_batch(ingest, key, labelled)
-    run_id = _post_run(ingest, key, batch_id, training_labels(labelled), epochs=2)
+    run_id = post_run(2)
     # A device no host of ours has: every process fails as it starts, every time.
     broken = settings.model_copy(
         update={"training_processes": 2, "training_device": "cuda:63", "training_max_restarts": 1}
