@@ -80,7 +80,7 @@ def dense_target(
     everywhere for malignancy; a labelled box marks its lesion's positions positive. A
     lesion without a box leaves that output's map unsupervised."""
     target = np.zeros((2, *grid), dtype=np.float32)
-    known = np.array([not example.malignant, not example.lesion], dtype=bool)
+    known = supervised_maps(example, lesion_box)
     if example.lesion and lesion_box is not None:
         left, top, right, bottom = lesion_box
         x0, y0 = int(left // stride), int(top // stride)
@@ -89,11 +89,17 @@ def dense_target(
             slice(x0, max(x0 + 1, int(np.ceil(right / stride)))),
         )
         target[1][region] = 1.0
-        known[1] = True
         if example.malignant:
             target[0][region] = 1.0
-            known[0] = True
     return target, known
+
+
+def supervised_maps(example: Example, lesion_box: Box | None) -> np.ndarray:
+    """Which of the two outputs' maps (malignancy, any lesion) an example supervises (2,):
+    both everywhere-negative for a normal image, malignancy for a benign one, and a lesion's
+    own maps where its box says where it is."""
+    boxed = example.lesion and lesion_box is not None
+    return np.array([not example.malignant or boxed, not example.lesion or boxed], dtype=bool)
 
 
 @dataclass
@@ -121,7 +127,8 @@ class TrainingSplit:
         self.targets = torch.tensor(
             [[float(e.malignant), float(e.lesion)] for e in self.examples]
         ).reshape(-1, 2)
-        known = [self.dense_example(i)[1] for i in range(len(self.examples))]
+        # Labels and boxes alone: no per-position map is built for this.
+        known = [supervised_maps(e, b) for e, b in zip(self.examples, self.boxes, strict=True)]
         self.dense_known = torch.from_numpy(np.stack(known)) if known else torch.zeros(0, 2)
 
     @classmethod
