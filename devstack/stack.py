@@ -126,18 +126,8 @@ def service_commands(python: str) -> dict[str, list[str]]:
             "{ingest_port}",
             "--no-access-log",
         ],
-        "results": [
-            python,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "services.results.app:create_app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "{results_port}",
-            "--no-access-log",
-        ],
+        # Several processes (`results_workers`): polling is most of what clients do.
+        "results": [python, "-m", "services.results", "--port", "{results_port}"],
         "worker": _celery_worker(
             python,
             INFERENCE_QUEUES,

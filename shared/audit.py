@@ -5,9 +5,10 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import insert, or_, select
 from sqlalchemy.orm import Session
 
+from shared.db.base import new_id, utcnow
 from shared.db.models import AuditAction, AuditEvent
 
 
@@ -21,17 +22,26 @@ def record(
     resource_id: uuid.UUID | None,
     detail: dict[str, Any] | None = None,
 ) -> None:
-    """Add one event to the caller's transaction (it lands if and only if the work does)."""
-    session.add(
-        AuditEvent(
-            tenant_id=tenant_id,
-            key_prefix=key_prefix,
-            action=action,
-            resource_type=resource_type,
-            resource_id=resource_id,
-            detail=detail or {},
-        )
+    """Add one event to the caller's transaction (it lands if and only if the work does).
+
+    A plain INSERT, not an ORM object to flush: every read of patient data writes one, and
+    the unit of work cost more than the read it records."""
+    session.execute(
+        _INSERT,
+        {
+            "id": new_id(),
+            "tenant_id": tenant_id,
+            "key_prefix": key_prefix,
+            "action": action,
+            "resource_type": resource_type,
+            "resource_id": resource_id,
+            "detail": detail or {},
+            "at": utcnow(),
+        },
     )
+
+
+_INSERT = insert(AuditEvent)
 
 
 def list_events(

@@ -8,24 +8,31 @@ belong to no tenant), are in `shared/lifecycle.py`.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Row, Select, Text, cast, func, select, text, true
 from sqlalchemy.dialects.postgresql import distinct_on, insert
-from sqlalchemy.orm import Session, joinedload
+from sqlalchemy.orm import Session, defer, load_only
+from sqlalchemy.orm.attributes import set_committed_value
 
 from shared.db.base import new_id, utcnow
 from shared.db.models import (
     Batch,
+    BatchImageCounts,
+    BatchPredictionCounts,
     BatchPriority,
     BatchPurpose,
     Image,
     ImageStatus,
+    Laterality,
     ModelVersion,
     Prediction,
     RejectedFile,
     Study,
+    View,
 )
 
 
@@ -109,24 +116,120 @@ def get_or_create_study(
     return study_id
 
 
-def image_count(*, session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID) -> int:
-    count = session.scalar(
-        select(func.count()).where(Image.batch_id == batch_id, Image.tenant_id == tenant_id)
+@dataclass(frozen=True)
+class BatchCounters:
+    """A batch's image counts by status (every status present), rejected files, and a version
+    that grows with every change to them or to its predictions."""
+
+    counts: dict[str, int]
+    rejected: int
+    version: int
+
+
+def batch_counters(*, session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID) -> BatchCounters:
+    """The batch's counters, summed over their shards: an index range read of at most
+    COUNTER_SHARDS rows, however many images the batch holds (the triggers of migration 0013
+    keep them in step with the rows)."""
+    statuses = [getattr(BatchImageCounts, status.value) for status in ImageStatus]
+    row = session.execute(
+        select(
+            *(func.coalesce(func.sum(column), 0) for column in statuses),
+            func.coalesce(func.sum(BatchImageCounts.rejected), 0),
+            func.coalesce(func.sum(BatchImageCounts.version), 0),
+        )
+        .join(Batch, Batch.id == BatchImageCounts.batch_id)
+        .where(BatchImageCounts.batch_id == batch_id, Batch.tenant_id == tenant_id)
+    ).one()
+    *by_status, rejected, version = (int(value) for value in row)
+    counts = {status.value: count for status, count in zip(ImageStatus, by_status, strict=True)}
+    return BatchCounters(counts=counts, rejected=rejected, version=version)
+
+
+@dataclass(frozen=True)
+class BatchStatusRead:
+    """Everything a status answer shows, from one statement: the batch's own columns (as
+    BatchPublic names them), its counters, and the model versions that scored it with the
+    images each flagged per warning code."""
+
+    batch: dict[str, Any]
+    counters: BatchCounters
+    versions: list[dict[str, Any]]  # id, name, status, trained, rejection_reason, flagged
+
+    @property
+    def warning_counts(self) -> dict[str, int]:
+        """For each warning code, the most images any one version flagged with it."""
+        flagged: dict[str, int] = {}
+        for version in self.versions:
+            for code, images in version["flagged"].items():
+                flagged[code] = max(flagged.get(code, 0), images)
+        return flagged
+
+
+# One round trip, built once: a status poll is the request clients send most. Counters and
+# prediction counts are summed over their shards (index range reads of the batch's rows).
+# Only ImageStatus's own values are spliced in; the caller's values are bound parameters.
+_BATCH_STATUS = text(f"""
+    SELECT b.id, b.name, b.priority, b.status, b.created_at, b.closed_at, b.completed_at,
+           b.callback_url, b.purpose, b.source, n.ae_title AS sent_by, b.accession_key,
+           c.counts, c.rejected, c.version, coalesce(p.versions, '[]') AS versions
+    FROM batches AS b
+    LEFT JOIN dicom_nodes AS n ON n.id = b.dicom_node_id
+    CROSS JOIN LATERAL (
+        SELECT json_build_array({", ".join(f"coalesce(sum({s.value}), 0)" for s in ImageStatus)})
+                   AS counts,
+               coalesce(sum(rejected), 0) AS rejected, coalesce(sum(version), 0) AS version
+        FROM batch_image_counts WHERE batch_id = b.id
+    ) AS c
+    CROSS JOIN LATERAL (
+        SELECT json_agg(json_build_object(
+                   'id', v.id, 'name', v.name, 'status', v.status, 'trained', v.trained,
+                   'rejection_reason', v.rejection_reason, 'flagged', u.flagged
+               ) ORDER BY v.created_at) AS versions
+        FROM (
+            SELECT model_version_id,
+                   json_object_agg(warning, images) FILTER (WHERE warning <> '') AS flagged
+            FROM (
+                SELECT model_version_id, warning, sum(images) AS images
+                FROM batch_prediction_counts WHERE batch_id = b.id
+                GROUP BY model_version_id, warning HAVING sum(images) > 0
+            ) AS by_warning
+            GROUP BY model_version_id
+            HAVING bool_or(warning = '')
+        ) AS u
+        JOIN model_versions AS v ON v.id = u.model_version_id
+    ) AS p
+    WHERE b.id = :batch_id AND b.tenant_id = :tenant_id
+""")  # noqa: S608
+
+
+def batch_status(
+    *, session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID
+) -> BatchStatusRead | None:
+    """The tenant's batch as a status answer shows it, or None (also for another tenant's)."""
+    row = session.execute(
+        _BATCH_STATUS, {"batch_id": batch_id, "tenant_id": tenant_id}
+    ).one_or_none()
+    if row is None:
+        return None
+    fields = row._asdict()
+    counts = dict(zip((s.value for s in ImageStatus), fields.pop("counts"), strict=True))
+    counters = BatchCounters(
+        counts=counts, rejected=int(fields.pop("rejected")), version=int(fields.pop("version"))
     )
-    return int(count or 0)
+    versions = fields.pop("versions")
+    for version in versions:
+        version["flagged"] = {code: int(n) for code, n in (version["flagged"] or {}).items()}
+    return BatchStatusRead(batch=fields, counters=counters, versions=versions)
+
+
+def image_count(*, session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID) -> int:
+    counters = batch_counters(session=session, tenant_id=tenant_id, batch_id=batch_id)
+    return sum(counters.counts.values())
 
 
 def image_counts(*, session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID) -> dict[str, int]:
     """How many of the batch's images are in each status (every status present, 0 or more)."""
-    counts = {status.value: 0 for status in ImageStatus}
-    rows = session.execute(
-        select(Image.status, func.count())
-        .where(Image.batch_id == batch_id, Image.tenant_id == tenant_id)
-        .group_by(Image.status)
-    )
-    for status, count in rows:
-        counts[ImageStatus(status).value] = int(count)
-    return counts
+    return batch_counters(session=session, tenant_id=tenant_id, batch_id=batch_id).counts
 
 
 def record_rejections(
@@ -146,12 +249,7 @@ def record_rejections(
 
 
 def rejection_count(*, session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID) -> int:
-    count = session.scalar(
-        select(func.count()).where(
-            RejectedFile.batch_id == batch_id, RejectedFile.tenant_id == tenant_id
-        )
-    )
-    return int(count or 0)
+    return batch_counters(session=session, tenant_id=tenant_id, batch_id=batch_id).rejected
 
 
 def rejections_page(
@@ -170,65 +268,64 @@ def rejections_page(
     return list(session.scalars(query.order_by(RejectedFile.id).limit(limit)))
 
 
-def exams_page(
-    *,
-    session: Session,
-    tenant_id: uuid.UUID,
-    batch_id: uuid.UUID,
-    limit: int,
-    after: uuid.UUID | None,
-) -> list[tuple[Study, list[Image]]]:
-    """A batch's studies (exams) in upload order, each with its images, keyset on study id."""
-    query = select(Study).where(Study.batch_id == batch_id, Study.tenant_id == tenant_id)
-    if after is not None:
-        query = query.where(Study.id > after)
-    studies = list(session.scalars(query.order_by(Study.id).limit(limit)))
-    images: dict[uuid.UUID, list[Image]] = {s.id: [] for s in studies}
-    if studies:
-        rows = session.scalars(
-            select(Image)
-            .where(Image.study_id.in_(list(images)), Image.tenant_id == tenant_id)
-            .order_by(Image.id)
-        )
-        for image in rows:
-            images[image.study_id].append(image)
-    return [(study, images[study.id]) for study in studies]
+# What batch answers show of a model version (ModelVersionPublic, and whether it is trained):
+# its JSON columns are for the registry and the workers.
+PUBLIC_VERSION_COLUMNS = (
+    ModelVersion.id,
+    ModelVersion.name,
+    ModelVersion.status,
+    ModelVersion.trained,
+    ModelVersion.rejection_reason,
+    ModelVersion.created_at,
+)
 
 
-def model_versions_used(
+def _prediction_counts(tenant_id: uuid.UUID, batch_id: uuid.UUID) -> Select[uuid.UUID, str, int]:
+    """(model version, warning code or '', images) of the batch, over the counters' shards."""
+    images = func.sum(BatchPredictionCounts.images)
+    return (
+        select(BatchPredictionCounts.model_version_id, BatchPredictionCounts.warning, images)
+        .join(Batch, Batch.id == BatchPredictionCounts.batch_id)
+        .where(BatchPredictionCounts.batch_id == batch_id, Batch.tenant_id == tenant_id)
+        .group_by(BatchPredictionCounts.model_version_id, BatchPredictionCounts.warning)
+        .having(images > 0)
+    )
+
+
+@dataclass(frozen=True)
+class PredictionSummary:
+    """The model versions that scored any of a batch's images (oldest first), and for each
+    prediction warning the most of its images any one version flagged with it (a batch is
+    mostly scored by one version; images scored by two are not counted twice)."""
+
+    versions: list[ModelVersion]
+    warning_counts: dict[str, int]
+
+
+def prediction_summary(
     *, session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID
-) -> list[ModelVersion]:
-    """The model versions that scored any of the batch's images, oldest first."""
-    query = (
-        select(ModelVersion)
-        .where(
-            ModelVersion.id.in_(
-                select(Prediction.model_version_id)
-                .join(Image, Image.id == Prediction.image_id)
-                .where(Image.batch_id == batch_id, Prediction.tenant_id == tenant_id)
-                .distinct()
+) -> PredictionSummary:
+    """From the batch's prediction counters (never its predictions): two indexed reads."""
+    used: set[uuid.UUID] = set()
+    flagged: dict[str, int] = {}
+    for version_id, code, images in session.execute(_prediction_counts(tenant_id, batch_id)):
+        if code:
+            flagged[code] = max(flagged.get(code, 0), int(images))
+        else:
+            used.add(version_id)
+    versions = (
+        list(
+            session.scalars(
+                select(ModelVersion)
+                .where(ModelVersion.id.in_(used))
+                .order_by(ModelVersion.created_at)
+                .options(load_only(*PUBLIC_VERSION_COLUMNS))
             )
         )
-        .order_by(ModelVersion.created_at)
+        if used
+        else []
     )
-    return list(session.scalars(query))
-
-
-def warning_counts(
-    *, session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID
-) -> dict[str, int]:
-    """How many of the batch's images carry each prediction warning (any model version)."""
-    code = func.unnest(Prediction.warnings).label("code")
-    flagged = (
-        select(Prediction.image_id, code)
-        .join(Image, Image.id == Prediction.image_id)
-        .where(Image.batch_id == batch_id, Prediction.tenant_id == tenant_id)
-        .subquery()
-    )
-    query = select(flagged.c.code, func.count(func.distinct(flagged.c.image_id))).group_by(
-        flagged.c.code
-    )
-    return {str(code): int(count) for code, count in session.execute(query).all()}
+    return PredictionSummary(versions, flagged)
 
 
 def get_image(*, session: Session, tenant_id: uuid.UUID, image_id: uuid.UUID) -> Image | None:
@@ -238,7 +335,9 @@ def get_image(*, session: Session, tenant_id: uuid.UUID, image_id: uuid.UUID) ->
 def latest_predictions(
     *, session: Session, tenant_id: uuid.UUID, image_ids: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, Prediction]:
-    """Each image's newest prediction (an image may be screened by several model versions)."""
+    """Each image's newest prediction (an image may be screened by several model versions),
+    with its model version loaded once per page and set on each: a version's JSON columns
+    are decoded once, not once per prediction."""
     if not image_ids:
         return {}
     query = (
@@ -246,25 +345,20 @@ def latest_predictions(
         .where(Prediction.image_id.in_(image_ids), Prediction.tenant_id == tenant_id)
         .order_by(Prediction.image_id, Prediction.created_at.desc())
         .ext(distinct_on(Prediction.image_id))
-        # The reference is for workers; a results page never reads it.
-        .options(joinedload(Prediction.model_version).defer(ModelVersion.input_reference))
     )
-    return {p.image_id: p for p in session.scalars(query)}
-
-
-def results_page(
-    *,
-    session: Session,
-    tenant_id: uuid.UUID,
-    batch_id: uuid.UUID,
-    limit: int,
-    after: uuid.UUID | None,
-) -> list[Image]:
-    """A batch's images in upload order, keyset-paginated on id (time-ordered UUIDv7)."""
-    query = select(Image).where(Image.batch_id == batch_id, Image.tenant_id == tenant_id)
-    if after is not None:
-        query = query.where(Image.id > after)
-    return list(session.scalars(query.order_by(Image.id).limit(limit)))
+    predictions = {p.image_id: p for p in session.scalars(query)}
+    version_ids = {p.model_version_id for p in predictions.values()}
+    versions = {
+        v.id: v
+        for v in session.scalars(
+            select(ModelVersion)
+            .where(ModelVersion.id.in_(version_ids))
+            .options(defer(ModelVersion.input_reference))  # for workers; a page never reads it
+        )
+    }
+    for prediction in predictions.values():
+        set_committed_value(prediction, "model_version", versions[prediction.model_version_id])
+    return predictions
 
 
 def get_exam(
@@ -280,3 +374,238 @@ def get_exam(
         .order_by(Image.id)
     )
     return study, list(images)
+
+
+# -- pages: an image's row and its newest prediction in one query, without ORM objects --------
+
+
+@dataclass(frozen=True, slots=True)
+class LatestPrediction:
+    """What a page shows of an image's newest prediction."""
+
+    malignancy_score: float
+    model_version: ModelVersion
+    heatmap_key: str | None
+    warnings: list[str]
+    input_distance: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class PageImage:
+    """An image as a results or exams page shows it, with its newest prediction (None until
+    it is scored)."""
+
+    id: uuid.UUID
+    batch_id: uuid.UUID
+    study_id: uuid.UUID
+    filename: str
+    media_type: str
+    laterality: Laterality | None
+    view: View | None
+    status: ImageStatus
+    attempts: int
+    error_code: str | None
+    error_message: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    prediction: LatestPrediction | None
+
+
+@dataclass(frozen=True, slots=True)
+class PageExam:
+    id: uuid.UUID
+    study_key: str
+    patient_key: str
+    images: list[PageImage]
+
+
+_IMAGE_COLUMNS = (
+    Image.id,
+    Image.batch_id,
+    Image.study_id,
+    Image.filename,
+    Image.media_type,
+    Image.laterality,
+    Image.view,
+    Image.status,
+    Image.attempts,
+    Image.error_code,
+    Image.error_message,
+    Image.created_at,
+    Image.finished_at,
+)
+
+
+def _scored_images(tenant_id: uuid.UUID) -> Select[*tuple[Any, ...]]:
+    """The tenant's images, each with the columns of its newest prediction (NULL: none)."""
+    latest = (
+        select(
+            Prediction.malignancy_score,
+            Prediction.model_version_id,
+            Prediction.heatmap_key,
+            Prediction.warnings,
+            Prediction.input_distance,
+        )
+        .where(Prediction.image_id == Image.id)
+        .order_by(Prediction.created_at.desc())
+        .limit(1)
+        .lateral("latest")
+    )
+    return (
+        select(*_IMAGE_COLUMNS, *latest.c)
+        .select_from(Image)
+        .outerjoin(latest, true())
+        .where(Image.tenant_id == tenant_id)
+    )
+
+
+def _page_images(session: Session, rows: Sequence[Sequence[Any]]) -> list[PageImage]:
+    """Rows of `_scored_images` as PageImages, each model version loaded once for the page."""
+    fields = len(_IMAGE_COLUMNS)
+    version_ids = {row[fields + 1] for row in rows if row[fields + 1] is not None}
+    versions = {
+        v.id: v
+        for v in session.scalars(
+            select(ModelVersion)
+            .where(ModelVersion.id.in_(version_ids))
+            .options(defer(ModelVersion.input_reference))  # for workers; a page never reads it
+        )
+    }
+    images = []
+    for row in rows:
+        (image_id, batch_id, study_id, filename, media_type, laterality, view, status) = row[:8]
+        (attempts, error_code, error_message, created_at, finished_at) = row[8:fields]
+        score, version_id, heatmap_key, warnings, distance = row[fields:]
+        prediction = (
+            None
+            if version_id is None
+            else LatestPrediction(score, versions[version_id], heatmap_key, warnings, distance)
+        )
+        images.append(
+            PageImage(
+                image_id,
+                batch_id,
+                study_id,
+                filename,
+                media_type,
+                laterality,
+                view,
+                status,
+                attempts,
+                error_code,
+                error_message,
+                created_at,
+                finished_at,
+                prediction,
+            )
+        )
+    return images
+
+
+def results_page(
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    batch_id: uuid.UUID,
+    limit: int,
+    after: uuid.UUID | None,
+) -> list[PageImage]:
+    """A batch's images in upload order with their newest predictions, keyset-paginated on
+    id (time-ordered UUIDv7): one query for the page, one for its model versions."""
+    query = _scored_images(tenant_id).where(Image.batch_id == batch_id)
+    if after is not None:
+        query = query.where(Image.id > after)
+    # Core rows on the session's connection: the ORM layer would only add cost to columns.
+    rows = session.connection().execute(query.order_by(Image.id).limit(limit)).all()
+    return _page_images(session, rows)
+
+
+def exams_page(
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    batch_id: uuid.UUID,
+    limit: int,
+    after: uuid.UUID | None,
+) -> list[PageExam]:
+    """A batch's studies (exams) in upload order, each with its images and their newest
+    predictions, keyset on study id."""
+    query = select(Study.id, Study.study_key, Study.patient_key).where(
+        Study.batch_id == batch_id, Study.tenant_id == tenant_id
+    )
+    if after is not None:
+        query = query.where(Study.id > after)
+    connection = session.connection()  # Core rows: see results_page
+    studies = connection.execute(query.order_by(Study.id).limit(limit)).all()
+    exams = {row.id: PageExam(row.id, row.study_key, row.patient_key, []) for row in studies}
+    if exams:
+        rows = connection.execute(
+            _scored_images(tenant_id).where(Image.study_id.in_(list(exams))).order_by(Image.id)
+        ).all()
+        for image in _page_images(session, rows):
+            exams[image.study_id].images.append(image)
+    return list(exams.values())
+
+
+# The export's columns, in order; each is formatted by Postgres (text, or a number), so the
+# rows need no conversion in Python (shared by the CSV and the JSON form).
+EXPORT_COLUMNS = (
+    "image_id",
+    "filename",
+    "study_id",
+    "laterality",
+    "view",
+    "status",
+    "score",
+    "error_code",
+    "model_version",
+    "warnings",  # codes joined by ";"
+    "input_distance",
+    "finished_at",
+)
+EXPORT_CHUNK = 500
+
+
+def export_chunks(
+    *, session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID
+) -> Iterator[Sequence[Row[Any]]]:
+    """Every image of the batch in upload order with its newest prediction, as tuples of
+    EXPORT_COLUMNS, fetched EXPORT_CHUNK rows at a time from a server-side cursor (the
+    caller's transaction stays open until the last chunk)."""
+    latest = (
+        select(
+            Prediction.malignancy_score,
+            Prediction.model_version_id,
+            Prediction.warnings,
+            Prediction.input_distance,
+        )
+        .where(Prediction.image_id == Image.id)
+        .order_by(Prediction.created_at.desc())
+        .limit(1)
+        .lateral("latest")
+    )
+    query = (
+        select(
+            cast(Image.id, Text),
+            Image.filename,
+            cast(Image.study_id, Text),
+            cast(Image.laterality, Text),
+            cast(Image.view, Text),
+            cast(Image.status, Text),
+            latest.c.malignancy_score,
+            Image.error_code,
+            ModelVersion.name,
+            func.coalesce(func.array_to_string(latest.c.warnings, ";"), ""),
+            latest.c.input_distance,
+            func.to_char(
+                func.timezone("UTC", Image.finished_at), 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'
+            ),
+        )
+        .select_from(Image)
+        .outerjoin(latest, true())
+        .outerjoin(ModelVersion, ModelVersion.id == latest.c.model_version_id)
+        .where(Image.batch_id == batch_id, Image.tenant_id == tenant_id)
+        .order_by(Image.id)
+        .execution_options(stream_results=True, yield_per=EXPORT_CHUNK)
+    )
+    yield from session.execute(query).partitions()

@@ -70,8 +70,14 @@ class Settings(BaseSettings):
     orphan_sweep_every: int = Field(default=240, gt=0)  # sweeps between orphan scans
 
     # Requests per API key per minute, counted in Redis across every service process;
-    # 0 turns the limit off.
+    # 0 turns the limit off. A poll of a batch's status that is conditional (If-None-Match)
+    # or long (wait=N) is answered from the batch's counters, or sleeps until they change, so
+    # it counts as 1/rate_limit_polls_per_request of a request (README "Polling at scale").
     rate_limit_per_minute: int = Field(default=600, ge=0)
+    rate_limit_polls_per_request: int = Field(default=10, ge=1)
+    # Processes the results service answers in (uvicorn workers, `python -m
+    # services.results`); 0: one per core.
+    results_workers: int = Field(default=0, ge=0)
 
     # How many image ids one inference task carries (a chunk of a bulk batch).
     inference_chunk_size: int = Field(default=16, gt=0)

@@ -7,12 +7,34 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from shared.db.models import Image, Laterality, ModelVersion, Prediction, View
+from shared.db.models import Laterality, ModelVersion, View
 from shared.scores import BreastScore, ViewScore, breast_scores, calibrated_probability, exam_score
 
 # The four views of a screening exam, as "L-CC" ... "R-MLO".
 SCREENING_VIEWS = tuple(f"{lat.value}-{view.value}" for lat in Laterality for view in View)
+
+
+class ExamView(Protocol):
+    """What the rule reads of an image: an `Image` row, or a page's `PageImage`."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+    @property
+    def laterality(self) -> Laterality | None: ...
+    @property
+    def view(self) -> View | None: ...
+
+
+class ViewPrediction(Protocol):
+    """What the rule reads of an image's prediction: a `Prediction` row, or a page's
+    `LatestPrediction`."""
+
+    @property
+    def malignancy_score(self) -> float: ...
+    @property
+    def model_version(self) -> ModelVersion: ...
 
 
 @dataclass(frozen=True)
@@ -37,30 +59,34 @@ class ExamAssessment:
 
 
 def assess_exam(
-    images: Sequence[Image], predictions: Mapping[uuid.UUID, Prediction]
+    images: Sequence[ExamView], predictions: Mapping[uuid.UUID, ViewPrediction]
 ) -> ExamAssessment:
     """Score an exam from its images' latest predictions (`predictions` by image id); an exam
     may lack views, or have views not scored yet, and still be scored from those that are."""
+    return assess_views([(image, predictions.get(image.id)) for image in images])
+
+
+def assess_views(views: Sequence[tuple[ExamView, ViewPrediction | None]]) -> ExamAssessment:
+    """`assess_exam` for (image, its latest prediction or None) pairs, as pages hold them."""
     present = sorted(
-        {f"{i.laterality.value}-{i.view.value}" for i in images if i.laterality and i.view}
+        {f"{i.laterality.value}-{i.view.value}" for i, _ in views if i.laterality and i.view}
     )
     breasts = breast_scores(
-        ViewScore(i.laterality, i.view, predictions[i.id].malignancy_score)
-        for i in images
-        if i.id in predictions and i.laterality is not None and i.view is not None
+        ViewScore(i.laterality, i.view, p.malignancy_score)
+        for i, p in views
+        if p is not None and i.laterality is not None and i.view is not None
     )
     score = exam_score(breasts)
-    used = [predictions[i.id] for i in images if i.id in predictions]
     return ExamAssessment(
         views_present=present,
         missing_views=[v for v in SCREENING_VIEWS if v not in present],
         breasts=breasts,
         exam_score=score,
-        recommendation=recommend(score, used),
+        recommendation=recommend(score, [p for _, p in views if p is not None]),
     )
 
 
-def recommend(score: float | None, predictions: Sequence[Prediction]) -> Recommendation | None:
+def recommend(score: float | None, predictions: Sequence[ViewPrediction]) -> Recommendation | None:
     """Recall or routine, from the model that scored the exam: only when one model version
     made every prediction."""
     versions = {p.model_version.id: p.model_version for p in predictions}

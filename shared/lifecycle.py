@@ -14,6 +14,13 @@ An image::
 
 A batch: open --close--> processing --its last image finished--> completed.
 
+Each batch's counters (images by status, rejected files, predictions by model version and
+warning, a change version: `BatchImageCounts`, `BatchPredictionCounts`) follow these writes in
+the same transaction, kept by the triggers of migration 0013 on the rows themselves, so no
+writer (the worker, the sweeper, a data-lifecycle purge, a test's factory) can leave them out
+of step; the triggers also NOTIFY `batch_changed`, which wakes long polls once the writing
+transaction commits. Whether a batch has finished is read from them.
+
 Every status write is a guarded UPDATE (`WHERE status IN (the transition's sources)`), so a
 repeated, late or concurrent call changes nothing it should not: a duplicate delivery never
 flips a finished image, and a release never revives one. A test enumerates `Transition`
@@ -31,7 +38,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -374,16 +381,11 @@ def complete_if_finished(*, session: Session, batch: Batch) -> bool:
     """Mark a closed batch completed once no image is queued or running; caller holds its lock."""
     if batch.status != BatchStatus.PROCESSING:
         return False
-    unfinished = session.scalar(
-        select(func.count()).where(
-            Image.batch_id == batch.id, Image.status.not_in(TERMINAL_IMAGE_STATUSES)
-        )
-    )
-    if unfinished:
+    counts = image_counts(session=session, tenant_id=batch.tenant_id, batch_id=batch.id)
+    if any(counts[status.value] for status in ImageStatus if status not in TERMINAL_IMAGE_STATUSES):
         return False
     batch.status = BatchStatus.COMPLETED
     batch.completed_at = utcnow()
-    counts = image_counts(session=session, tenant_id=batch.tenant_id, batch_id=batch.id)
     announce_completion(session, batch, counts)
     queue_exam_exports(session, batch)
     return True

@@ -9,8 +9,8 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import bindparam, select
+from sqlalchemy.orm import Session, joinedload
 
 from shared.db.base import utcnow
 from shared.db.models import DEFAULT_SCOPES, ApiKey, Scope, Tenant
@@ -61,14 +61,20 @@ def issue_api_key(
     return IssuedKey(api_key=api_key, secret=secret)
 
 
+# Built once: every request runs it. The tenant comes with it (every caller reads it).
+_LIVE_KEY = (
+    select(ApiKey)
+    .where(ApiKey.prefix == bindparam("prefix"), ApiKey.revoked_at.is_(None))
+    .options(joinedload(ApiKey.tenant))
+)
+
+
 def authenticate_key(*, session: Session, secret: str) -> ApiKey | None:
     """The live key matching `secret`, or None; compares hashes in constant time."""
     prefix = _split_key(secret)
     if prefix is None:
         return None
-    api_key = session.scalar(
-        select(ApiKey).where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None))
-    )
+    api_key = session.scalar(_LIVE_KEY, {"prefix": prefix})
     if api_key is None or not hmac.compare_digest(api_key.key_hash, hash_key(secret)):
         return None
     return api_key

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
+from services.results.changes import BatchChanges
 from services.results.dicom import router as dicom_router
 from services.results.routes import audit_router, router
 from services.results.training import router as training_router
@@ -25,6 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     configure_logging("results")
     check_vault_settings(settings)
     app = FastAPI(
+        lifespan=_listen_for_batch_changes,
         title="mammoscreen results",
         version="0.1.0",
         description="Batches, exams, per-image scores and heatmaps, training runs, models.",
@@ -43,9 +48,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+@asynccontextmanager
+async def _listen_for_batch_changes(app: FastAPI) -> AsyncIterator[None]:
+    changes: BatchChanges = app.state.batch_changes
+    changes.start()
+    try:
+        yield
+    finally:
+        await changes.stop()
+
+
 def bind(app: FastAPI, settings: Settings) -> None:
     """Point the app at the servers `settings` names (no connection is opened here)."""
     app.state.settings = settings
     app.state.redis = rate_limit_client(settings)
     app.state.clock = WALL_CLOCK  # the rate limit's windows
     app.state.store = ObjectStore(settings)  # heatmaps
+    # Long polls sleep on it (it listens once the app has started).
+    app.state.batch_changes = BatchChanges(settings.database_url)

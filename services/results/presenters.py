@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from typing import Protocol
 
 from sqlalchemy.orm import Session
 
@@ -18,8 +19,8 @@ from services.results.schemas import (
 from shared.api.deps import Caller
 from shared.batches import latest_predictions
 from shared.config import Settings
-from shared.db.models import Image, ModelVersion, Prediction, PredictionWarning, Study
-from shared.exams import assess_exam
+from shared.db.models import Image, ImageStatus, Prediction, PredictionWarning
+from shared.exams import ExamView, ViewPrediction, assess_views
 from shared.vault import VaultKeyMissing, open_identities
 
 UNTRAINED_WARNING = (
@@ -34,7 +35,39 @@ UNLIKE_TRAINING_WARNING = (
 )
 
 
-def batch_warnings(versions: Sequence[ModelVersion], flagged: dict[str, int]) -> list[str]:
+class ShownImage(ExamView, Protocol):
+    """An `Image` row, or a page's `PageImage`."""
+
+    @property
+    def status(self) -> ImageStatus: ...
+    @property
+    def error_code(self) -> str | None: ...
+
+
+class ShownPrediction(ViewPrediction, Protocol):
+    """A `Prediction` row, or a page's `LatestPrediction`."""
+
+    @property
+    def heatmap_key(self) -> str | None: ...
+    @property
+    def warnings(self) -> list[str]: ...
+
+
+class ShownStudy(Protocol):
+    @property
+    def id(self) -> uuid.UUID: ...
+    @property
+    def study_key(self) -> str: ...
+    @property
+    def patient_key(self) -> str: ...
+
+
+class TrainedOrNot(Protocol):
+    @property
+    def trained(self) -> bool: ...
+
+
+def batch_warnings(versions: Sequence[TrainedOrNot], flagged: dict[str, int]) -> list[str]:
     """What a reader of the batch must be told, in words: an untrained model, and how many
     images look unlike the model's training inputs (`flagged`: images per warning code)."""
     warnings = [UNTRAINED_WARNING] if any(not v.trained for v in versions) else []
@@ -50,41 +83,45 @@ def latest_prediction(session: Session, caller: Caller, image: Image) -> Predict
     return found.get(image.id)
 
 
-def heatmap_url(image: Image, prediction: Prediction | None) -> str | None:
+def heatmap_url(image: ExamView, prediction: ShownPrediction | None) -> str | None:
     if prediction is None or prediction.heatmap_key is None:
         return None
     return f"/v1/images/{image.id}/heatmap.png"
 
 
 def exam_public(
-    study: Study, images: list[Image], predictions: dict[uuid.UUID, Prediction]
+    study: ShownStudy, views: Sequence[tuple[ShownImage, ShownPrediction | None]]
 ) -> Exam:
-    assessment = assess_exam(images, predictions)
+    """An exam as the API shows it, from its images, each with its latest prediction or None.
+
+    Built without validation (model_construct): every value comes typed from the database,
+    and a page of 100 exams would otherwise validate 500 objects twice."""
+    assessment = assess_views(views)
     advice = assessment.recommendation
-    return Exam(
+    return Exam.model_construct(
         id=study.id,
         study_key=study.study_key,
         patient_key=study.patient_key,
         images=[
-            ExamImage(
+            ExamImage.model_construct(
                 id=i.id,
                 laterality=i.laterality,
                 view=i.view,
                 status=i.status,
-                score=predictions[i.id].malignancy_score if i.id in predictions else None,
+                score=p.malignancy_score if p else None,
                 error_code=i.error_code,
-                heatmap_url=heatmap_url(i, predictions.get(i.id)),
-                warnings=list(predictions[i.id].warnings) if i.id in predictions else [],
+                heatmap_url=heatmap_url(i, p),
+                warnings=list(p.warnings) if p else [],
             )
-            for i in images
+            for i, p in views
         ],
-        warnings=sorted(
-            {w for i in images if i.id in predictions for w in predictions[i.id].warnings}
-        ),
+        warnings=sorted({w for _, p in views if p is not None for w in p.warnings}),
         views_present=assessment.views_present,
         missing_views=assessment.missing_views,
         breasts=[
-            BreastResult(laterality=b.laterality, score=b.score, views=list(b.views))
+            BreastResult.model_construct(
+                laterality=b.laterality, score=b.score, views=list(b.views)
+            )
             for b in assessment.breasts
         ],
         exam_score=assessment.exam_score,
@@ -96,6 +133,8 @@ def exam_public(
         ),
         recall_threshold=advice.recall_threshold if advice else None,
         model_version=ModelVersionPublic.model_validate(advice.model_version) if advice else None,
+        original=None,
+        original_error=None,
     )
 
 
@@ -104,12 +143,13 @@ def show_originals(
     settings: Settings,
     caller: Caller,
     batch_id: uuid.UUID,
-    page: Sequence[tuple[Study, Sequence[Image]]],
+    page: Sequence[tuple[uuid.UUID, Sequence[ExamView]]],
     exams: Sequence[Exam],
 ) -> None:
     """Add each exam's original patient id and accession number from the vault (one audited
-    opening for the page); a vault key that is not configured leaves them out, saying why."""
-    first_images = {images[0].id: study.id for study, images in page if images}
+    opening for the page: (study id, its images) per exam); a vault key that is not
+    configured leaves them out, saying why."""
+    first_images = {images[0].id: study_id for study_id, images in page if images}
     try:
         opened = open_identities(
             session,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import enum
 import hashlib
@@ -10,17 +9,23 @@ import io
 import json
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Annotated, Literal
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Annotated, Literal, Protocol
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from services.results import cursors
+from services.results.changes import BatchChanges
 from services.results.deps import CallerDep, SessionDep, SettingsDep, StoreDep
 from services.results.presenters import (
+    ShownImage,
+    ShownPrediction,
     batch_warnings,
     exam_public,
     heatmap_url,
@@ -43,23 +48,22 @@ from services.results.schemas import (
 from shared import audit
 from shared.api.deps import require_scope
 from shared.api.errors import ApiError
+from shared.api.ratelimit import polls_cost_less
 from shared.api.schemas import COMMON_ERRORS, BatchPublic
 from shared.batches import (
+    EXPORT_COLUMNS,
+    batch_status,
     exams_page,
+    export_chunks,
     get_batch,
     get_image,
-    image_counts,
-    latest_predictions,
     list_batches,
-    model_versions_used,
-    rejection_count,
     rejections_page,
     results_page,
-    warning_counts,
 )
 from shared.config import Settings
 from shared.db.base import session_scope
-from shared.db.models import AuditAction, Image, Prediction, Scope
+from shared.db.models import AuditAction, Scope
 from shared.storage import Keys
 
 router = APIRouter(
@@ -70,10 +74,41 @@ router = APIRouter(
 )
 
 MAX_WAIT_S = 60.0
-LONG_POLL_INTERVAL_S = 0.5
 
 
-def _image_result(image: Image, prediction: Prediction | None) -> ImageResult:
+class ResultImage(ShownImage, Protocol):
+    """An `Image` row, or a page's `PageImage`."""
+
+    @property
+    def batch_id(self) -> uuid.UUID: ...
+    @property
+    def study_id(self) -> uuid.UUID: ...
+    @property
+    def filename(self) -> str: ...
+    @property
+    def media_type(self) -> str: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def error_message(self) -> str | None: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def finished_at(self) -> datetime | None: ...
+
+
+class ResultPrediction(ShownPrediction, Protocol):
+    @property
+    def input_distance(self) -> float | None: ...
+
+
+def _json(model: BaseModel) -> Response:
+    """The model as the response body, serialized once: FastAPI would validate a returned
+    model against `response_model` again first (for a page of 100 exams, most of its time)."""
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+def _image_result(image: ResultImage, prediction: ResultPrediction | None) -> ImageResult:
     return ImageResult(
         id=image.id,
         batch_id=image.batch_id,
@@ -117,18 +152,19 @@ def get_batches(
 
 
 def _batch_detail(session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID) -> BatchDetail:
-    batch = get_batch(session=session, tenant_id=tenant_id, batch_id=batch_id)
-    if batch is None:
+    """The batch's status answer, from its row and its counters in one statement (never a
+    count of its images: a batch may hold 100,000)."""
+    read = batch_status(session=session, tenant_id=tenant_id, batch_id=batch_id)
+    if read is None:
         raise ApiError(404, "batch_not_found", f"no batch {batch_id} exists for this API key")
-    counts = image_counts(session=session, tenant_id=tenant_id, batch_id=batch.id)
-    versions = model_versions_used(session=session, tenant_id=tenant_id, batch_id=batch.id)
-    flagged = warning_counts(session=session, tenant_id=tenant_id, batch_id=batch.id)
+    versions = [ModelVersionPublic.model_validate(v) for v in read.versions]
+    flagged = read.warning_counts
     return BatchDetail(
-        **BatchPublic.model_validate(batch).model_dump(),
-        counts=ImageCounts(**counts),
-        total_images=sum(counts.values()),
-        rejected_files=rejection_count(session=session, tenant_id=tenant_id, batch_id=batch.id),
-        model_versions=[ModelVersionPublic.model_validate(v) for v in versions],
+        **read.batch,
+        counts=ImageCounts(**read.counters.counts),
+        total_images=sum(read.counters.counts.values()),
+        rejected_files=read.counters.rejected,
+        model_versions=versions,
         warnings=batch_warnings(versions, flagged),
         warning_counts=flagged,
     )
@@ -151,8 +187,10 @@ def _etag_matches(if_none_match: str | None, etag: str) -> bool:
     response_model=BatchDetail,
     responses={304: {"description": "Not modified: the batch is as the If-None-Match ETag"}},
 )
+@polls_cost_less
 async def get_batch_detail(
     batch_id: uuid.UUID,
+    request: Request,
     settings: SettingsDep,
     session: SessionDep,
     caller: CallerDep,
@@ -164,7 +202,8 @@ async def get_batch_detail(
 ) -> Response:
     """Status and counts, with an ETag. `If-None-Match` gives 304 when nothing changed;
     `wait=N` holds the request until the batch differs from that ETag (or, without one,
-    from its state when the request came), for at most N seconds."""
+    from its state when the request came), for at most N seconds. A waiting request sleeps
+    until Postgres announces a change to the batch (services/results/changes.py)."""
 
     def load(audited: bool) -> BatchDetail:
         with session_scope(settings.database_url) as session:
@@ -174,16 +213,18 @@ async def get_batch_detail(
             return detail
 
     # The key was checked on the request's session; hand its connection back now rather than
-    # hold it for the whole long poll (each check below takes one briefly).
+    # hold it for the whole long poll (each read below takes one briefly).
     await run_in_threadpool(session.close)
-    detail = await run_in_threadpool(load, True)
-    etag = _etag(detail)
-    baseline = if_none_match or etag
-    deadline = time.monotonic() + wait
-    while _etag_matches(baseline, etag) and time.monotonic() < deadline:
-        await asyncio.sleep(min(LONG_POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
-        detail = await run_in_threadpool(load, False)
+    changes: BatchChanges = request.app.state.batch_changes
+    with changes.watch(batch_id) as changed:
+        detail = await run_in_threadpool(load, True)
         etag = _etag(detail)
+        baseline = if_none_match or etag
+        deadline = time.monotonic() + wait
+        while _etag_matches(baseline, etag) and (left := deadline - time.monotonic()) > 0:
+            if await changes.wait(changed, left):
+                detail = await run_in_threadpool(load, False)
+                etag = _etag(detail)
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if _etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)
@@ -197,21 +238,17 @@ def get_batch_results(
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     cursor: str | None = None,
-) -> ResultsPage:
+) -> Response:
     _batch_or_404(session, caller, batch_id)
     after = cursors.decode_id_cursor(cursor) if cursor else None
     images = results_page(
         session=session, tenant_id=caller.tenant.id, batch_id=batch_id, limit=limit + 1, after=after
     )
     page, next_cursor = cursors.id_page(images, limit, lambda image: image.id)
-    predictions = latest_predictions(
-        session=session, tenant_id=caller.tenant.id, image_ids=[i.id for i in page]
-    )
     caller.audit(session, AuditAction.READ, "batch_results", batch_id, images=len(page))
     session.commit()
-    return ResultsPage(
-        items=[_image_result(i, predictions.get(i.id)) for i in page],
-        next_cursor=next_cursor,
+    return _json(
+        ResultsPage(items=[_image_result(i, i.prediction) for i in page], next_cursor=next_cursor)
     )
 
 
@@ -236,101 +273,51 @@ def get_batch_exams(
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: str | None = None,
-) -> ExamsPage:
+) -> Response:
     """A batch's exams with their images; an exam may lack views and still be scored."""
     _batch_or_404(session, caller, batch_id)
     after = cursors.decode_id_cursor(cursor) if cursor else None
     exams = exams_page(
         session=session, tenant_id=caller.tenant.id, batch_id=batch_id, limit=limit + 1, after=after
     )
-    page, next_cursor = cursors.id_page(exams, limit, lambda exam: exam[0].id)
-    image_ids = [image.id for _, images in page for image in images]
-    predictions = latest_predictions(
-        session=session, tenant_id=caller.tenant.id, image_ids=image_ids
-    )
+    page, next_cursor = cursors.id_page(exams, limit, lambda exam: exam.id)
     caller.audit(session, AuditAction.READ, "batch_exams", batch_id, exams=len(page))
-    items = [exam_public(study, images, predictions) for study, images in page]
+    items = [exam_public(exam, [(i, i.prediction) for i in exam.images]) for exam in page]
     if caller.may(Scope.EXPORT_IDENTIFIED) and caller.tenant.identity_vault:
-        show_originals(session, settings, caller, batch_id, page, items)
+        show_originals(session, settings, caller, batch_id, [(e.id, e.images) for e in page], items)
     session.commit()
-    return ExamsPage(items=items, next_cursor=next_cursor)
+    return _json(ExamsPage(items=items, next_cursor=next_cursor))
 
 
-EXPORT_PAGE = 500
-EXPORT_COLUMNS = [
-    "image_id",
-    "filename",
-    "study_id",
-    "laterality",
-    "view",
-    "status",
-    "score",
-    "error_code",
-    "model_version",
-    "warnings",  # codes joined by ";"
-    "input_distance",
-    "finished_at",
-]
-
-
-def _export_rows(
+def _export_chunks(
     settings: Settings, tenant_id: uuid.UUID, batch_id: uuid.UUID
-) -> Iterator[dict[str, object]]:
-    """Every image of the batch, a page of rows per short transaction (no long-held
-    connection, however large the batch)."""
-    after: uuid.UUID | None = None
-    while True:
-        with session_scope(settings.database_url) as session:
-            images = results_page(
-                session=session,
-                tenant_id=tenant_id,
-                batch_id=batch_id,
-                limit=EXPORT_PAGE,
-                after=after,
-            )
-            predictions = latest_predictions(
-                session=session, tenant_id=tenant_id, image_ids=[i.id for i in images]
-            )
-            rows = [_export_row(image, predictions.get(image.id)) for image in images]
-        yield from rows
-        if len(images) < EXPORT_PAGE:
-            return
-        after = images[-1].id
+) -> Iterator[Sequence[Sequence[object]]]:
+    """The batch's rows in chunks, from one server-side cursor in one read-only transaction
+    (closed when the export ends, or when the client goes away)."""
+    with session_scope(settings.database_url) as session:
+        session.execute(text("SET TRANSACTION READ ONLY"))
+        yield from export_chunks(session=session, tenant_id=tenant_id, batch_id=batch_id)
 
 
-def _export_row(image: Image, prediction: Prediction | None) -> dict[str, object]:
-    return {
-        "image_id": str(image.id),
-        "filename": image.filename,
-        "study_id": str(image.study_id),
-        "laterality": image.laterality.value if image.laterality else None,
-        "view": image.view.value if image.view else None,
-        "status": image.status.value,
-        "score": prediction.malignancy_score if prediction else None,
-        "error_code": image.error_code,
-        "model_version": prediction.model_version.name if prediction else None,
-        "warnings": ";".join(prediction.warnings) if prediction else "",
-        "input_distance": prediction.input_distance if prediction else None,
-        "finished_at": image.finished_at.isoformat() if image.finished_at else None,
-    }
-
-
-def _csv_lines(rows: Iterator[dict[str, object]]) -> Iterator[str]:
+def _csv_chunks(chunks: Iterator[Sequence[Sequence[object]]]) -> Iterator[str]:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=EXPORT_COLUMNS)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow(EXPORT_COLUMNS)
+    for chunk in chunks:
+        writer.writerows(chunk)  # None is written as an empty field
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()
     yield buffer.getvalue()
 
 
-def _json_lines(rows: Iterator[dict[str, object]]) -> Iterator[str]:
+def _json_chunks(chunks: Iterator[Sequence[Sequence[object]]]) -> Iterator[str]:
     yield "["
-    for index, row in enumerate(rows):
-        yield ("," if index else "") + json.dumps(row)
+    separator = ""
+    for chunk in chunks:
+        body = ",".join(json.dumps(dict(zip(EXPORT_COLUMNS, row, strict=True))) for row in chunk)
+        yield separator + body
+        separator = ","
     yield "]\n"
 
 
@@ -357,16 +344,17 @@ def get_batch_export(
     format: ExportFormat = ExportFormat.CSV,
 ) -> StreamingResponse:
     """A whole batch's per-image results as CSV (one row per image) or a JSON array,
-    streamed page by page, so a batch of 100,000 images costs no more memory than one page."""
+    streamed in chunks of rows from a server-side cursor, so a batch of 100,000 images costs
+    no more memory than one chunk."""
     _batch_or_404(session, caller, batch_id)
     caller.audit(session, AuditAction.EXPORT, "batch", batch_id, format=format.value)
     session.commit()
     session.close()
-    rows = _export_rows(settings, caller.tenant.id, batch_id)
+    chunks = _export_chunks(settings, caller.tenant.id, batch_id)
     if format == ExportFormat.CSV:
-        body, media_type = _csv_lines(rows), "text/csv"
+        body, media_type = _csv_chunks(chunks), "text/csv"
     else:
-        body, media_type = _json_lines(rows), "application/json"
+        body, media_type = _json_chunks(chunks), "application/json"
     filename = f"batch-{batch_id}.{format.value}"
     return StreamingResponse(
         body,

@@ -36,8 +36,7 @@ from shared.batches import (
     image_counts,
     latest_predictions,
     list_batches,
-    model_versions_used,
-    warning_counts,
+    prediction_summary,
 )
 from shared.db.models import AuditAction, ExportStatus, ImageStatus, Scope
 from shared.deliveries import get_export
@@ -179,28 +178,21 @@ def batch_page(
     batch = get_batch(session=session, tenant_id=caller.tenant.id, batch_id=batch_id)
     if batch is None:
         return _page(request, "batch.html", caller, batch=None, exams=[])
-    studies = exams_page(
+    page = exams_page(
         session=session,
         tenant_id=caller.tenant.id,
         batch_id=batch_id,
         limit=MAX_EXAMS_SHOWN,
         after=None,
     )
-    predictions = latest_predictions(
-        session=session,
-        tenant_id=caller.tenant.id,
-        image_ids=[i.id for _, images in studies for i in images],
-    )
-    exams = [exam_public(study, images, predictions) for study, images in studies]
+    exams = [exam_public(exam, [(i, i.prediction) for i in exam.images]) for exam in page]
     show_ids = caller.may(Scope.EXPORT_IDENTIFIED) and caller.tenant.identity_vault
     if show_ids:
-        show_originals(session, settings, caller, batch_id, studies, exams)
+        show_originals(session, settings, caller, batch_id, [(e.id, e.images) for e in page], exams)
     exams.sort(key=lambda e: -1.0 if e.exam_score is None else e.exam_score, reverse=True)
     caller.audit(session, AuditAction.READ, "batch_exams", batch_id, exams=len(exams), via="viewer")
-    warnings = batch_warnings(
-        model_versions_used(session=session, tenant_id=caller.tenant.id, batch_id=batch_id),
-        warning_counts(session=session, tenant_id=caller.tenant.id, batch_id=batch_id),
-    )
+    used = prediction_summary(session=session, tenant_id=caller.tenant.id, batch_id=batch_id)
+    warnings = batch_warnings(used.versions, used.warning_counts)
     session.commit()
     return _page(
         request,
@@ -234,9 +226,9 @@ def exam_page(
     predictions = latest_predictions(
         session=session, tenant_id=caller.tenant.id, image_ids=[i.id for i in images]
     )
-    exam: Exam = exam_public(study, images, predictions)
+    exam: Exam = exam_public(study, [(i, predictions.get(i.id)) for i in images])
     if caller.may(Scope.EXPORT_IDENTIFIED) and caller.tenant.identity_vault:
-        show_originals(session, settings, caller, study.batch_id, [found], [exam])
+        show_originals(session, settings, caller, study.batch_id, [(study.id, images)], [exam])
     export = get_export(session=session, tenant_id=caller.tenant.id, study_id=exam_id)
     by_view = {f"{i.laterality}-{i.view}": i for i in exam.images if i.laterality and i.view}
     slots = [Slot(name, by_view.get(name)) for name in SLOTS]

@@ -68,6 +68,12 @@ def current_tenant(
             headers={"WWW-Authenticate": "Bearer"},
         )
     enforce_rate_limit(request, api_key.prefix)
+    # Hand the connection back before the endpoint runs: between this dependency and the
+    # endpoint the request waits for a worker thread, and a connection held across that wait
+    # by each of many requests (200 long polls arriving at once) leaves the threads waiting
+    # for connections that the waiting requests hold. The endpoint takes one again (the key
+    # and tenant stay loaded).
+    session.commit()
     request.state.api_key_prefix = api_key.prefix
     request.state.api_key_scopes = frozenset(api_key.scopes)
     return api_key.tenant

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.process_collector import ProcessCollector
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -42,9 +44,15 @@ def install_metrics(app: FastAPI, service: str, settings: Settings) -> None:
     """Count and time every request by route template; serve /metrics (no API key: scrape it
     from the deployment's own network, as Prometheus does)."""
     registry = CollectorRegistry()
-    http = HttpMetrics(registry)
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # One of several processes on one port (services/results/__main__.py): requests are
+        # counted in the shared directory, and /metrics sums every process's files.
+        http = HttpMetrics(CollectorRegistry())
+        MultiProcessCollector(registry)
+    else:
+        http = HttpMetrics(registry)
+        ProcessCollector(registry=registry)
     registry.register(PipelineCollector(settings))
-    ProcessCollector(registry=registry)
     app.add_middleware(HttpMetricsMiddleware, service=service, http=http)
 
     @app.get("/metrics", include_in_schema=False)

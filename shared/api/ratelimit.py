@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
 from fastapi import Request
@@ -25,8 +26,33 @@ Clock = Callable[[], float]
 WALL_CLOCK: Clock = time.time  # apps keep theirs in app.state.clock; tests set their own
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def polls_cost_less(endpoint: F) -> F:
+    """Mark a route whose conditional (If-None-Match) or long (`wait`) requests are polls:
+    each counts as 1/rate_limit_polls_per_request of a request against the key's limit."""
+    endpoint.__dict__["polls_cost_less"] = True
+    return endpoint
+
+
+def _is_poll(request: Request) -> bool:
+    if not getattr(request.scope.get("endpoint"), "polls_cost_less", False):
+        return False
+    return bool(request.headers.get("if-none-match") or request.query_params.get("wait"))
+
+
+def request_units(request: Request, settings: Settings) -> int:
+    """What this request costs of its key's budget, in units of which a request costs
+    `rate_limit_polls_per_request` and a poll costs one."""
+    return 1 if _is_poll(request) else settings.rate_limit_polls_per_request
+
+
 def enforce_rate_limit(request: Request, key_prefix: str) -> None:
     """Count this request against its key's one-minute window; 429 once over the limit.
+
+    The window counts units (a poll one, any other request `rate_limit_polls_per_request`),
+    so a client that polls a batch's status cheaply can poll it often.
 
     If Redis is unreachable the request is let through (and logged): the limit protects
     the service, and must not itself take the service down.
@@ -38,21 +64,26 @@ def enforce_rate_limit(request: Request, key_prefix: str) -> None:
     now = request.app.state.clock()
     window = int(now // WINDOW_S)
     counter = f"ratelimit:{key_prefix}:{window}"
+    units = request_units(request, settings)
     try:
         pipeline = client.pipeline()
-        pipeline.incr(counter)
+        pipeline.incrby(counter, units)
         pipeline.expire(counter, WINDOW_S * 2)
-        count = int(pipeline.execute()[0])
+        spent = int(pipeline.execute()[0])
     except redis.RedisError as err:
         log.warning("rate limit not enforced, Redis unavailable: %s", err)
         return
-    if count > settings.rate_limit_per_minute:
+    if spent > settings.rate_limit_per_minute * settings.rate_limit_polls_per_request:
         retry_after = max(1, int((window + 1) * WINDOW_S - now) + 1)
         raise ApiError(
             429,
             "rate_limited",
             f"more than {settings.rate_limit_per_minute} requests per minute with this API "
-            f"key; retry after {retry_after} s",
-            detail={"limit_per_minute": settings.rate_limit_per_minute},
+            f"key (a status poll with If-None-Match or wait counts as "
+            f"1/{settings.rate_limit_polls_per_request}); retry after {retry_after} s",
+            detail={
+                "limit_per_minute": settings.rate_limit_per_minute,
+                "polls_per_request": settings.rate_limit_polls_per_request,
+            },
             headers={"Retry-After": str(retry_after)},
         )

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -201,7 +202,10 @@ class Study(Base):
     """One screening exam: the images of one study of one patient, within a batch."""
 
     __tablename__ = "studies"
-    __table_args__ = (UniqueConstraint("batch_id", "study_key"),)
+    __table_args__ = (
+        UniqueConstraint("batch_id", "study_key"),
+        Index("ix_studies_batch_id_id", "batch_id", "id"),  # a batch's exams pages
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), index=True)
@@ -266,6 +270,55 @@ class Image(Base):
 
     study: Mapped[Study] = relationship()
     predictions: Mapped[list[Prediction]] = relationship(back_populates="image")
+
+
+# Counter rows are spread over this many shards per batch: a writer adds to the shard of its
+# own database connection, so workers finishing images of one batch at once do not queue on
+# one row lock until their commits.
+COUNTER_SHARDS = 16
+
+
+class BatchImageCounts(Base):
+    """One shard of a batch's counters: images by status, rejected files, and a version that
+    grows with every change a status answer shows.
+
+    Kept by triggers (migration 0013) in the transaction of every insert, status change and
+    delete of the batch's images, predictions and rejected files, whoever writes them; they
+    also NOTIFY `batch_changed` with the batch id, delivered when that transaction commits. A
+    status answer and its ETag read these rows instead of counting the batch's images.
+    """
+
+    __tablename__ = "batch_image_counts"
+
+    batch_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
+    )
+    shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    queued: Mapped[int] = mapped_column(BigInteger, default=0)
+    running: Mapped[int] = mapped_column(BigInteger, default=0)
+    done: Mapped[int] = mapped_column(BigInteger, default=0)
+    failed: Mapped[int] = mapped_column(BigInteger, default=0)
+    stored: Mapped[int] = mapped_column(BigInteger, default=0)
+    rejected: Mapped[int] = mapped_column(BigInteger, default=0)
+    version: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class BatchPredictionCounts(Base):
+    """One shard of how many of a batch's images a model version scored (`warning` empty) and
+    flagged with each warning code: the batch's "model versions used" and warning counts,
+    kept by the same triggers as BatchImageCounts."""
+
+    __tablename__ = "batch_prediction_counts"
+
+    batch_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
+    )
+    model_version_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("model_versions.id"), primary_key=True
+    )
+    warning: Mapped[str] = mapped_column(String(64), primary_key=True)
+    shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    images: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class RejectedFile(Base):

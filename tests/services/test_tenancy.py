@@ -121,3 +121,32 @@ def test_each_key_is_rate_limited_on_its_own_with_retry_after(
         assert results.get("/v1/batches", headers=auth(quiet_key)).status_code == 200
         now[0] += 60  # the next window
         assert results.get("/v1/batches", headers=auth(busy_key)).status_code == 200
+
+
+def test_status_polls_cost_a_tenth_of_a_request(settings: Settings, session: Session) -> None:
+    limited = settings.model_copy(
+        update={"rate_limit_per_minute": 2, "rate_limit_polls_per_request": 10}
+    )
+    tenant, key = make_tenant(session)
+    batch = make_batch(session, tenant)
+    app = create_results(limited)
+    now = [time.time() // 60 * 60 + 10.0]
+    app.state.clock = lambda: now[0]
+    with TestClient(app) as results:
+        status = f"/v1/batches/{batch.id}"
+        first = results.get(status, headers=auth(key))  # a plain read: a whole request
+        assert first.status_code == 200
+        poll = {**auth(key), "If-None-Match": first.headers["ETag"]}
+        # The other request's worth of budget buys ten conditional polls (and long polls).
+        answers = [results.get(status, headers=poll).status_code for _ in range(9)]
+        answers.append(results.get(status, params={"wait": 0.01}, headers=auth(key)).status_code)
+        assert answers == [304] * 9 + [200]
+        refused = results.get(status, headers=poll)
+        assert refused.status_code == 429
+        assert "1/10" in refused.json()["error"]["message"]
+        # If-None-Match on a page is no poll: a page costs a whole request.
+        now[0] += 60
+        page = {**auth(key), "If-None-Match": first.headers["ETag"]}
+        assert results.get(f"{status}/results", headers=page).status_code == 200
+        assert results.get(f"{status}/results", headers=page).status_code == 200
+        assert results.get(status, headers=poll).status_code == 429

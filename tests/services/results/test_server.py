@@ -1,0 +1,26 @@
+"""How the results service listens with several workers."""
+
+from __future__ import annotations
+
+import socket
+
+from services.results.server import NoDelayConfig
+
+
+def test_connections_to_a_multi_worker_listener_send_small_writes_at_once() -> None:
+    """uvicorn binds a multi-worker socket itself, and asyncio then leaves Nagle's algorithm
+    on for its connections: every small response waited 40 ms for a delayed ACK."""
+    config = NoDelayConfig("services.results.app:create_app", host="127.0.0.1", port=0, workers=2)
+    listener = config.bind_socket()
+    listener.listen()  # as the server does when it starts
+    try:
+        assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        client = socket.create_connection(listener.getsockname()[:2])
+        accepted, _ = listener.accept()
+        try:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        finally:
+            accepted.close()
+            client.close()
+    finally:
+        listener.close()
