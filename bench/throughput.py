@@ -19,6 +19,10 @@ Everything is measured on this machine, with the same model and input size, in t
 7. For the CPU accounting only: the same files read back from the object store, and decoded
    and preprocessed in this process.
 
+8. Results at scale (bench/results_scale.py): a 100,000-image batch filled in SQL, 50
+   pollers, an export, 200 idle long polls: results_p99_ms, status_p99_ms,
+   export_rows_per_s, longpoll_idle_db_cpu_fraction (and the query plans beside --out).
+
 Around phases 1, 2, 5 and 6 it records the CPU-seconds the whole machine spent, and each
 stack process's share (bench/cpu.py): the CPU cost per image of each, and from them
 `pipeline_to_model_ceiling`, the most the pipeline could reach on these cores if its own code
@@ -52,6 +56,7 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
+from bench import results_scale
 from bench.cpu import CpuMeter, CpuUsage, process_cpu_s
 from bench.report import write_and_print
 from devstack.synth import SynthOptions, generate_exams
@@ -451,6 +456,22 @@ def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
         results["images"] = len(pipeline_paths)
         results["bulk_images"] = len(bulk_paths)
         results["image_size"] = [options.height, options.width]
+        if args.scale_images:
+            kill_service(stack_dir, "worker", signal.SIGTERM)  # nothing left for it to do
+            results.update(
+                results_scale.measure(
+                    settings,
+                    lambda: _stack_processes(stack_dir),
+                    results_scale.ScaleOptions(
+                        images=args.scale_images,
+                        pollers=args.scale_pollers,
+                        seconds=args.scale_seconds,
+                        long_pollers=args.scale_long_pollers,
+                        long_poll_seconds=args.scale_long_poll_seconds,
+                    ),
+                    args.out.with_name("results_query_plans.txt"),
+                )
+            )
         return results
     finally:
         down(stack_dir)
@@ -533,6 +554,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--height", type=int, default=SynthOptions().height)
     parser.add_argument("--width", type=int, default=SynthOptions().width)
     parser.add_argument("--local", action="store_true", help="no servers (see the docstring)")
+    scale = results_scale.ScaleOptions()
+    parser.add_argument(
+        "--scale-images", type=int, default=scale.images, help="results at scale; 0: skip it"
+    )
+    parser.add_argument("--scale-pollers", type=int, default=scale.pollers)
+    parser.add_argument("--scale-seconds", type=float, default=scale.seconds)
+    parser.add_argument("--scale-long-pollers", type=int, default=scale.long_pollers)
+    parser.add_argument("--scale-long-poll-seconds", type=float, default=scale.long_poll_seconds)
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     args = parser.parse_args(argv)
     options = SynthOptions(height=args.height, width=args.width)

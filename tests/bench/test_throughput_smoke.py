@@ -28,6 +28,11 @@ STACK_KEYS = {
     "torch_version",
     "batch_size",
     "pipeline_to_model_ceiling",
+    "results_p99_ms",
+    "status_p99_ms",
+    "results_requests_per_s",
+    "export_rows_per_s",
+    "longpoll_idle_db_cpu_fraction",
 }
 CPU_PHASES = {"model", "pipeline", "upload", "dicom_store", "s3_put", "s3_get", "prepare"}
 
@@ -37,7 +42,9 @@ pytestmark = pytest.mark.e2e
 def test_stack_benchmark_produces_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     small = ["--height", "256", "--width", "208", "--model-seconds", "0.5"]
-    assert main(["--images", "8", "--bulk", "8", *small, "--out", str(out)]) == 0
+    scale = ["--scale-images", "1200", "--scale-pollers", "4", "--scale-seconds", "3"]
+    scale += ["--scale-long-pollers", "10", "--scale-long-poll-seconds", "3"]
+    assert main(["--images", "8", "--bulk", "8", *small, *scale, "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert STACK_KEYS - set(results) == set()
     numbers = [results[k] for k in STACK_KEYS if k not in ("device", "torch_version")]
@@ -54,6 +61,17 @@ def test_stack_benchmark_produces_every_figure(tmp_path: Path) -> None:
     for service in ("worker", "ingest", "gateway", "s3"):
         assert sum(phase["by_process"][service] for phase in phases.values()) > 0, service
     assert 0 < results["pipeline_to_model_ceiling"] <= 1
+    # Results at scale: every request answered (no 5xx, no 429), the long polls all 304.
+    assert set(results["results_http_statuses"]) <= {"200", "304"}
+    assert set(results["results_latency_ms"]) == {
+        "status",
+        "status_if_none_match",
+        "results",
+        "exams",
+    }
+    assert set(results["longpoll_http_statuses"]) == {"304"}
+    plans = (tmp_path / "results_query_plans.txt").read_text()
+    assert {"== status", "== results", "== exams"} <= set(plans.splitlines())
 
 
 def test_local_benchmark_produces_its_figures(tmp_path: Path) -> None:
