@@ -41,7 +41,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from bench.cpu import CpuMeter
-from shared.batches import batch_counters, create_batch, exams_page, latest_predictions
+from shared.batches import batch_status, create_batch, exams_page
 from shared.batches import results_page as results_page_query
 from shared.config import Settings
 from shared.db.base import get_engine, new_id, session_scope
@@ -56,6 +56,9 @@ from shared.tenants import create_tenant, issue_api_key
 
 VIEWS_PER_EXAM = 4
 PAGE = 100
+# Idle connections are dropped before uvicorn's 5 s keep-alive ends them, so no request is
+# sent on a connection the server is closing (a client's race, not a server failure).
+KEEPALIVE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -225,7 +228,12 @@ async def _poller(
 async def _poll(url: str, filled: FilledBatch, options: ScaleOptions) -> tuple[Latencies, float]:
     latencies = Latencies()
     clients = [
-        httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        httpx.AsyncClient(
+            base_url=url,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S),
+        )
         for key in filled.keys[: options.pollers]
     ]
     try:
@@ -255,7 +263,9 @@ async def _long_polls(
         base_url=url,
         headers={"Authorization": f"Bearer {key}"},
         timeout=options.long_poll_wait_s + 30,
-        limits=httpx.Limits(max_connections=options.long_pollers + 10),
+        limits=httpx.Limits(
+            max_connections=options.long_pollers + 10, keepalive_expiry=KEEPALIVE_S
+        ),
     ) as client:
         etag = (await client.get(f"/v1/batches/{batch_id}")).headers["ETag"]
         until = time.monotonic() + options.long_poll_seconds
@@ -323,40 +333,21 @@ def query_plans(settings: Settings, filled: FilledBatch) -> dict[str, list[str]]
             text("SELECT id FROM images WHERE batch_id = :b ORDER BY id OFFSET :n LIMIT 1"),
             {"b": batch, "n": PAGE * 10},
         )
-        middle_study = session.scalar(
+        middle_exam = session.scalar(
             text("SELECT id FROM studies WHERE batch_id = :b ORDER BY id OFFSET :n LIMIT 1"),
             {"b": batch, "n": PAGE * 10},
         )
         calls: dict[str, Callable[[], object]] = {
-            "status": lambda: batch_counters(session=session, tenant_id=tenant, batch_id=batch),
-            "results": lambda: latest_predictions(
-                session=session,
-                tenant_id=tenant,
-                image_ids=[
-                    i.id
-                    for i in results_page_query(
-                        session=session,
-                        tenant_id=tenant,
-                        batch_id=batch,
-                        limit=PAGE + 1,
-                        after=middle,
-                    )
-                ],
+            "status": lambda: batch_status(session=session, tenant_id=tenant, batch_id=batch),
+            "results": lambda: results_page_query(
+                session=session, tenant_id=tenant, batch_id=batch, limit=PAGE + 1, after=middle
             ),
-            "exams": lambda: latest_predictions(
+            "exams": lambda: exams_page(
                 session=session,
                 tenant_id=tenant,
-                image_ids=[
-                    i.id
-                    for exam in exams_page(
-                        session=session,
-                        tenant_id=tenant,
-                        batch_id=batch,
-                        limit=PAGE + 1,
-                        after=middle_study,
-                    )
-                    for i in exam.images
-                ],
+                batch_id=batch,
+                limit=PAGE + 1,
+                after=middle_exam,
             ),
         }
         for name, call in calls.items():

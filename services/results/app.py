@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -52,6 +53,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 async def _listen_for_batch_changes(app: FastAPI) -> AsyncIterator[None]:
     changes: BatchChanges = app.state.batch_changes
     changes.start()
+    # What start-up built (routes, schemas, mappers) lives as long as the process: out of the
+    # collector's way, a full collection no longer walks it in the middle of a page (it added
+    # 20 ms to one page of 100 exams in three).
+    gc.freeze()
     try:
         yield
     finally:

@@ -10,16 +10,14 @@ from typing import Protocol
 from sqlalchemy.orm import Session
 
 from services.results.schemas import (
-    BreastResult,
     Exam,
-    ExamImage,
     ModelVersionPublic,
     OriginalIds,
 )
 from shared.api.deps import Caller
 from shared.batches import latest_predictions
 from shared.config import Settings
-from shared.db.models import Image, ImageStatus, Prediction, PredictionWarning
+from shared.db.models import Image, ImageStatus, ModelVersion, Prediction, PredictionWarning
 from shared.exams import ExamView, ViewPrediction, assess_views
 from shared.vault import VaultKeyMissing, open_identities
 
@@ -89,52 +87,66 @@ def heatmap_url(image: ExamView, prediction: ShownPrediction | None) -> str | No
     return f"/v1/images/{image.id}/heatmap.png"
 
 
+def public_version(
+    version: ModelVersion, known: dict[uuid.UUID, ModelVersionPublic] | None = None
+) -> ModelVersionPublic:
+    """The version as results show it; `known` keeps those a page already made."""
+    if known is None:
+        return ModelVersionPublic.model_validate(version)
+    public = known.get(version.id)
+    if public is None:
+        public = known[version.id] = ModelVersionPublic.model_validate(version)
+    return public
+
+
 def exam_public(
-    study: ShownStudy, views: Sequence[tuple[ShownImage, ShownPrediction | None]]
+    study: ShownStudy,
+    views: Sequence[tuple[ShownImage, ShownPrediction | None]],
+    known_versions: dict[uuid.UUID, ModelVersionPublic] | None = None,
 ) -> Exam:
     """An exam as the API shows it, from its images, each with its latest prediction or None.
 
-    Built without validation (model_construct): every value comes typed from the database,
-    and a page of 100 exams would otherwise validate 500 objects twice."""
+    Validated from plain data in one call (pydantic's core does the nesting), which is
+    several times cheaper for a page of 100 exams than building each model in Python."""
     assessment = assess_views(views)
     advice = assessment.recommendation
-    return Exam.model_construct(
-        id=study.id,
-        study_key=study.study_key,
-        patient_key=study.patient_key,
-        images=[
-            ExamImage.model_construct(
-                id=i.id,
-                laterality=i.laterality,
-                view=i.view,
-                status=i.status,
-                score=p.malignancy_score if p else None,
-                error_code=i.error_code,
-                heatmap_url=heatmap_url(i, p),
-                warnings=list(p.warnings) if p else [],
-            )
-            for i, p in views
-        ],
-        warnings=sorted({w for _, p in views if p is not None for w in p.warnings}),
-        views_present=assessment.views_present,
-        missing_views=assessment.missing_views,
-        breasts=[
-            BreastResult.model_construct(
-                laterality=b.laterality, score=b.score, views=list(b.views)
-            )
-            for b in assessment.breasts
-        ],
-        exam_score=assessment.exam_score,
-        exam_probability=advice.exam_probability if advice else None,
-        recall=(
-            None
-            if advice is None or advice.recall is None
-            else ("recall" if advice.recall else "routine")
-        ),
-        recall_threshold=advice.recall_threshold if advice else None,
-        model_version=ModelVersionPublic.model_validate(advice.model_version) if advice else None,
-        original=None,
-        original_error=None,
+    return Exam.model_validate(
+        {
+            "id": study.id,
+            "study_key": study.study_key,
+            "patient_key": study.patient_key,
+            "images": [
+                {
+                    "id": i.id,
+                    "laterality": i.laterality,
+                    "view": i.view,
+                    "status": i.status,
+                    "score": p.malignancy_score if p else None,
+                    "error_code": i.error_code,
+                    "heatmap_url": heatmap_url(i, p),
+                    "warnings": list(p.warnings) if p else [],
+                }
+                for i, p in views
+            ],
+            "warnings": sorted({w for _, p in views if p is not None for w in p.warnings}),
+            "views_present": assessment.views_present,
+            "missing_views": assessment.missing_views,
+            "breasts": [
+                {"laterality": b.laterality, "score": b.score, "views": list(b.views)}
+                for b in assessment.breasts
+            ],
+            "exam_score": assessment.exam_score,
+            "exam_probability": advice.exam_probability if advice else None,
+            "recall": (
+                None
+                if advice is None or advice.recall is None
+                else ("recall" if advice.recall else "routine")
+            ),
+            "recall_threshold": advice.recall_threshold if advice else None,
+            "model_version": (
+                public_version(advice.model_version, known_versions) if advice else None
+            ),
+        }
     )
 
 

@@ -30,6 +30,7 @@ from services.results.presenters import (
     exam_public,
     heatmap_url,
     latest_prediction,
+    public_version,
     show_originals,
 )
 from services.results.schemas import (
@@ -108,7 +109,11 @@ def _json(model: BaseModel) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
-def _image_result(image: ResultImage, prediction: ResultPrediction | None) -> ImageResult:
+def _image_result(
+    image: ResultImage,
+    prediction: ResultPrediction | None,
+    known_versions: dict[uuid.UUID, ModelVersionPublic] | None = None,
+) -> ImageResult:
     return ImageResult(
         id=image.id,
         batch_id=image.batch_id,
@@ -123,7 +128,7 @@ def _image_result(image: ResultImage, prediction: ResultPrediction | None) -> Im
         error_code=image.error_code,
         error_message=image.error_message,
         model_version=(
-            ModelVersionPublic.model_validate(prediction.model_version) if prediction else None
+            public_version(prediction.model_version, known_versions) if prediction else None
         ),
         heatmap_url=heatmap_url(image, prediction),
         warnings=list(prediction.warnings) if prediction else [],
@@ -245,10 +250,13 @@ def get_batch_results(
         session=session, tenant_id=caller.tenant.id, batch_id=batch_id, limit=limit + 1, after=after
     )
     page, next_cursor = cursors.id_page(images, limit, lambda image: image.id)
+    known: dict[uuid.UUID, ModelVersionPublic] = {}
     caller.audit(session, AuditAction.READ, "batch_results", batch_id, images=len(page))
     session.commit()
     return _json(
-        ResultsPage(items=[_image_result(i, i.prediction) for i in page], next_cursor=next_cursor)
+        ResultsPage(
+            items=[_image_result(i, i.prediction, known) for i in page], next_cursor=next_cursor
+        )
     )
 
 
@@ -282,7 +290,8 @@ def get_batch_exams(
     )
     page, next_cursor = cursors.id_page(exams, limit, lambda exam: exam.id)
     caller.audit(session, AuditAction.READ, "batch_exams", batch_id, exams=len(page))
-    items = [exam_public(exam, [(i, i.prediction) for i in exam.images]) for exam in page]
+    known: dict[uuid.UUID, ModelVersionPublic] = {}
+    items = [exam_public(exam, [(i, i.prediction) for i in exam.images], known) for exam in page]
     if caller.may(Scope.EXPORT_IDENTIFIED) and caller.tenant.identity_vault:
         show_originals(session, settings, caller, batch_id, [(e.id, e.images) for e in page], items)
     session.commit()
