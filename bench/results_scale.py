@@ -14,7 +14,8 @@ processes, rate limits at their defaults):
 3. export: the whole batch as CSV, rows per second.
 4. idle long polls: `long_pollers` requests with `wait` on the unchanged batch for
    `long_poll_seconds` (each asks again when its wait ends with a 304); the CPU Postgres
-   spent meanwhile, as a fraction of one core.
+   spent meanwhile, as a fraction of one core, beside what it spends with no client at all
+   just before (`no_client_db_cpu_fraction`).
 
 It also writes the plans (EXPLAIN ANALYZE) of the queries a status answer, a results page
 and an exams page run, on this batch, beside the figures.
@@ -421,6 +422,12 @@ def measure(
     postgres = CpuMeter(
         {"postgres": processes()["postgres"], "results": processes()["results"]}, alone={}
     )
+    # For comparison: what Postgres spends with no client at all (autovacuum after the
+    # phases before, its own housekeeping), over a third of the long polls' window.
+    quiet_mark = postgres.mark()
+    time.sleep(options.long_poll_seconds / 3)
+    quiet = postgres.since(quiet_mark)
+    figures["no_client_db_cpu_fraction"] = quiet.by_process["postgres"] / quiet.wall_s
     mark, answered = asyncio.run(_long_polls(url, key, filled.batch_id, options, postgres.mark))
     idle = postgres.since(mark)
     figures["longpoll_idle_db_cpu_fraction"] = idle.by_process["postgres"] / idle.wall_s

@@ -17,6 +17,7 @@ from sqlalchemy import Row, Select, Text, cast, func, select, text, true
 from sqlalchemy.dialects.postgresql import distinct_on, insert
 from sqlalchemy.orm import Session, defer, load_only
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.sql.selectable import LateralFromClause
 
 from shared.db.base import new_id, utcnow
 from shared.db.models import (
@@ -436,9 +437,10 @@ _IMAGE_COLUMNS = (
 )
 
 
-def _scored_images(tenant_id: uuid.UUID) -> Select[*tuple[Any, ...]]:
-    """The tenant's images, each with the columns of its newest prediction (NULL: none)."""
-    latest = (
+def _newest_prediction() -> LateralFromClause:
+    """Each image's newest prediction (an image may be scored by several model versions), as
+    a LATERAL subquery to outer-join on `true`; its columns are NULL for an unscored image."""
+    return (
         select(
             Prediction.malignancy_score,
             Prediction.model_version_id,
@@ -451,6 +453,11 @@ def _scored_images(tenant_id: uuid.UUID) -> Select[*tuple[Any, ...]]:
         .limit(1)
         .lateral("latest")
     )
+
+
+def _scored_images(tenant_id: uuid.UUID) -> Select[*tuple[Any, ...]]:
+    """The tenant's images, each with the columns of its newest prediction (NULL: none)."""
+    latest = _newest_prediction()
     return (
         select(*_IMAGE_COLUMNS, *latest.c)
         .select_from(Image)
@@ -572,18 +579,7 @@ def export_chunks(
     """Every image of the batch in upload order with its newest prediction, as tuples of
     EXPORT_COLUMNS, fetched EXPORT_CHUNK rows at a time from a server-side cursor (the
     caller's transaction stays open until the last chunk)."""
-    latest = (
-        select(
-            Prediction.malignancy_score,
-            Prediction.model_version_id,
-            Prediction.warnings,
-            Prediction.input_distance,
-        )
-        .where(Prediction.image_id == Image.id)
-        .order_by(Prediction.created_at.desc())
-        .limit(1)
-        .lateral("latest")
-    )
+    latest = _newest_prediction()
     query = (
         select(
             cast(Image.id, Text),

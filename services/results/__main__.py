@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         # Set before the workers start: prometheus_client picks its value store on import.
         os.environ[METRICS_DIR_ENV] = tempfile.mkdtemp(prefix="results-metrics-")
     config = NoDelayConfig(
-        "services.results.app:create_app",
+        "services.results.app:create_server_app",
         factory=True,
         host=args.host,
         port=args.port,

@@ -1,4 +1,5 @@
-"""Results service: `uvicorn --factory services.results.app:create_app`."""
+"""Results service: `python -m services.results` (several processes; see __main__.py), or
+`uvicorn --factory services.results.app:create_app`."""
 
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ from shared.config import Settings, get_settings
 from shared.logs import configure_logging
 from shared.storage import ObjectStore
 from shared.vault import check_vault_settings
+
+
+def create_server_app() -> FastAPI:
+    """The app of a results server process (`python -m services.results`)."""
+    app = create_app()
+    app.state.freeze_start_up = True
+    return app
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -53,10 +61,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 async def _listen_for_batch_changes(app: FastAPI) -> AsyncIterator[None]:
     changes: BatchChanges = app.state.batch_changes
     changes.start()
-    # What start-up built (routes, schemas, mappers) lives as long as the process: out of the
-    # collector's way, a full collection no longer walks it in the middle of a page (it added
-    # 20 ms to one page of 100 exams in three).
-    gc.freeze()
+    if app.state.freeze_start_up:
+        # What start-up built (routes, schemas, mappers) lives as long as the process: out of
+        # the collector's way, a full collection no longer walks it in the middle of a page
+        # (it added 20 ms to one page of 100 exams in three). Only in a server process: in a
+        # process that makes many apps (tests) it would keep their garbage forever.
+        gc.freeze()
     try:
         yield
     finally:
@@ -69,5 +79,6 @@ def bind(app: FastAPI, settings: Settings) -> None:
     app.state.redis = rate_limit_client(settings)
     app.state.clock = WALL_CLOCK  # the rate limit's windows
     app.state.store = ObjectStore(settings)  # heatmaps
+    app.state.freeze_start_up = False
     # Long polls sleep on it (it listens once the app has started).
     app.state.batch_changes = BatchChanges(settings.database_url)
