@@ -333,6 +333,18 @@ def get_image(*, session: Session, tenant_id: uuid.UUID, image_id: uuid.UUID) ->
     return session.scalar(select(Image).where(Image.id == image_id, Image.tenant_id == tenant_id))
 
 
+def _versions_by_id(session: Session, ids: set[uuid.UUID]) -> dict[uuid.UUID, ModelVersion]:
+    """The model versions a page's predictions name, in one query."""
+    if not ids:
+        return {}
+    query = (
+        select(ModelVersion)
+        .where(ModelVersion.id.in_(ids))
+        .options(defer(ModelVersion.input_reference))  # for workers; a page never reads it
+    )
+    return {version.id: version for version in session.scalars(query)}
+
+
 def latest_predictions(
     *, session: Session, tenant_id: uuid.UUID, image_ids: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, Prediction]:
@@ -348,15 +360,7 @@ def latest_predictions(
         .ext(distinct_on(Prediction.image_id))
     )
     predictions = {p.image_id: p for p in session.scalars(query)}
-    version_ids = {p.model_version_id for p in predictions.values()}
-    versions = {
-        v.id: v
-        for v in session.scalars(
-            select(ModelVersion)
-            .where(ModelVersion.id.in_(version_ids))
-            .options(defer(ModelVersion.input_reference))  # for workers; a page never reads it
-        )
-    }
+    versions = _versions_by_id(session, {p.model_version_id for p in predictions.values()})
     for prediction in predictions.values():
         set_committed_value(prediction, "model_version", versions[prediction.model_version_id])
     return predictions
@@ -469,15 +473,9 @@ def _scored_images(tenant_id: uuid.UUID) -> Select[*tuple[Any, ...]]:
 def _page_images(session: Session, rows: Sequence[Sequence[Any]]) -> list[PageImage]:
     """Rows of `_scored_images` as PageImages, each model version loaded once for the page."""
     fields = len(_IMAGE_COLUMNS)
-    version_ids = {row[fields + 1] for row in rows if row[fields + 1] is not None}
-    versions = {
-        v.id: v
-        for v in session.scalars(
-            select(ModelVersion)
-            .where(ModelVersion.id.in_(version_ids))
-            .options(defer(ModelVersion.input_reference))  # for workers; a page never reads it
-        )
-    }
+    versions = _versions_by_id(
+        session, {row[fields + 1] for row in rows if row[fields + 1] is not None}
+    )
     images = []
     for row in rows:
         (image_id, batch_id, study_id, filename, media_type, laterality, view, status) = row[:8]
