@@ -249,10 +249,6 @@ def record_rejections(
     )
 
 
-def rejection_count(*, session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID) -> int:
-    return batch_counters(session=session, tenant_id=tenant_id, batch_id=batch_id).rejected
-
-
 def rejections_page(
     *,
     session: Session,
