@@ -25,8 +25,9 @@ def record(
     """Add one event to the caller's transaction (it lands if and only if the work does).
 
     A plain INSERT, not an ORM object to flush: every read of patient data writes one, and
-    the unit of work cost more than the read it records."""
-    session.execute(
+    the unit of work cost more than the read it records (and so would the ORM's path for an
+    INSERT statement: it runs on the session's connection, in its transaction)."""
+    session.connection().execute(
         _INSERT,
         {
             "id": new_id(),

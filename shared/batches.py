@@ -13,7 +13,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, Select, Text, cast, func, select, text, true
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Row,
+    Select,
+    Text,
+    bindparam,
+    cast,
+    func,
+    select,
+    text,
+    true,
+)
 from sqlalchemy.dialects.postgresql import distinct_on, insert
 from sqlalchemy.orm import Session, defer, load_only
 from sqlalchemy.orm.attributes import set_committed_value
@@ -29,6 +41,7 @@ from shared.db.models import (
     Image,
     ImageStatus,
     Laterality,
+    ModelStatus,
     ModelVersion,
     Prediction,
     RejectedFile,
@@ -377,7 +390,21 @@ def get_exam(
     return study, list(images)
 
 
-# -- pages: an image's row and its newest prediction in one query, without ORM objects --------
+# -- pages: one prebuilt statement each, plain rows, each model version once per page ---------
+
+
+@dataclass(frozen=True, slots=True)
+class PageVersion:
+    """What a page shows of a model version, and what the exam rule reads of it: none of its
+    JSON but the calibration's few numbers."""
+
+    id: uuid.UUID
+    name: str
+    status: ModelStatus
+    trained: bool
+    rejection_reason: str | None
+    recall_threshold: float | None
+    calibration: dict[str, float] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,7 +412,7 @@ class LatestPrediction:
     """What a page shows of an image's newest prediction."""
 
     malignancy_score: float
-    model_version: ModelVersion
+    model_version: PageVersion
     heatmap_key: str | None
     warnings: list[str]
     input_distance: float | None
@@ -435,6 +462,7 @@ _IMAGE_COLUMNS = (
     Image.created_at,
     Image.finished_at,
 )
+_FIRST = uuid.UUID(int=0)  # ids are UUIDv7, all after it: the first page's `after`
 
 
 def _newest_prediction() -> LateralFromClause:
@@ -455,33 +483,82 @@ def _newest_prediction() -> LateralFromClause:
     )
 
 
-def _scored_images(tenant_id: uuid.UUID) -> Select[*tuple[Any, ...]]:
-    """The tenant's images, each with the columns of its newest prediction (NULL: none)."""
+def _scored_images(*where: ColumnElement[bool]) -> Select[*tuple[Any, ...]]:
+    """The tenant's images (`tenant_id` bound), each with the columns of its newest
+    prediction (NULL: none)."""
     latest = _newest_prediction()
     return (
         select(*_IMAGE_COLUMNS, *latest.c)
         .select_from(Image)
         .outerjoin(latest, true())
-        .where(Image.tenant_id == tenant_id)
+        .where(Image.tenant_id == bindparam("tenant_id"), *where)
     )
 
 
-def _page_images(session: Session, rows: Sequence[Sequence[Any]]) -> list[PageImage]:
-    """Rows of `_scored_images` as PageImages, each model version loaded once for the page."""
+# Built once: pages are what pollers ask for after status, and building a statement cost as
+# much as running it.
+_RESULTS_PAGE = (
+    _scored_images(Image.batch_id == bindparam("batch_id"), Image.id > bindparam("after"))
+    .order_by(Image.id)
+    .limit(bindparam("limit"))
+)
+_EXAMS_PAGE = (
+    select(Study.id, Study.study_key, Study.patient_key)
+    .where(
+        Study.batch_id == bindparam("batch_id"),
+        Study.tenant_id == bindparam("tenant_id"),
+        Study.id > bindparam("after"),
+    )
+    .order_by(Study.id)
+    .limit(bindparam("limit"))
+)
+_EXAM_IMAGES = _scored_images(Image.study_id.in_(bindparam("study_ids", expanding=True))).order_by(
+    Image.id
+)
+_PAGE_VERSIONS = select(
+    ModelVersion.id,
+    ModelVersion.name,
+    ModelVersion.status,
+    ModelVersion.trained,
+    ModelVersion.rejection_reason,
+    ModelVersion.recall_threshold,
+    ModelVersion.calibration,
+).where(ModelVersion.id.in_(bindparam("ids", expanding=True)))
+_BATCH_EXISTS = select(Batch.id).where(
+    Batch.id == bindparam("batch_id"), Batch.tenant_id == bindparam("tenant_id")
+)
+
+
+def batch_exists(*, session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID) -> bool:
+    """Whether the tenant has this batch (a page of another tenant's batch is a 404)."""
+    found = session.connection().execute(
+        _BATCH_EXISTS, {"batch_id": batch_id, "tenant_id": tenant_id}
+    )
+    return found.first() is not None
+
+
+def _page_images(connection: Connection, rows: Sequence[Sequence[Any]]) -> list[PageImage]:
+    """Rows of `_scored_images` as PageImages, each model version read once for the page."""
     fields = len(_IMAGE_COLUMNS)
-    versions = _versions_by_id(
-        session, {row[fields + 1] for row in rows if row[fields + 1] is not None}
+    ids = {row[fields + 1] for row in rows if row[fields + 1] is not None}
+    versions = (
+        {
+            row[0]: PageVersion(*row)
+            for row in connection.execute(_PAGE_VERSIONS, {"ids": list(ids)})
+        }
+        if ids
+        else {}
     )
     images = []
     for row in rows:
-        (image_id, batch_id, study_id, filename, media_type, laterality, view, status) = row[:8]
-        (attempts, error_code, error_message, created_at, finished_at) = row[8:fields]
         score, version_id, heatmap_key, warnings, distance = row[fields:]
         prediction = (
             None
             if version_id is None
             else LatestPrediction(score, versions[version_id], heatmap_key, warnings, distance)
         )
+        (image_id, batch_id, study_id, filename, media_type, laterality, view, status) = row[:8]
+        (attempts, error_code, error_message, created_at, finished_at) = row[8:fields]
         images.append(
             PageImage(
                 image_id,
@@ -513,12 +590,12 @@ def results_page(
 ) -> list[PageImage]:
     """A batch's images in upload order with their newest predictions, keyset-paginated on
     id (time-ordered UUIDv7): one query for the page, one for its model versions."""
-    query = _scored_images(tenant_id).where(Image.batch_id == batch_id)
-    if after is not None:
-        query = query.where(Image.id > after)
-    # Core rows on the session's connection: the ORM layer would only add cost to columns.
-    rows = session.connection().execute(query.order_by(Image.id).limit(limit)).all()
-    return _page_images(session, rows)
+    connection = session.connection()  # Core rows: the ORM would only add cost to columns
+    rows = connection.execute(
+        _RESULTS_PAGE,
+        {"tenant_id": tenant_id, "batch_id": batch_id, "after": after or _FIRST, "limit": limit},
+    ).all()
+    return _page_images(connection, rows)
 
 
 def exams_page(
@@ -531,19 +608,17 @@ def exams_page(
 ) -> list[PageExam]:
     """A batch's studies (exams) in upload order, each with its images and their newest
     predictions, keyset on study id."""
-    query = select(Study.id, Study.study_key, Study.patient_key).where(
-        Study.batch_id == batch_id, Study.tenant_id == tenant_id
-    )
-    if after is not None:
-        query = query.where(Study.id > after)
     connection = session.connection()  # Core rows: see results_page
-    studies = connection.execute(query.order_by(Study.id).limit(limit)).all()
-    exams = {row.id: PageExam(row.id, row.study_key, row.patient_key, []) for row in studies}
+    studies = connection.execute(
+        _EXAMS_PAGE,
+        {"tenant_id": tenant_id, "batch_id": batch_id, "after": after or _FIRST, "limit": limit},
+    ).all()
+    exams = {row[0]: PageExam(row[0], row[1], row[2], []) for row in studies}
     if exams:
         rows = connection.execute(
-            _scored_images(tenant_id).where(Image.study_id.in_(list(exams))).order_by(Image.id)
+            _EXAM_IMAGES, {"tenant_id": tenant_id, "study_ids": list(exams)}
         ).all()
-        for image in _page_images(session, rows):
+        for image in _page_images(connection, rows):
             exams[image.study_id].images.append(image)
     return list(exams.values())
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from shared.db.models import Laterality, ModelVersion, View
+from shared.db.models import Laterality, ModelStatus, View
 from shared.scores import BreastScore, ViewScore, breast_scores, calibrated_probability, exam_score
 
 # The four views of a screening exam, as "L-CC" ... "R-MLO".
@@ -27,6 +27,26 @@ class ExamView(Protocol):
     def view(self) -> View | None: ...
 
 
+class ScoringVersion(Protocol):
+    """What the rule, and what shows its answer, read of a model version: a `ModelVersion`
+    row, or a page's `PageVersion`."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def status(self) -> ModelStatus: ...
+    @property
+    def trained(self) -> bool: ...
+    @property
+    def rejection_reason(self) -> str | None: ...
+    @property
+    def recall_threshold(self) -> float | None: ...
+    @property
+    def calibration(self) -> dict[str, float] | None: ...
+
+
 class ViewPrediction(Protocol):
     """What the rule reads of an image's prediction: a `Prediction` row, or a page's
     `LatestPrediction`."""
@@ -34,14 +54,14 @@ class ViewPrediction(Protocol):
     @property
     def malignancy_score(self) -> float: ...
     @property
-    def model_version(self) -> ModelVersion: ...
+    def model_version(self) -> ScoringVersion: ...
 
 
 @dataclass(frozen=True)
 class Recommendation:
     """What the model that scored the exam says of it."""
 
-    model_version: ModelVersion
+    model_version: ScoringVersion
     recall: bool | None  # None: the version has no threshold (an untrained model)
     recall_threshold: float | None
     exam_probability: float | None  # None: the version has no calibration

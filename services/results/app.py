@@ -17,6 +17,7 @@ from services.results.viewer import LoginRequired, login_redirect
 from services.results.viewer import router as viewer_router
 from shared.api.errors import install_error_handlers
 from shared.api.health import router as health_router
+from shared.api.keycache import KeyCache
 from shared.api.metrics import install_metrics
 from shared.api.ratelimit import WALL_CLOCK, rate_limit_client
 from shared.api.requests import install_request_logging
@@ -80,5 +81,7 @@ def bind(app: FastAPI, settings: Settings) -> None:
     app.state.clock = WALL_CLOCK  # the rate limit's windows
     app.state.store = ObjectStore(settings)  # heatmaps
     app.state.freeze_start_up = False
+    # Requests skip the key lookup while the listener would hear of a revocation.
+    app.state.key_cache = KeyCache()
     # Long polls sleep on it (it listens once the app has started).
-    app.state.batch_changes = BatchChanges(settings.database_url)
+    app.state.batch_changes = BatchChanges(settings.database_url, app.state.key_cache)

@@ -8,6 +8,9 @@ batch, which then read its state once. An idle long poll costs the database noth
 While that connection is down (Postgres restarting, say) nobody would be woken, so waiting
 requests fall back to re-reading every `FALLBACK_RECHECK_S`, and all of them are woken once
 it is back (they may have missed a change meanwhile).
+
+The same connection LISTENs for `auth_changed` (keys or tenants changed): the process's key
+cache (shared/api/keycache.py) is trusted only while it is connected, and cleared on each.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from collections.abc import Iterator
 
 import psycopg
 from sqlalchemy.engine import make_url
+
+from shared.api import keycache
+from shared.api.keycache import KeyCache
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +42,9 @@ def libpq_url(database_url: str) -> str:
 class BatchChanges:
     """Wakes waiters when Postgres announces a change to their batch."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, key_cache: KeyCache | None = None) -> None:
         self.url = libpq_url(database_url)
+        self.key_cache = key_cache
         self.waiters: dict[uuid.UUID, set[asyncio.Event]] = {}
         self.listening = asyncio.Event()  # set while LISTEN is in force
         self._task: asyncio.Task[None] | None = None
@@ -78,6 +85,10 @@ class BatchChanges:
         event.clear()
         return changed or not listening
 
+    def _trust_keys(self, listening: bool) -> None:
+        if self.key_cache is not None:
+            self.key_cache.trust(listening)
+
     def _wake(self, batch_ids: list[uuid.UUID] | None) -> None:
         """Wake the waiters of these batches (None: every waiter)."""
         for batch_id in list(self.waiters) if batch_ids is None else batch_ids:
@@ -91,9 +102,14 @@ class BatchChanges:
                     self.url, autocommit=True
                 ) as connection:
                     await connection.execute(f"LISTEN {CHANNEL}")
+                    await connection.execute(f"LISTEN {keycache.CHANNEL}")
                     self.listening.set()
+                    self._trust_keys(True)
                     self._wake(None)  # they may have missed a change while nobody listened
                     async for notice in connection.notifies():
+                        if notice.channel == keycache.CHANNEL:
+                            self._trust_keys(True)  # forget them all: one may be revoked
+                            continue
                         try:
                             self._wake([uuid.UUID(notice.payload)])
                         except ValueError:
@@ -104,5 +120,6 @@ class BatchChanges:
                 log.warning("not listening for batch changes (%s); retrying", err)
             finally:
                 self.listening.clear()
+                self._trust_keys(False)
             self._wake(None)
             await asyncio.sleep(RECONNECT_S)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from shared import audit
 from shared.api.errors import ApiError
+from shared.api.keycache import AuthenticatedKey, KeyCache
 from shared.api.ratelimit import enforce_rate_limit
 from shared.config import Settings
 from shared.db.base import session_factory
@@ -23,7 +25,9 @@ from shared.tenants import authenticate_key
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <api key>")
 
 
-def get_settings_dep(request: Request) -> Settings:
+# Dependencies that do no I/O are async: FastAPI runs a sync one in a worker thread, and
+# the hop cost more than what they do (a poll passes through several of them).
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -31,15 +35,23 @@ def get_settings_dep(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
-def get_session(settings: SettingsDep) -> Iterator[Session]:
-    with session_factory(settings.database_url)() as session:
+async def get_session(settings: SettingsDep) -> AsyncIterator[Session]:
+    """A session for the request. It opens no connection until used; an endpoint that
+    committed holds none at the end, so closing it then needs no worker thread."""
+    session = session_factory(settings.database_url)()
+    try:
         yield session
+    finally:
+        if session.in_transaction():
+            await run_in_threadpool(session.close)  # returns its connection: a round trip
+        else:
+            session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_store(request: Request) -> ObjectStore:
+async def get_store(request: Request) -> ObjectStore:
     store: ObjectStore = request.app.state.store
     return store
 
@@ -47,9 +59,34 @@ def get_store(request: Request) -> ObjectStore:
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 
 
-def current_tenant(
+def _live_key(request: Request, secret: str) -> AuthenticatedKey | None:
+    """The live key for `secret`, from the process's key cache where it has one and trusts
+    it (shared/api/keycache.py), else from Postgres in a short transaction of its own."""
+    cache: KeyCache | None = getattr(request.app.state, "key_cache", None)
+    found = cache.get(secret) if cache is not None else None
+    if found is not None:
+        return found
+    generation = cache.generation if cache is not None else 0
+    settings: Settings = request.app.state.settings
+    with session_factory(settings.database_url)() as session:
+        api_key = authenticate_key(session=session, secret=secret)
+        if api_key is None:
+            return None
+        found = AuthenticatedKey(api_key.prefix, frozenset(api_key.scopes), api_key.tenant)
+    if cache is not None:
+        cache.remember(secret, found, generation)
+    return found
+
+
+def _authenticate(request: Request, secret: str) -> AuthenticatedKey | None:
+    api_key = _live_key(request, secret)
+    if api_key is not None:
+        enforce_rate_limit(request, api_key.prefix)
+    return api_key
+
+
+async def current_tenant(
     request: Request,
-    session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
     if credentials is None:
@@ -59,7 +96,11 @@ def current_tenant(
             "send your API key as 'Authorization: Bearer <api key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    api_key = authenticate_key(session=session, secret=credentials.credentials)
+    # One worker thread for the lookup (when the cache has not the key) and the rate limit's
+    # Redis round trip. No connection is held past it: between this dependency and the
+    # endpoint a request may wait for a thread, and connections held across that wait by
+    # many requests (200 long polls arriving at once) would starve the threads that run.
+    api_key = await run_in_threadpool(_authenticate, request, credentials.credentials)
     if api_key is None:
         raise ApiError(
             401,
@@ -67,15 +108,8 @@ def current_tenant(
             "the API key is unknown or revoked",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    enforce_rate_limit(request, api_key.prefix)
-    # Hand the connection back before the endpoint runs: between this dependency and the
-    # endpoint the request waits for a worker thread, and a connection held across that wait
-    # by each of many requests (200 long polls arriving at once) leaves the threads waiting
-    # for connections that the waiting requests hold. The endpoint takes one again (the key
-    # and tenant stay loaded).
-    session.commit()
     request.state.api_key_prefix = api_key.prefix
-    request.state.api_key_scopes = frozenset(api_key.scopes)
+    request.state.api_key_scopes = api_key.scopes
     return api_key.tenant
 
 
@@ -113,7 +147,7 @@ class Caller:
         )
 
 
-def current_caller(request: Request, tenant: TenantDep) -> Caller:
+async def current_caller(request: Request, tenant: TenantDep) -> Caller:
     return Caller(
         tenant=tenant,
         key_prefix=request.state.api_key_prefix,
@@ -136,7 +170,7 @@ def missing_scope(scope: Scope) -> ApiError:
 def require_scope(scope: Scope) -> Any:
     """A route (or router) dependency: the caller's key must have `scope`."""
 
-    def check(caller: CallerDep) -> None:
+    async def check(caller: CallerDep) -> None:
         if not caller.may(scope):
             raise missing_scope(scope)
 
