@@ -642,35 +642,70 @@ EXPORT_COLUMNS = (
 EXPORT_CHUNK = 500
 
 
-def export_chunks(
-    *, session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID
-) -> Iterator[Sequence[Row[Any]]]:
-    """Every image of the batch in upload order with its newest prediction, as tuples of
-    EXPORT_COLUMNS, fetched EXPORT_CHUNK rows at a time from a server-side cursor (the
-    caller's transaction stays open until the last chunk)."""
+def _export_query(tenant_id: uuid.UUID, batch_id: uuid.UUID) -> Select[*tuple[Any, ...]]:
+    """Every image of the batch in upload order with its newest prediction, as
+    EXPORT_COLUMNS, each formatted by Postgres (no warnings: an empty string)."""
     latest = _newest_prediction()
-    query = (
-        select(
-            cast(Image.id, Text),
-            Image.filename,
-            cast(Image.study_id, Text),
-            cast(Image.laterality, Text),
-            cast(Image.view, Text),
-            cast(Image.status, Text),
-            latest.c.malignancy_score,
-            Image.error_code,
-            ModelVersion.name,
-            func.coalesce(func.array_to_string(latest.c.warnings, ";"), ""),
-            latest.c.input_distance,
-            func.to_char(
-                func.timezone("UTC", Image.finished_at), 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'
-            ),
-        )
+    columns = (
+        cast(Image.id, Text),
+        Image.filename,
+        cast(Image.study_id, Text),
+        cast(Image.laterality, Text),
+        cast(Image.view, Text),
+        cast(Image.status, Text),
+        latest.c.malignancy_score,
+        Image.error_code,
+        ModelVersion.name,
+        func.coalesce(func.array_to_string(latest.c.warnings, ";"), ""),
+        latest.c.input_distance,
+        func.to_char(func.timezone("UTC", Image.finished_at), 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'),
+    )
+    return (
+        select(*(c.label(name) for c, name in zip(columns, EXPORT_COLUMNS, strict=True)))
         .select_from(Image)
         .outerjoin(latest, true())
         .outerjoin(ModelVersion, ModelVersion.id == latest.c.model_version_id)
         .where(Image.batch_id == batch_id, Image.tenant_id == tenant_id)
         .order_by(Image.id)
-        .execution_options(stream_results=True, yield_per=EXPORT_CHUNK)
+    )
+
+
+def export_chunks(
+    *, session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID
+) -> Iterator[Sequence[Row[Any]]]:
+    """The export's rows as tuples of EXPORT_COLUMNS, fetched EXPORT_CHUNK rows at a time
+    from a server-side cursor (the caller's transaction stays open until the last chunk)."""
+    query = _export_query(tenant_id, batch_id).execution_options(
+        stream_results=True, yield_per=EXPORT_CHUNK
     )
     yield from session.execute(query).partitions()
+
+
+CSV_BLOCK_BYTES = 1 << 16
+
+
+def export_csv(*, session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID) -> Iterator[bytes]:
+    """The export as CSV with a header line, written by Postgres itself (`COPY (query) TO
+    STDOUT`): no Python touches a row, and blocks of about CSV_BLOCK_BYTES come out. Lines
+    end in LF; NULL is an empty field, an empty string a quoted one (""). A reader that
+    stops early (the client went away) leaves a connection mid-COPY: it is discarded, not
+    put back in the pool."""
+    connection = session.connection()
+    compiled = _export_query(tenant_id, batch_id).compile(dialect=connection.dialect)
+    statement = f"COPY ({compiled}) TO STDOUT (FORMAT csv, HEADER)"
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    finished = False
+    try:
+        with driver.cursor().copy(statement, compiled.params) as copy:
+            block = bytearray()
+            for data in copy:
+                block += data
+                if len(block) >= CSV_BLOCK_BYTES:
+                    yield bytes(block)
+                    block.clear()
+            yield bytes(block)
+        finished = True
+    finally:
+        if not finished:
+            connection.invalidate()

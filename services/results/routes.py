@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import enum
 import hashlib
-import io
 import json
 import time
 import uuid
@@ -57,6 +55,7 @@ from shared.batches import (
     batch_status,
     exams_page,
     export_chunks,
+    export_csv,
     get_image,
     list_batches,
     rejections_page,
@@ -307,16 +306,11 @@ def _export_chunks(
         yield from export_chunks(session=session, tenant_id=tenant_id, batch_id=batch_id)
 
 
-def _csv_chunks(chunks: Iterator[Sequence[Sequence[object]]]) -> Iterator[str]:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\r\n")
-    writer.writerow(EXPORT_COLUMNS)
-    for chunk in chunks:
-        writer.writerows(chunk)  # None is written as an empty field
-        yield buffer.getvalue()
-        buffer.seek(0)
-        buffer.truncate()
-    yield buffer.getvalue()
+def _csv_export(settings: Settings, tenant_id: uuid.UUID, batch_id: uuid.UUID) -> Iterator[bytes]:
+    """The batch as CSV, as Postgres writes it, in one read-only transaction."""
+    with session_scope(settings.database_url) as session:
+        session.execute(text("SET TRANSACTION READ ONLY"))
+        yield from export_csv(session=session, tenant_id=tenant_id, batch_id=batch_id)
 
 
 def _json_chunks(chunks: Iterator[Sequence[Sequence[object]]]) -> Iterator[str]:
@@ -358,10 +352,11 @@ def get_batch_export(
     caller.audit(session, AuditAction.EXPORT, "batch", batch_id, format=format.value)
     session.commit()
     session.close()
-    chunks = _export_chunks(settings, caller.tenant.id, batch_id)
+    body: Iterator[str] | Iterator[bytes]
     if format == ExportFormat.CSV:
-        body, media_type = _csv_chunks(chunks), "text/csv"
+        body, media_type = _csv_export(settings, caller.tenant.id, batch_id), "text/csv"
     else:
+        chunks = _export_chunks(settings, caller.tenant.id, batch_id)
         body, media_type = _json_chunks(chunks), "application/json"
     filename = f"batch-{batch_id}.{format.value}"
     return StreamingResponse(

@@ -1,8 +1,18 @@
 from __future__ import annotations
 
+import csv
+import io
+
 from sqlalchemy.orm import Session
 
-from shared.batches import get_batch, image_counts, list_batches, results_page
+from shared.batches import (
+    EXPORT_COLUMNS,
+    export_csv,
+    get_batch,
+    image_counts,
+    list_batches,
+    results_page,
+)
 from tests.factories import make_batch, make_image, make_tenant
 
 
@@ -31,3 +41,30 @@ def test_batches_list_newest_first_with_keyset_pages(session: Session) -> None:
     )
     assert [b.name for b in rest] == ["b2", "b1", "b0"]
     assert len({b.id for b in first + rest}) == len(made)
+
+
+def test_the_csv_export_is_written_by_postgres_and_a_stopped_one_gives_up_its_connection(
+    session: Session,
+) -> None:
+    tenant, _ = make_tenant(session)
+    batch = make_batch(session, tenant)
+    images = [make_image(session, batch, study_key=f"s{i}") for i in range(3)]
+    images[0].filename = 'comma, "quoted"\nname.dcm'  # CSV must quote it whole
+    session.commit()
+
+    whole = b"".join(export_csv(session=session, tenant_id=tenant.id, batch_id=batch.id))
+    rows = list(csv.reader(io.StringIO(whole.decode())))
+    assert tuple(rows[0]) == EXPORT_COLUMNS
+    assert [row[0] for row in rows[1:]] == [str(image.id) for image in images]
+    assert rows[1][1] == 'comma, "quoted"\nname.dcm'
+    assert {row[5] for row in rows[1:]} == {"queued"}
+    assert {row[6] for row in rows[1:]} == {""}  # not scored: NULL is an empty field
+    session.rollback()
+
+    stopped = export_csv(session=session, tenant_id=tenant.id, batch_id=batch.id)
+    connection = session.connection()
+    next(stopped)
+    stopped.close()  # as when the client goes away mid-download
+    assert connection.invalidated
+    session.rollback()
+    assert image_counts(session=session, tenant_id=tenant.id, batch_id=batch.id)["queued"] == 3

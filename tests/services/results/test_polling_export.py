@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from devstack.synth import SynthImage
 from services.results import routes
 from services.results.app import create_app as create_results
-from shared.batches import EXPORT_CHUNK
+from shared.batches import EXPORT_CHUNK, EXPORT_COLUMNS
 from shared.config import Settings
 from shared.db.models import AuditAction, AuditEvent
 from shared.lifecycle import claim_images, record_failure, record_prediction
@@ -131,6 +131,12 @@ def test_export_streams_one_row_per_image_as_csv_and_json(
     items = json.loads(as_json.text)
     assert sorted(i["image_id"] for i in items) == sorted(r["image_id"] for r in rows)
     assert {i["score"] for i in items} == {float(r["score"]) for r in rows}
+    # The CSV (written by Postgres) and the JSON (by Python) say the same of every column.
+    assert list(rows[0]) == list(EXPORT_COLUMNS)
+    by_id = {i["image_id"]: i for i in items}
+    for row in rows:
+        item = by_id[row["image_id"]]
+        assert row == {key: "" if value is None else str(value) for key, value in item.items()}
 
     _, other_key = make_tenant(session)
     foreign = results.get(f"/v1/batches/{batch_id}/export", headers=auth(other_key))
