@@ -190,7 +190,7 @@ def start_postgres(
     log = data_dir / "postgres.log"
     # fsync off: this is a disposable local or test server, and durability costs seconds per
     # test; the container stack runs a normal Postgres.
-    options = f"-h 127.0.0.1 -p {port} -k {pgdata} -c fsync=off -c max_connections=200"
+    options = f"-h 127.0.0.1 -p {port} -k {pgdata} -c fsync=off -c max_connections=600"
     started = subprocess.run(
         [pg_bin / "pg_ctl", "-D", pgdata, "-w", "-t", "60", "-l", log, "-o", options, "start"],
         capture_output=True,

@@ -78,6 +78,12 @@ class Settings(BaseSettings):
     # Processes the results service answers in (uvicorn workers, `python -m
     # services.results`); 0: one per core.
     results_workers: int = Field(default=0, ge=0)
+    # Connections each results process keeps open to Postgres: about the requests it answers
+    # at once (50 pollers on two processes: 25). Beyond them each request opened and closed
+    # a connection of its own, and a Postgres backend per request cost more than the query
+    # (status p99 426 -> 160 ms at 5 -> 25). Postgres's max_connections must cover
+    # results_workers x (this + 10) beside the other services' 15 each.
+    results_database_pool_size: int = Field(default=25, ge=1)
 
     # How many image ids one inference task carries (a chunk of a bulk batch).
     inference_chunk_size: int = Field(default=16, gt=0)

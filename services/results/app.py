@@ -22,6 +22,7 @@ from shared.api.metrics import install_metrics
 from shared.api.ratelimit import WALL_CLOCK, rate_limit_client
 from shared.api.requests import install_request_logging
 from shared.config import Settings, get_settings
+from shared.db.base import get_engine
 from shared.logs import configure_logging
 from shared.storage import ObjectStore
 from shared.vault import check_vault_settings
@@ -77,6 +78,7 @@ async def _listen_for_batch_changes(app: FastAPI) -> AsyncIterator[None]:
 def bind(app: FastAPI, settings: Settings) -> None:
     """Point the app at the servers `settings` names (no connection is opened here)."""
     app.state.settings = settings
+    get_engine(settings.database_url, pool_size=settings.results_database_pool_size)
     app.state.redis = rate_limit_client(settings)
     app.state.clock = WALL_CLOCK  # the rate limit's windows
     app.state.store = ObjectStore(settings)  # heatmaps

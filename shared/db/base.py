@@ -62,12 +62,26 @@ _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
 
 
-def get_engine(database_url: str) -> Engine:
-    """One pooled engine per database URL per process; pre-ping survives database restarts."""
+DEFAULT_POOL_SIZE = 5
+MAX_OVERFLOW = 10
+
+
+def get_engine(database_url: str, *, pool_size: int | None = None) -> Engine:
+    """One pooled engine per database URL per process; pre-ping survives database restarts.
+
+    `pool_size` connections stay open (the first call for a URL sets it). A request beyond
+    them opens one of MAX_OVERFLOW more and closes it after use: a new Postgres backend per
+    request, so a process that answers many requests at once (the results service) keeps a
+    pool that covers them."""
     with _engines_lock:
         engine = _engines.get(database_url)
         if engine is None:
-            engine = create_engine(database_url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+            engine = create_engine(
+                database_url,
+                pool_pre_ping=True,
+                pool_size=pool_size or DEFAULT_POOL_SIZE,
+                max_overflow=MAX_OVERFLOW,
+            )
             _engines[database_url] = engine
         return engine
 

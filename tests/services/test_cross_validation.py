@@ -27,9 +27,10 @@ FILM = SynthOptions(style="film", views=("MLO",))
 EXAMS = 150
 # Three epochs per stage, the early layers frozen for the first, at a quarter of the default
 # input (256x208; the warm start's weights fit any input size): about two and a half minutes
-# for both runs on 2 cores (five epochs took 4.5-5.5 and told the same). `make bench-warm-start` trains each fold to early stopping at the default
-# 512x416 (README "Warm start"); at 512x416 and six epochs this test measured scratch 0.486,
-# warm 0.666, in nine minutes.
+# for both runs on 2 cores (five epochs took 4.5-5.5 and told the same).
+# `make bench-warm-start` trains each fold to early stopping at the default 512x416 (README
+# "Warm start"); at 512x416 and six epochs this test measured scratch 0.486, warm 0.666, in
+# nine minutes.
 QUICK: dict[str, Any] = {
     "epochs": 3,
     "patience": 3,

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import socket
 
+from sqlalchemy.pool import QueuePool
+
+from services.results.app import create_app
 from services.results.server import NoDelayConfig
+from shared.config import Settings
+from shared.db.base import get_engine
 
 
 def test_connections_to_a_multi_worker_listener_send_small_writes_at_once() -> None:
@@ -24,3 +29,15 @@ def test_connections_to_a_multi_worker_listener_send_small_writes_at_once() -> N
             client.close()
     finally:
         listener.close()
+
+
+def test_a_results_process_keeps_a_pool_for_the_requests_it_answers_at_once(
+    settings: Settings,
+) -> None:
+    """Beyond its pool each request opened a Postgres connection of its own and closed it
+    (a backend per request): the results app sizes the pool of its database's engine."""
+    sized = settings.model_copy(update={"results_database_pool_size": 7})
+    create_app(sized)
+    engine = get_engine(sized.database_url)
+    assert isinstance(engine.pool, QueuePool)
+    assert engine.pool.size() == 7
