@@ -47,8 +47,14 @@ def test_stack_benchmark_produces_every_figure(tmp_path: Path) -> None:
     assert main(["--images", "8", "--bulk", "8", *small, *scale, "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert STACK_KEYS - set(results) == set()
-    numbers = [results[k] for k in STACK_KEYS if k not in ("device", "torch_version")]
-    assert all(isinstance(n, int | float) and n > 0 for n in numbers)
+    # Idle long polls may cost Postgres less than one 10 ms CPU tick in these 3 s: 0 is a
+    # measurement there, not a missing figure.
+    lowest = {k: 0 if k == "longpoll_idle_db_cpu_fraction" else 1e-12 for k in STACK_KEYS}
+    figures = {k: results[k] for k in STACK_KEYS if k not in ("device", "torch_version")}
+    wrong = {
+        k: n for k, n in figures.items() if not (isinstance(n, int | float) and n >= lowest[k])
+    }
+    assert wrong == {}
     # Every phase is reported. CPU time comes in 10 ms ticks, and a phase over 8 small images
     # may take less than one in a process, so single phases are only checked for the model
     # (it runs for half a second) and the services' work over the whole run must show.
