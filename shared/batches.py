@@ -14,10 +14,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
-    ColumnElement,
     Connection,
     Row,
     Select,
+    String,
     Text,
     bindparam,
     cast,
@@ -25,11 +25,13 @@ from sqlalchemy import (
     select,
     text,
     true,
+    type_coerce,
 )
 from sqlalchemy.dialects.postgresql import distinct_on, insert
 from sqlalchemy.orm import Session, defer, load_only
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.sql.selectable import LateralFromClause
+from sqlalchemy.sql.sqltypes import NullType
 
 from shared.db.base import new_id, utcnow
 from shared.db.models import (
@@ -40,13 +42,11 @@ from shared.db.models import (
     BatchPurpose,
     Image,
     ImageStatus,
-    Laterality,
     ModelStatus,
     ModelVersion,
     Prediction,
     RejectedFile,
     Study,
-    View,
 )
 
 
@@ -391,9 +391,11 @@ def get_exam(
 
 
 # -- pages: one prebuilt statement each, plain rows, each model version once per page ---------
+# (Plain dataclasses, not frozen: a frozen one's __init__ sets each field through
+# object.__setattr__, which cost a page of 100 exams more than its query.)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PageVersion:
     """What a page shows of a model version, and what the exam rule reads of it: none of its
     JSON but the calibration's few numbers."""
@@ -407,7 +409,7 @@ class PageVersion:
     calibration: dict[str, float] | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LatestPrediction:
     """What a page shows of an image's newest prediction."""
 
@@ -418,19 +420,19 @@ class LatestPrediction:
     input_distance: float | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PageImage:
-    """An image as a results or exams page shows it, with its newest prediction (None until
-    it is scored)."""
+    """An image as a results page shows it, with its newest prediction (None until it is
+    scored)."""
 
     id: uuid.UUID
     batch_id: uuid.UUID
     study_id: uuid.UUID
     filename: str
     media_type: str
-    laterality: Laterality | None
-    view: View | None
-    status: ImageStatus
+    laterality: str | None
+    view: str | None
+    status: str
     attempts: int
     error_code: str | None
     error_message: str | None
@@ -439,13 +441,28 @@ class PageImage:
     prediction: LatestPrediction | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
+class PageExamImage:
+    """An image as an exams page shows it: what the exam rule and the page read, no more."""
+
+    id: uuid.UUID
+    laterality: str | None
+    view: str | None
+    status: str
+    error_code: str | None
+    prediction: LatestPrediction | None
+
+
+@dataclass(slots=True)
 class PageExam:
     id: uuid.UUID
     study_key: str
     patient_key: str
-    images: list[PageImage]
+    images: list[PageExamImage]
 
+
+# Pages read enum columns as their text (a Laterality, View or ImageStatus value): SQLAlchemy's
+# enum processing cost about a millisecond a page, and serializing enum members several more.
 
 _IMAGE_COLUMNS = (
     Image.id,
@@ -453,9 +470,9 @@ _IMAGE_COLUMNS = (
     Image.study_id,
     Image.filename,
     Image.media_type,
-    Image.laterality,
-    Image.view,
-    Image.status,
+    type_coerce(Image.laterality, String),
+    type_coerce(Image.view, String),
+    type_coerce(Image.status, String),
     Image.attempts,
     Image.error_code,
     Image.error_message,
@@ -473,7 +490,9 @@ def _newest_prediction() -> LateralFromClause:
             Prediction.malignancy_score,
             Prediction.model_version_id,
             Prediction.heatmap_key,
-            Prediction.warnings,
+            # The driver's list as it is: SQLAlchemy's ARRAY copies each one element by
+            # element (a millisecond a page).
+            type_coerce(Prediction.warnings, NullType()).label("warnings"),
             Prediction.input_distance,
         )
         .where(Prediction.image_id == Image.id)
@@ -483,38 +502,64 @@ def _newest_prediction() -> LateralFromClause:
     )
 
 
-def _scored_images(*where: ColumnElement[bool]) -> Select[*tuple[Any, ...]]:
-    """The tenant's images (`tenant_id` bound), each with the columns of its newest
-    prediction (NULL: none)."""
+def _exams_page_statement() -> Select[*tuple[Any, ...]]:
+    """A page of a batch's studies, each row one of their images (the study's columns
+    repeated; NULL image columns for a study without images) with its newest prediction, in
+    one statement: the studies' page is a CTE the images join."""
+    studies = (
+        select(Study.id, Study.study_key, Study.patient_key)
+        .where(
+            Study.batch_id == bindparam("batch_id"),
+            Study.tenant_id == bindparam("tenant_id"),
+            Study.id > bindparam("after"),
+        )
+        .order_by(Study.id)
+        .limit(bindparam("limit"))
+        .cte("page")
+    )
+    latest = _newest_prediction()
+    return (
+        select(
+            studies.c.id,
+            studies.c.study_key,
+            studies.c.patient_key,
+            Image.id,
+            type_coerce(Image.laterality, String),
+            type_coerce(Image.view, String),
+            type_coerce(Image.status, String),
+            Image.error_code,
+            *latest.c,
+        )
+        .select_from(studies)
+        .outerjoin(
+            Image,
+            (Image.study_id == studies.c.id) & (Image.tenant_id == bindparam("tenant_id")),
+        )
+        .outerjoin(latest, true())
+        .order_by(studies.c.id, Image.id)
+    )
+
+
+def _results_page_statement() -> Select[*tuple[Any, ...]]:
     latest = _newest_prediction()
     return (
         select(*_IMAGE_COLUMNS, *latest.c)
         .select_from(Image)
         .outerjoin(latest, true())
-        .where(Image.tenant_id == bindparam("tenant_id"), *where)
+        .where(
+            Image.tenant_id == bindparam("tenant_id"),
+            Image.batch_id == bindparam("batch_id"),
+            Image.id > bindparam("after"),
+        )
+        .order_by(Image.id)
+        .limit(bindparam("limit"))
     )
 
 
 # Built once: pages are what pollers ask for after status, and building a statement cost as
 # much as running it.
-_RESULTS_PAGE = (
-    _scored_images(Image.batch_id == bindparam("batch_id"), Image.id > bindparam("after"))
-    .order_by(Image.id)
-    .limit(bindparam("limit"))
-)
-_EXAMS_PAGE = (
-    select(Study.id, Study.study_key, Study.patient_key)
-    .where(
-        Study.batch_id == bindparam("batch_id"),
-        Study.tenant_id == bindparam("tenant_id"),
-        Study.id > bindparam("after"),
-    )
-    .order_by(Study.id)
-    .limit(bindparam("limit"))
-)
-_EXAM_IMAGES = _scored_images(Image.study_id.in_(bindparam("study_ids", expanding=True))).order_by(
-    Image.id
-)
+_RESULTS_PAGE = _results_page_statement()
+_EXAMS_PAGE = _exams_page_statement()
 _PAGE_VERSIONS = select(
     ModelVersion.id,
     ModelVersion.name,
@@ -537,47 +582,33 @@ def batch_exists(*, session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID)
     return found.first() is not None
 
 
-def _page_images(connection: Connection, rows: Sequence[Sequence[Any]]) -> list[PageImage]:
-    """Rows of `_scored_images` as PageImages, each model version read once for the page."""
-    fields = len(_IMAGE_COLUMNS)
-    ids = {row[fields + 1] for row in rows if row[fields + 1] is not None}
+def _page_predictions(
+    connection: Connection, rows: Sequence[Sequence[Any]], first: int
+) -> list[LatestPrediction | None]:
+    """Each row's newest prediction, from its columns of `_newest_prediction` (from index
+    `first` on); each model version read once for the page."""
+    # Keyed by the ids' integers: hashing a UUID runs Python code, hashing an int does not.
+    ids = {row[first + 1].int: row[first + 1] for row in rows if row[first + 1] is not None}
     versions = (
         {
-            row[0]: PageVersion(*row)
-            for row in connection.execute(_PAGE_VERSIONS, {"ids": list(ids)})
+            row[0].int: PageVersion(*row)
+            for row in connection.execute(_PAGE_VERSIONS, {"ids": list(ids.values())})
         }
         if ids
         else {}
     )
-    images = []
-    for row in rows:
-        score, version_id, heatmap_key, warnings, distance = row[fields:]
-        prediction = (
-            None
-            if version_id is None
-            else LatestPrediction(score, versions[version_id], heatmap_key, warnings, distance)
+    return [
+        None
+        if row[first + 1] is None
+        else LatestPrediction(
+            row[first],
+            versions[row[first + 1].int],
+            row[first + 2],
+            row[first + 3],
+            row[first + 4],
         )
-        (image_id, batch_id, study_id, filename, media_type, laterality, view, status) = row[:8]
-        (attempts, error_code, error_message, created_at, finished_at) = row[8:fields]
-        images.append(
-            PageImage(
-                image_id,
-                batch_id,
-                study_id,
-                filename,
-                media_type,
-                laterality,
-                view,
-                status,
-                attempts,
-                error_code,
-                error_message,
-                created_at,
-                finished_at,
-                prediction,
-            )
-        )
-    return images
+        for row in rows
+    ]
 
 
 def results_page(
@@ -595,7 +626,26 @@ def results_page(
         _RESULTS_PAGE,
         {"tenant_id": tenant_id, "batch_id": batch_id, "after": after or _FIRST, "limit": limit},
     ).all()
-    return _page_images(connection, rows)
+    predictions = _page_predictions(connection, rows, len(_IMAGE_COLUMNS))
+    return [
+        PageImage(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            row[5],
+            row[6],
+            row[7],
+            row[8],
+            row[9],
+            row[10],
+            row[11],
+            row[12],
+            prediction,
+        )
+        for row, prediction in zip(rows, predictions, strict=True)
+    ]
 
 
 def exams_page(
@@ -607,20 +657,30 @@ def exams_page(
     after: uuid.UUID | None,
 ) -> list[PageExam]:
     """A batch's studies (exams) in upload order, each with its images and their newest
-    predictions, keyset on study id."""
+    predictions, keyset on study id: one query for the page, one for its model versions."""
     connection = session.connection()  # Core rows: see results_page
-    studies = connection.execute(
+    rows = connection.execute(
         _EXAMS_PAGE,
         {"tenant_id": tenant_id, "batch_id": batch_id, "after": after or _FIRST, "limit": limit},
     ).all()
-    exams = {row[0]: PageExam(row[0], row[1], row[2], []) for row in studies}
-    if exams:
-        rows = connection.execute(
-            _EXAM_IMAGES, {"tenant_id": tenant_id, "study_ids": list(exams)}
-        ).all()
-        for image in _page_images(connection, rows):
-            exams[image.study_id].images.append(image)
-    return list(exams.values())
+    predictions = _page_predictions(connection, rows, 8)
+    exams: list[PageExam] = []
+    for row, prediction in zip(rows, predictions, strict=True):
+        if not exams or exams[-1].id.int != row[0].int:  # rows come in study order
+            exams.append(PageExam(row[0], row[1], row[2], []))
+        exam = exams[-1]
+        if row[3] is not None:
+            exam.images.append(
+                PageExamImage(
+                    row[3],
+                    row[4],
+                    row[5],
+                    row[6],
+                    row[7],
+                    prediction,
+                )
+            )
+    return exams
 
 
 # The export's columns, in order; each is formatted by Postgres (text, or a number), so the

@@ -21,10 +21,11 @@ class ExamView(Protocol):
 
     @property
     def id(self) -> uuid.UUID: ...
+    # A Laterality and a View, or their values (the enums are str): a page reads the text.
     @property
-    def laterality(self) -> Laterality | None: ...
+    def laterality(self) -> str | None: ...
     @property
-    def view(self) -> View | None: ...
+    def view(self) -> str | None: ...
 
 
 class ScoringVersion(Protocol):
@@ -88,9 +89,7 @@ def assess_exam(
 
 def assess_views(views: Sequence[tuple[ExamView, ViewPrediction | None]]) -> ExamAssessment:
     """`assess_exam` for (image, its latest prediction or None) pairs, as pages hold them."""
-    present = sorted(
-        {f"{i.laterality.value}-{i.view.value}" for i, _ in views if i.laterality and i.view}
-    )
+    present = sorted({f"{i.laterality}-{i.view}" for i, _ in views if i.laterality and i.view})
     breasts = breast_scores(
         ViewScore(i.laterality, i.view, p.malignancy_score)
         for i, p in views

@@ -11,28 +11,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
-from shared.db.models import Laterality, View
+from shared.db.models import Laterality
 
 
-@dataclass(frozen=True)
-class ViewScore:
-    laterality: Laterality
-    view: View
+# Named tuples: a page of 100 exams makes hundreds of these, and a frozen dataclass's
+# __init__ (a setattr per field) cost more than the rule itself.
+class ViewScore(NamedTuple):
+    # A Laterality and a View, or their values as a page reads them (the enums are str).
+    laterality: str
+    view: str
     score: float
 
 
-@dataclass(frozen=True)
-class BreastScore:
+class BreastScore(NamedTuple):
     laterality: Laterality
     score: float
-    views: tuple[View, ...]  # the views the score was computed from
+    views: tuple[str, ...]  # the views (View values) the score was computed from
 
 
 def breast_scores(view_scores: Iterable[ViewScore]) -> list[BreastScore]:
     """One score per breast that has at least one scored view, left before right."""
-    by_breast: dict[Laterality, dict[View, list[float]]] = {}
+    by_breast: dict[str, dict[str, list[float]]] = {}
     for item in view_scores:
         by_breast.setdefault(item.laterality, {}).setdefault(item.view, []).append(item.score)
     breasts = []

@@ -3,6 +3,8 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
+from services.results.schemas import ExamsPage, ResultsPage
+from shared.db.models import Laterality, View
 from shared.lifecycle import claim_images, record_failure, record_prediction
 from tests.factories import make_batch, make_image, make_model_version, make_tenant
 from tests.helpers import auth
@@ -136,3 +138,53 @@ def test_no_key_is_401_and_bad_cursor_is_422(results: TestClient, session: Sessi
         f"/v1/batches/{batch.id}/results", params={"limit": 10_000}, headers=auth(key)
     )
     assert too_big.status_code == 422
+
+
+def test_pages_written_from_plain_data_are_exactly_what_their_models_say(
+    results: TestClient, session: Session
+) -> None:
+    """Results and exams pages are serialized without building their models: each must
+    still validate as its model and come out of it unchanged (every field, JSON types)."""
+    tenant, key = make_tenant(session)
+    batch = make_batch(session, tenant)
+    calibrated = make_model_version(session, trained=True)
+    calibrated.recall_threshold, calibrated.calibration = 0.3, {"a": 1.2, "b": -0.4}
+    session.commit()
+    views = [(Laterality.LEFT, View.CC), (Laterality.LEFT, View.MLO), (Laterality.RIGHT, View.CC)]
+    scored = [make_image(session, batch, study_key="a", laterality=lat, view=v) for lat, v in views]
+    failed = make_image(session, batch, study_key="b")
+    make_image(session, batch, study_key="b", laterality=None, view=None)  # queued, no view
+    claimed = claim_images(session=session, image_ids=[i.id for i in [*scored, failed]], lease_s=60)
+    for image in claimed:
+        if image.id == failed.id:
+            record_failure(session=session, image=image, code="decode_failed", message="bad")
+        else:
+            record_prediction(
+                session=session,
+                image=image,
+                model_version_id=calibrated.id,
+                score=0.2 if image.laterality == Laterality.LEFT else 0.6,
+                heatmap_key=f"heatmaps/{image.id}.png",
+                warnings=["input_unlike_training_data"] if image.view == View.MLO else [],
+                input_distance=1.5,
+            )
+    session.commit()
+
+    exams = results.get(f"/v1/batches/{batch.id}/exams", headers=auth(key))
+    images = results.get(f"/v1/batches/{batch.id}/results", headers=auth(key))
+    assert exams.status_code == images.status_code == 200, (exams.text, images.text)
+    for page, model in ((exams.json(), ExamsPage), (images.json(), ResultsPage)):
+        assert model.model_validate(page).model_dump(mode="json") == page
+    first, second = exams.json()["items"]
+    assert first["recall"] == "recall"
+    assert first["breasts"][1] == {
+        "laterality": "R",
+        "score": 0.6,
+        "views": ["CC"],
+    }
+    assert first["warnings"] == ["input_unlike_training_data"]
+    assert first["model_version"]["name"] == calibrated.name
+    assert second["exam_score"] is None
+    assert second["model_version"] is None
+    assert [i["status"] for i in second["images"]] == ["failed", "queued"]
+    assert {i["status"] for i in images.json()["items"]} == {"done", "failed", "queued"}
