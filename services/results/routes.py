@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from services.results import cursors
 from services.results.changes import BatchChanges
-from services.results.deps import CallerDep, SessionDep, SettingsDep, StoreDep
+from services.results.deps import CallerDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep
 from services.results.presenters import (
     ShownImage,
     ShownPrediction,
@@ -63,7 +63,7 @@ from shared.batches import (
     results_page,
 )
 from shared.config import Settings
-from shared.db.base import session_scope
+from shared.db.base import read_session_scope, session_scope
 from shared.db.models import AuditAction, Scope
 from shared.storage import Keys
 
@@ -218,7 +218,7 @@ async def get_batch_detail(
     until Postgres announces a change to the batch (services/results/changes.py)."""
 
     def load(audited: bool) -> BatchDetail:
-        with session_scope(settings.database_url) as session:
+        with read_session_scope(settings.database_url) as session:
             detail = _batch_detail(session, caller.tenant.id, batch_id)
             if audited:
                 caller.audit(session, AuditAction.READ, "batch", batch_id)
@@ -244,7 +244,7 @@ async def get_batch_detail(
 @router.get("/batches/{batch_id}/results", response_model=ResultsPage)
 def get_batch_results(
     batch_id: uuid.UUID,
-    session: SessionDep,
+    session: ReadSessionDep,
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     cursor: str | None = None,
@@ -270,7 +270,7 @@ def _no_heatmap(image_id: uuid.UUID) -> ApiError:
     )
 
 
-def _batch_or_404(session: SessionDep, caller: CallerDep, batch_id: uuid.UUID) -> None:
+def _batch_or_404(session: Session, caller: CallerDep, batch_id: uuid.UUID) -> None:
     if not batch_exists(session=session, tenant_id=caller.tenant.id, batch_id=batch_id):
         raise ApiError(404, "batch_not_found", f"no batch {batch_id} exists for this API key")
 
@@ -278,7 +278,7 @@ def _batch_or_404(session: SessionDep, caller: CallerDep, batch_id: uuid.UUID) -
 @router.get("/batches/{batch_id}/exams", response_model=ExamsPage)
 def get_batch_exams(
     batch_id: uuid.UUID,
-    session: SessionDep,
+    session: ReadSessionDep,
     settings: SettingsDep,
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,

@@ -17,7 +17,7 @@ from shared.api.errors import ApiError
 from shared.api.keycache import AuthenticatedKey, KeyCache
 from shared.api.ratelimit import enforce_rate_limit
 from shared.config import Settings
-from shared.db.base import session_factory
+from shared.db.base import read_session_factory, session_factory
 from shared.db.models import AuditAction, Scope, Tenant
 from shared.storage import ObjectStore
 from shared.tenants import authenticate_key
@@ -35,20 +35,37 @@ async def get_settings_dep(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
+async def _close(session: Session) -> None:
+    """A request's session opens no connection until used; one that committed holds none
+    at the end, so closing it then needs no worker thread."""
+    if session.in_transaction():
+        await run_in_threadpool(session.close)  # returns its connection: a round trip
+    else:
+        session.close()
+
+
 async def get_session(settings: SettingsDep) -> AsyncIterator[Session]:
-    """A session for the request. It opens no connection until used; an endpoint that
-    committed holds none at the end, so closing it then needs no worker thread."""
     session = session_factory(settings.database_url)()
     try:
         yield session
     finally:
-        if session.in_transaction():
-            await run_in_threadpool(session.close)  # returns its connection: a round trip
-        else:
-            session.close()
+        await _close(session)
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+async def get_read_session(settings: SettingsDep) -> AsyncIterator[Session]:
+    """`get_session` for an endpoint that only reads (and records that it did): each
+    statement commits on its own (`shared.db.base.read_session_factory`)."""
+    session = read_session_factory(settings.database_url)()
+    try:
+        yield session
+    finally:
+        await _close(session)
+
+
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 
 
 async def get_store(request: Request) -> ObjectStore:

@@ -92,6 +92,7 @@ def forget_engines_after_fork() -> None:
         for engine in _engines.values():
             engine.dispose(close=False)
         _engines.clear()
+        _read_sessions.clear()
 
 
 def session_factory(database_url: str) -> sessionmaker[Session]:
@@ -102,4 +103,29 @@ def session_factory(database_url: str) -> sessionmaker[Session]:
 def session_scope(database_url: str) -> Iterator[Session]:
     """A session that commits on success and rolls back on any error."""
     with session_factory(database_url)() as session, session.begin():
+        yield session
+
+
+_read_sessions: dict[str, sessionmaker[Session]] = {}
+
+
+def read_session_factory(database_url: str) -> sessionmaker[Session]:
+    """Sessions whose every statement commits on its own (autocommit), for requests that
+    read and write nothing but their audit row: no BEGIN and no COMMIT, two round trips
+    fewer (a third of a batch status answer's). Nothing they read needs one snapshot.
+    Made once per URL: an engine with options of its own costs a request to make."""
+    with _engines_lock:
+        factory = _read_sessions.get(database_url)
+    if factory is None:
+        engine = get_engine(database_url).execution_options(isolation_level="AUTOCOMMIT")
+        factory = sessionmaker(bind=engine, expire_on_commit=False)
+        with _engines_lock:
+            factory = _read_sessions.setdefault(database_url, factory)
+    return factory
+
+
+@contextmanager
+def read_session_scope(database_url: str) -> Iterator[Session]:
+    """A `read_session_factory` session, closed at the end."""
+    with read_session_factory(database_url)() as session:
         yield session
