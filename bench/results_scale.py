@@ -178,14 +178,23 @@ def _fill(session: Session, ids: dict[str, Any]) -> None:
 # -- pollers ---------------------------------------------------------------------------------
 
 
+WINDOW_S = 10.0
+
+
 @dataclass
 class Latencies:
     by_kind: dict[str, list[float]] = field(default_factory=dict)
     statuses: dict[int, int] = field(default_factory=dict)
+    # Every answer's latency by the window (WINDOW_S) it came in: a p99 that a few seconds
+    # of stall made shows as one bad window, a slow service as all of them.
+    by_window: dict[int, list[float]] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
 
     def add(self, kind: str, seconds: float, status: int) -> None:
         self.by_kind.setdefault(kind, []).append(seconds)
         self.statuses[status] = self.statuses.get(status, 0) + 1
+        window = int((time.monotonic() - self.started) // WINDOW_S)
+        self.by_window.setdefault(window, []).append(seconds)
 
     def of(self, *kinds: str) -> list[float]:
         return [s for kind in kinds for s in self.by_kind.get(kind, [])]
@@ -438,6 +447,9 @@ def measure(
                 }
                 for kind, samples in sorted(latencies.by_kind.items())
             },
+            "results_p99_ms_by_10s": [
+                round(p99_ms(samples)) for _, samples in sorted(latencies.by_window.items())
+            ],
             "results_cpu_cores": {
                 name: round(cpu / usage.wall_s, 3) for name, cpu in usage.by_process.items()
             },
