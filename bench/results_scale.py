@@ -292,10 +292,10 @@ async def _poll(url: str, filled: FilledBatch, options: ScaleOptions) -> tuple[L
 
 async def _long_polls(
     url: str, key: str, batch_id: uuid.UUID, options: ScaleOptions, measure: Callable[[], Any]
-) -> tuple[Any, dict[int, int]]:
+) -> tuple[Any, dict[str, int]]:
     """Long pollers on the unchanged batch; `measure()` is called once they have all been
     sent and answered once more at the end of the window (what it returns is returned)."""
-    answered: dict[int, int] = {}
+    answered: dict[str, int] = {}
     async with httpx.AsyncClient(
         base_url=url,
         headers={"Authorization": f"Bearer {key}"},
@@ -309,14 +309,23 @@ async def _long_polls(
 
         async def long_poller() -> None:
             while time.monotonic() < until:
-                response = await client.get(
-                    f"/v1/batches/{batch_id}",
-                    params={
-                        "wait": min(options.long_poll_wait_s, max(0.1, until - time.monotonic()))
-                    },
-                    headers={"If-None-Match": etag},
-                )
-                answered[response.status_code] = answered.get(response.status_code, 0) + 1
+                try:
+                    response = await client.get(
+                        f"/v1/batches/{batch_id}",
+                        params={
+                            "wait": min(
+                                options.long_poll_wait_s, max(0.1, until - time.monotonic())
+                            )
+                        },
+                        headers={"If-None-Match": etag},
+                    )
+                except httpx.RemoteProtocolError:
+                    # A kept-alive connection closed as the request went out: HTTP clients
+                    # send an idempotent GET again, and so does this one (counted).
+                    answered["disconnected"] = answered.get("disconnected", 0) + 1
+                    continue
+                status = str(response.status_code)
+                answered[status] = answered.get(status, 0) + 1
 
         start = measure()
         await asyncio.gather(*(long_poller() for _ in range(options.long_pollers)))
@@ -472,7 +481,7 @@ def measure(
     figures["longpoll_idle_db_cpu_fraction"] = idle.by_process["postgres"] / idle.wall_s
     figures["longpoll_idle_results_cpu_fraction"] = idle.by_process["results"] / idle.wall_s
     figures["longpoll_pollers"] = options.long_pollers
-    figures["longpoll_http_statuses"] = {str(k): v for k, v in sorted(answered.items())}
+    figures["longpoll_http_statuses"] = dict(sorted(answered.items()))
     if plans_out is not None:
         plans = query_plans(settings, filled)
         text_of = "\n".join(f"== {name}\n" + "\n".join(lines) for name, lines in plans.items())

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.concurrency import run_in_threadpool
 
 from services.results.changes import BatchChanges
 from services.results.dicom import router as dicom_router
@@ -23,7 +22,7 @@ from shared.api.metrics import install_metrics
 from shared.api.ratelimit import WALL_CLOCK, rate_limit_client
 from shared.api.requests import install_request_logging
 from shared.config import Settings, get_settings
-from shared.db.base import get_engine, open_pool
+from shared.db.base import get_engine
 from shared.logs import configure_logging
 from shared.storage import ObjectStore
 from shared.vault import check_vault_settings
@@ -33,7 +32,6 @@ def create_server_app() -> FastAPI:
     """The app of a results server process (`python -m services.results`)."""
     app = create_app()
     app.state.freeze_start_up = True
-    app.state.open_pool_on_start = True
     return app
 
 
@@ -71,13 +69,6 @@ async def _listen_for_batch_changes(app: FastAPI) -> AsyncIterator[None]:
         # (it added 20 ms to one page of 100 exams in three). Only in a server process: in a
         # process that makes many apps (tests) it would keep their garbage forever.
         gc.freeze()
-    if app.state.open_pool_on_start:
-        # Each connection is a Postgres backend to start and warm: opened now, not in the
-        # first requests after a start (their p99 was three times the minute's after).
-        settings: Settings = app.state.settings
-        await run_in_threadpool(
-            open_pool, settings.database_url, settings.results_database_pool_size
-        )
     try:
         yield
     finally:
@@ -92,7 +83,6 @@ def bind(app: FastAPI, settings: Settings) -> None:
     app.state.clock = WALL_CLOCK  # the rate limit's windows
     app.state.store = ObjectStore(settings)  # heatmaps
     app.state.freeze_start_up = False
-    app.state.open_pool_on_start = False
     # Requests skip the key lookup while the listener would hear of a revocation.
     app.state.key_cache = KeyCache()
     # Long polls sleep on it (it listens once the app has started).

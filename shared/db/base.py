@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import threading
 import time
@@ -14,7 +12,6 @@ from datetime import UTC, datetime
 
 from sqlalchemy import DateTime, MetaData, create_engine
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 # Deterministic constraint names, so Alembic revisions name the same thing the models do.
@@ -25,8 +22,6 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-
-log = logging.getLogger(__name__)
 
 
 class Base(DeclarativeBase):
@@ -89,18 +84,6 @@ def get_engine(database_url: str, *, pool_size: int | None = None) -> Engine:
             )
             _engines[database_url] = engine
         return engine
-
-
-def open_pool(database_url: str, connections: int) -> None:
-    """Open `connections` of the engine's pool now (it opens them as requests first need
-    them). Postgres unreachable: logged, and left to the requests."""
-    engine = get_engine(database_url)
-    try:
-        with contextlib.ExitStack() as held:
-            for _ in range(connections):
-                held.enter_context(engine.connect())
-    except OperationalError as err:
-        log.warning("could not open the database pool at start: %s", err)
 
 
 def forget_engines_after_fork() -> None:

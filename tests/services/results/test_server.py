@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 
-from fastapi.testclient import TestClient
 from sqlalchemy.pool import QueuePool
 
 from services.results.app import create_app
@@ -42,15 +41,3 @@ def test_a_results_process_keeps_a_pool_for_the_requests_it_answers_at_once(
     engine = get_engine(sized.database_url)
     assert isinstance(engine.pool, QueuePool)
     assert engine.pool.size() == 7
-
-
-def test_a_results_server_process_opens_its_pool_at_start(settings: Settings) -> None:
-    """The first requests after a start waited on Postgres backends being started."""
-    engine = get_engine(settings.database_url)  # this test process's, sized by the first app
-    assert isinstance(engine.pool, QueuePool)
-    engine.dispose()  # no connection left from earlier tests
-    app = create_app(settings.model_copy(update={"results_database_pool_size": engine.pool.size()}))
-    app.state.open_pool_on_start = True  # as create_server_app sets it
-    assert engine.pool.checkedin() == 0
-    with TestClient(app):
-        assert engine.pool.checkedin() == engine.pool.size() > 1
