@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -54,7 +55,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy import select
+from sqlalchemy import case, func, select
 
 from bench import results_scale
 from bench.cpu import CpuMeter, CpuUsage, process_cpu_s
@@ -220,6 +221,52 @@ def _screened_in(
     client.close_batch(batch["id"])
     finished = _last_prediction_at(settings, batch["id"], len(paths), timeout=3600)
     return (finished - started).total_seconds()
+
+
+def _running_attempts(settings: Settings) -> dict[uuid.UUID, int]:
+    """Every running image (any batch) with how many times it has been claimed."""
+    from shared.db.base import session_scope
+    from shared.db.models import Image, ImageStatus
+
+    with session_scope(settings.database_url) as session:
+        rows = session.execute(
+            select(Image.id, Image.attempts).where(Image.status == ImageStatus.RUNNING)
+        ).all()
+    return {image_id: attempts for image_id, attempts in rows}
+
+
+def _recovery_s(stack_dir: Path, client: Any, settings: Settings, paths: Sequence[Path]) -> float:
+    """Seconds from SIGKILLing the worker mid-batch to the moment every image it held is being
+    screened again (claimed once more, by the worker started again at once)."""
+    from devstack.stack import kill_service, start_service_again
+    from shared.db.base import session_scope
+    from shared.db.models import Image
+
+    batch = client.create_batch("recovery", priority="urgent")  # ahead of any bulk work
+    _upload_all(client, batch["id"], paths)
+    client.close_batch(batch["id"])
+    deadline = time.monotonic() + 600
+    while not _running_attempts(settings):
+        if time.monotonic() > deadline:
+            raise TimeoutError("no image was being screened to kill the worker under")
+        time.sleep(0.01)
+    killed = time.monotonic()
+    kill_service(stack_dir, "worker", signal.SIGKILL)
+    held = _running_attempts(settings)  # no worker now: exactly what the dead one held
+    start_service_again(stack_dir, "worker")
+    while True:
+        with session_scope(settings.database_url) as session:
+            claimed_again = session.scalar(
+                select(func.count()).where(
+                    Image.id.in_(list(held)),
+                    Image.attempts > case(held, value=Image.id, else_=0),
+                )
+            )
+        if claimed_again == len(held):
+            return time.monotonic() - killed
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{claimed_again} of {len(held)} held images claimed again")
+        time.sleep(0.05)
 
 
 def _s3_put_mb_per_s(settings: Settings, paths: Sequence[Path]) -> float:
@@ -417,6 +464,7 @@ def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
                 client, settings, urgent_paths, priority="urgent", name="urgent, behind bulk"
             )
             results["urgent_queued_behind"] = client.batch(bulk["id"])["counts"]["queued"]
+            results["recovery_s"] = _recovery_s(stack_dir, client, settings, bulk_paths)
 
             kill_service(stack_dir, "worker", signal.SIGTERM)
             upload_batch = client.create_batch("upload speed")

@@ -58,16 +58,19 @@ class Settings(BaseSettings):
     max_zip_bytes: int = Field(default=4 * 1024**3, gt=0)  # total uncompressed
     max_images_per_batch: int = Field(default=100_000, gt=0)
 
-    # Reliability (see docs/reliability.md). A worker's claim on an image lasts lease_s; the
-    # sweeper (every sweep_interval_s, in each worker) returns expired claims to the queue,
-    # fails an image after max_attempts claims, re-sends queued work not sent or not picked up
-    # within requeue_after_s, and deletes objects left without a row for orphan_grace_s.
-    lease_s: float = Field(default=300, gt=0)
-    sweep_interval_s: float = Field(default=15, gt=0)
+    # Reliability (see docs/reliability.md). A worker's claim on an image lasts lease_s, and
+    # the task that holds it renews it every lease_s / 4 while it works
+    # (services/worker/leases.py); the sweeper (every sweep_interval_s, in each worker)
+    # returns expired claims to the queue, fails an image after max_attempts claims, re-sends
+    # queued work not sent or not picked up within requeue_after_s, and deletes objects left
+    # without a row for orphan_grace_s. A killed worker's images are screened again within
+    # about lease_s + sweep_interval_s.
+    lease_s: float = Field(default=15, gt=0)
+    sweep_interval_s: float = Field(default=10, gt=0)
     requeue_after_s: float = Field(default=900, gt=0)
     max_attempts: int = Field(default=5, gt=0)
     orphan_grace_s: float = Field(default=3600, ge=0)
-    orphan_sweep_every: int = Field(default=240, gt=0)  # sweeps between orphan scans
+    orphan_sweep_every: int = Field(default=360, gt=0)  # sweeps between orphan scans (1 h)
 
     # Requests per API key per minute, counted in Redis across every service process;
     # 0 turns the limit off. A poll of a batch's status that is conditional (If-None-Match)

@@ -252,6 +252,26 @@ def claim_next_images(
     return sorted(((image, urgency[image.id]) for image in images), key=lambda pair: not pair[1])
 
 
+def renew_leases(*, session: Session, image_ids: Sequence[uuid.UUID], lease_s: float) -> int:
+    """Extend the leases of running images their worker is still at (its heartbeat): a live
+    worker keeps its images however long it works, so a lease can be short, and a dead
+    worker's images are back in the queue soon after. Rows another transaction holds (the
+    worker finishing them) are skipped, never waited for. Returns how many were renewed."""
+    held = (
+        select(Image.id)
+        .where(Image.id.in_(image_ids), Image.status == RUNNING)
+        .order_by(Image.id)
+        .with_for_update(skip_locked=True)
+    )
+    renewed = session.execute(
+        update(Image)
+        .where(Image.id.in_(held.scalar_subquery()))
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+        .execution_options(synchronize_session=False)
+    )
+    return int(renewed.rowcount)  # type: ignore[attr-defined]
+
+
 def release_images(*, session: Session, image_ids: Sequence[uuid.UUID]) -> int:
     """Hand running images back to the queue (their worker hit a transient failure)."""
     return len(apply(session, Transition.RELEASE, image_ids, lease_expires_at=None))

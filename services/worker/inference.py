@@ -21,6 +21,7 @@ from sqlalchemy.exc import OperationalError as DatabaseError
 from urllib3.exceptions import HTTPError as StorageConnectionError
 
 from services.worker.celery_app import app
+from services.worker.leases import LeaseKeeper
 from services.worker.models import LoadedModel, ModelCache, inference_cpu_threads
 from services.worker.pipeline import BatchPolicy, Prefetcher
 from shared.config import Settings, get_settings
@@ -146,7 +147,15 @@ def run_screening(image_ids: list[uuid.UUID], ctx: WorkerContext) -> dict[str, i
         )
     if not items:
         return {"done": 0, "failed": 0}
-    run = ScreeningRun(ctx, ctx.models.get(version))
+    # Held from the claim on: loading the model may take longer than a short lease.
+    unfinished = {item.id: item for item in items}
+    with LeaseKeeper(ctx.settings, unfinished.keys()):
+        run = ScreeningRun(ctx, ctx.models.get(version), unfinished)
+        return _screen_or_hand_back(run, items)
+
+
+def _screen_or_hand_back(run: ScreeningRun, items: list[WorkItem]) -> dict[str, int]:
+    ctx = run.ctx
     try:
         return run.screen(items)
     except TRANSIENT_ERRORS:
@@ -177,7 +186,9 @@ class ScreeningRun:
     find nothing left to claim.
     """
 
-    def __init__(self, ctx: WorkerContext, loaded: LoadedModel) -> None:
+    def __init__(
+        self, ctx: WorkerContext, loaded: LoadedModel, unfinished: dict[uuid.UUID, WorkItem]
+    ) -> None:
         self.ctx = ctx
         self.loaded = loaded
         self.preprocess = preprocess_for(loaded.model)
@@ -185,7 +196,8 @@ class ScreeningRun:
             max_batch=ctx.settings.inference_batch_size,
             max_wait_s=ctx.settings.inference_max_wait_s,
         )
-        self.unfinished: dict[uuid.UUID, WorkItem] = {}
+        # What it holds and has not recorded (its LeaseKeeper renews their leases).
+        self.unfinished = unfinished
         self.started = time.monotonic()
         # Heatmap uploads of a batch run in parallel; the batch commits after they finish.
         self.writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="heatmap-writer")

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -146,6 +147,23 @@ def counts(stack: FaultStack, batch_id: str) -> dict[str, int]:
     }
 
 
+def running_attempts(stack: FaultStack) -> dict[uuid.UUID, int]:
+    with session_factory(stack.database_url)() as session:
+        rows = session.execute(
+            select(Image.id, Image.attempts).where(Image.status == ImageStatus.RUNNING)
+        ).all()
+    return {image_id: attempts for image_id, attempts in rows}
+
+
+def claimed_again(stack: FaultStack, held: dict[uuid.UUID, int]) -> bool:
+    """Whether every image in `held` (id: attempts then) has been claimed once more since."""
+    with session_factory(stack.database_url)() as session:
+        now = dict(
+            session.execute(select(Image.id, Image.attempts).where(Image.id.in_(held))).all()
+        )
+    return all(now[image_id] > attempts for image_id, attempts in held.items())
+
+
 def assert_exactly_once(stack: FaultStack, batch_id: str, total: int) -> None:
     wait_for(
         lambda: counts(stack, batch_id)["stuck"] == 0,
@@ -171,8 +189,17 @@ def test_worker_sigkilled_three_times_mid_batch(fault_stack: FaultStack) -> None
             what=f"{target} images done before kill {kill + 1}",
         )
         kill_service(fault_stack.dir, "worker", signal.SIGKILL)
+        killed = time.monotonic()
         assert counts(fault_stack, batch_id)["done"] < 300, "batch finished before the kill"
+        held = running_attempts(fault_stack)  # what the dead worker held
         start_service_again(fault_stack.dir, "worker")
+        # Its images are screened again once their short lease (6 s here) runs out: loosely,
+        # within a minute of the kill (with the old 300 s lease they waited five).
+        wait_for(
+            partial(claimed_again, fault_stack, held),
+            timeout=60 - (time.monotonic() - killed),
+            what=f"the {len(held)} images the killed worker held to be claimed again",
+        )
     assert_exactly_once(fault_stack, batch_id, total=300)
 
 

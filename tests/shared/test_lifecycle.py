@@ -32,6 +32,7 @@ from shared.lifecycle import (
     record_failure,
     record_prediction,
     refresh_batches,
+    renew_leases,
 )
 from tests.factories import make_batch, make_image, make_model_version, make_tenant
 
@@ -234,3 +235,32 @@ def test_image_that_keeps_killing_workers_fails_after_max_attempts(session: Sess
     )
     session.refresh(batch)
     assert batch.status == BatchStatus.COMPLETED
+
+
+def test_a_heartbeat_renews_running_leases_only_and_skips_rows_another_holds(
+    session: Session, settings: Settings
+) -> None:
+    tenant, _ = make_tenant(session)
+    batch = make_batch(session, tenant)
+    running, held_elsewhere, queued = (make_image(session, batch) for _ in range(3))
+    claim_images(session=session, image_ids=[running.id, held_elsewhere.id], lease_s=1)
+    session.commit()
+    # Another transaction holds one row (its worker recording it): skipped, not waited for.
+    other = session_factory(settings.database_url)()
+    other.execute(select(Image.id).where(Image.id == held_elsewhere.id).with_for_update())
+    try:
+        renewed = renew_leases(
+            session=session, image_ids=[running.id, held_elsewhere.id, queued.id], lease_s=600
+        )
+        session.commit()
+    finally:
+        other.rollback()
+        other.close()
+    assert renewed == 1
+    for image in (running, held_elsewhere, queued):
+        session.refresh(image)
+    assert running.lease_expires_at is not None
+    assert running.lease_expires_at > utcnow() + timedelta(seconds=500)
+    assert held_elsewhere.lease_expires_at is not None
+    assert held_elsewhere.lease_expires_at < utcnow() + timedelta(seconds=2)
+    assert (queued.status, queued.lease_expires_at) == (ImageStatus.QUEUED, None)

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import time
 
 import numpy as np
 import pydicom
@@ -15,8 +17,9 @@ from devstack.synth import SynthImage
 from services.worker.inference import TRANSIENT_ERRORS, WorkerContext, run_screening
 from services.worker.models import ModelCache
 from shared.config import Settings
+from shared.db.base import session_scope
 from shared.db.models import BatchStatus, Image, ImageStatus, ModelVersion, Prediction
-from shared.lifecycle import close_batch
+from shared.lifecycle import close_batch, expire_leases
 from shared.ml.registry import REPO_ROOT
 from shared.storage import Keys, ObjectStore
 from tests.factories import make_batch, make_image, make_stored_image, make_tenant
@@ -213,3 +216,52 @@ def test_screening_stores_each_images_preview_heatmap_and_overlay_once(
         alpha = np.asarray(overlay)[..., 3]
         assert np.all(alpha[heat <= 127] == 0)
         assert np.all(alpha[heat >= 140] > 0)
+
+
+class _SlowStore(ObjectStore):
+    """Reading an image takes `delay_s`: a task that works longer than its lease."""
+
+    delay_s = 2.5
+
+    def get_bytes(self, key: str) -> bytes:
+        time.sleep(self.delay_s)
+        return super().get_bytes(key)
+
+
+def test_a_task_keeps_its_images_while_it_works_longer_than_its_lease(
+    ctx: WorkerContext,
+    settings: Settings,
+    session: Session,
+    store: ObjectStore,
+    exam: list[SynthImage],
+) -> None:
+    """The lease is renewed while the task works (services/worker/leases.py): a sweeper
+    running all along never takes the images back, however short the lease."""
+    tenant, _ = make_tenant(session)
+    images = _stored_exam(session, store, exam[:2], make_batch(session, tenant))
+    ctx.models.get(_active_version(ctx, session))  # model cached, as in a warm worker
+    short = settings.model_copy(update={"lease_s": 1.0})
+    requeued: list[int] = []
+    stop = threading.Event()
+
+    def sweeper() -> None:
+        while not stop.wait(0.2):
+            with session_scope(settings.database_url) as sweeping:
+                requeued.append(expire_leases(session=sweeping, max_attempts=5, limit=100)[0])
+
+    sweeping_thread = threading.Thread(target=sweeper)
+    sweeping_thread.start()
+    try:
+        outcome = run_screening(
+            [i.id for i in images], WorkerContext(short, _SlowStore(short), ctx.models)
+        )
+    finally:
+        stop.set()
+        sweeping_thread.join()
+    assert len(requeued) > 10  # the sweeper ran through the whole task
+    assert sum(requeued) == 0
+    assert outcome == {"done": 2, "failed": 0}
+    session.expire_all()
+    assert {(i.status, i.attempts) for i in session.scalars(select(Image))} == {
+        (ImageStatus.DONE, 1)
+    }
