@@ -72,7 +72,13 @@ def get_engine(database_url: str, *, pool_size: int | None = None) -> Engine:
     `pool_size` connections stay open (the first call for a URL sets it). A request beyond
     them opens one of MAX_OVERFLOW more and closes it after use: a new Postgres backend per
     request, so a process that answers many requests at once (the results service) keeps a
-    pool that covers them."""
+    pool that covers them.
+
+    The pool hands out the connection used last (LIFO), not the one idle longest: a few
+    connections then serve a steady load and stay warm (their statements prepared by
+    psycopg after five runs each, their backends' catalog caches filled), where a FIFO pool
+    of 25 rotated every request through all of them and a results process took most of a
+    minute to warm up (p50 of an exams page 11-14 ms against 10-11 with LIFO)."""
     with _engines_lock:
         engine = _engines.get(database_url)
         if engine is None:
@@ -81,6 +87,7 @@ def get_engine(database_url: str, *, pool_size: int | None = None) -> Engine:
                 pool_pre_ping=True,
                 pool_size=pool_size or DEFAULT_POOL_SIZE,
                 max_overflow=MAX_OVERFLOW,
+                pool_use_lifo=True,
             )
             _engines[database_url] = engine
         return engine

@@ -109,19 +109,25 @@ def test_batches_list_is_newest_first_and_paginated(results: TestClient, session
 
 
 def test_every_route_hides_another_tenants_rows(results: TestClient, session: Session) -> None:
-    owner, _ = make_tenant(session)
+    owner, owner_key = make_tenant(session)
     _, other_key = make_tenant(session)
     batch = make_batch(session, owner)
     image = make_image(session, batch)
     for path, code in (
         (f"/v1/batches/{batch.id}", "batch_not_found"),
         (f"/v1/batches/{batch.id}/results", "batch_not_found"),
+        (f"/v1/batches/{batch.id}/exams", "batch_not_found"),
+        (f"/v1/batches/{batch.id}/export", "batch_not_found"),
         (f"/v1/images/{image.id}", "image_not_found"),
     ):
         response = results.get(path, headers=auth(other_key))
         assert response.status_code == 404, path
         assert response.json()["error"]["code"] == code
     assert results.get("/v1/batches", headers=auth(other_key)).json()["items"] == []
+    # The owner's pages hold the image: the 404s above are not those of an empty batch.
+    for page in ("results", "exams"):
+        owned = results.get(f"/v1/batches/{batch.id}/{page}", headers=auth(owner_key))
+        assert len(owned.json()["items"]) == 1, page
 
 
 def test_no_key_is_401_and_bad_cursor_is_422(results: TestClient, session: Session) -> None:
