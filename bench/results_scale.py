@@ -6,11 +6,15 @@ processes, rate limits at their defaults):
 1. fill: one completed batch of `images` images (four views per exam, one in a hundred
    failed, one in fifty flagged unlike the training data, the rest scored) written in SQL in
    the shape the pipeline writes them, through the same triggers, then ANALYZEd.
-2. pollers: `pollers` clients, each with its own API key, for `seconds`; each repeats
-   status, status with If-None-Match, a results page, an exams page (pages of 100, following
-   their cursors), pausing `think_s` after each answer (a client that polls, not a load
-   generator: the figures are response times at a stated request rate, beside which
-   `results_requests_per_s` is the rate that was served).
+2. pollers: `pollers` clients, each with its own API key, for `warmup_s` and then the
+   `seconds` measured; each repeats status, status with If-None-Match, a results page, an
+   exams page (pages of 100, following their cursors), pausing `think_s` after each answer (a
+   client that polls, not a load generator: the figures are response times at a stated
+   request rate, beside which `results_requests_per_s` is the rate that was served). The
+   warm-up's answers are kept apart (`results_warmup_p99_ms`, `status_warmup_p99_ms`): a
+   service polled for days is not a process that has just met its first fifty clients (each
+   process's first answers build caches: 50 ms for its first status, new Postgres backends
+   load their catalogs), and a p99 of a minute's answers is decided by its slowest 1%.
 3. export: the whole batch as CSV, rows per second.
 4. idle long polls: `long_pollers` requests with `wait` on the unchanged batch for
    `long_poll_seconds` (each asks again when its wait ends with a 304); the CPU Postgres
@@ -32,6 +36,7 @@ import re
 import statistics
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +74,7 @@ class ScaleOptions:
     images: int = 100_000
     pollers: int = 50
     seconds: float = 60.0
+    warmup_s: float = 10.0
     think_s: float = 0.5
     long_pollers: int = 200
     long_poll_seconds: float = 30.0
@@ -183,12 +189,12 @@ WINDOW_S = 10.0
 
 @dataclass
 class Latencies:
+    started: float  # time.monotonic() at the start of the first window
     by_kind: dict[str, list[float]] = field(default_factory=dict)
     statuses: dict[int, int] = field(default_factory=dict)
     # Every answer's latency by the window (WINDOW_S) it came in: a p99 that a few seconds
     # of stall made shows as one bad window, a slow service as all of them.
     by_window: dict[int, list[float]] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
 
     def add(self, kind: str, seconds: float, status: int) -> None:
         self.by_kind.setdefault(kind, []).append(seconds)
@@ -205,6 +211,11 @@ def p99_ms(samples: list[float]) -> float:
     return 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
+def _p99_ms_or_none(samples: list[float]) -> float | None:
+    """None where a short warm-up (tests) saw no answer of that kind."""
+    return p99_ms(samples) if samples else None
+
+
 def _next_cursor(body: bytes) -> str | None:
     """A page's `next_cursor` (its last field), without parsing the whole page: the pollers'
     own CPU is taken from the service's on this machine (real ones run elsewhere)."""
@@ -219,9 +230,12 @@ async def _poller(
     batch_id: uuid.UUID,
     until: float,
     think_s: float,
-    latencies: Latencies,
+    warmup: Latencies,
+    measured: Latencies,
     rng: random.Random,
 ) -> None:
+    """Polls until `until`; each answer counts in `measured` if its request was sent once
+    the measured window had started, else in `warmup`."""
     etag: str | None = None
     cursors: dict[str, str | None] = {"results": None, "exams": None}
     # Not in step: each starts at a random point of its cycle of four requests. (Started all
@@ -243,6 +257,7 @@ async def _poller(
             cursor = cursors[kind]
             if cursor:
                 params["cursor"] = cursor
+        latencies = measured if time.monotonic() >= measured.started else warmup
         started = time.perf_counter()
         async with client.get(path, headers=headers, params=params) as response:
             body = await response.read()
@@ -254,11 +269,15 @@ async def _poller(
         await asyncio.sleep(think_s)
 
 
-async def _poll(url: str, filled: FilledBatch, options: ScaleOptions) -> tuple[Latencies, float]:
+async def _poll(
+    url: str, filled: FilledBatch, options: ScaleOptions
+) -> tuple[Latencies, Latencies]:
     """The pollers, each a client of its own (one connection, kept alive), in aiohttp: about
     a third of httpx's CPU per request, which this machine's two cores share with the
-    service."""
-    latencies = Latencies()
+    service. The warm-up's answers and the measured window's."""
+    now = time.monotonic()
+    warmup = Latencies(started=now)
+    measured = Latencies(started=now + options.warmup_s)
     clients = [
         aiohttp.ClientSession(
             headers={"Authorization": f"Bearer {key}"},
@@ -268,8 +287,7 @@ async def _poll(url: str, filled: FilledBatch, options: ScaleOptions) -> tuple[L
         for key in filled.keys[: options.pollers]
     ]
     try:
-        until = time.monotonic() + options.seconds
-        started = time.perf_counter()
+        until = measured.started + options.seconds
         await asyncio.gather(
             *(
                 _poller(
@@ -278,13 +296,14 @@ async def _poll(url: str, filled: FilledBatch, options: ScaleOptions) -> tuple[L
                     filled.batch_id,
                     until,
                     options.think_s,
-                    latencies,
+                    warmup,
+                    measured,
                     random.Random(i),
                 )
                 for i, client in enumerate(clients)
             )
         )
-        return latencies, time.perf_counter() - started
+        return warmup, measured
     finally:
         for client in clients:
             await client.close()
@@ -435,7 +454,7 @@ def measure(
 
     meter = CpuMeter(processes(), alone={"bench": os.getpid()})
     start = meter.mark()
-    latencies, seconds = asyncio.run(_poll(url, filled, options))
+    warmup, latencies = asyncio.run(_poll(url, filled, options))
     usage = meter.since(start)
     pages = latencies.of("results", "exams")
     status = latencies.of("status", "status_if_none_match")
@@ -444,10 +463,16 @@ def measure(
         {
             "results_p99_ms": p99_ms(pages),
             "status_p99_ms": p99_ms(status),
-            "results_requests_per_s": served / seconds,
+            "results_requests_per_s": served / options.seconds,
+            "results_warmup_s": options.warmup_s,
+            "results_warmup_p99_ms": _p99_ms_or_none(warmup.of("results", "exams")),
+            "status_warmup_p99_ms": _p99_ms_or_none(warmup.of("status", "status_if_none_match")),
             "results_pollers": options.pollers,
             "results_think_s": options.think_s,
-            "results_http_statuses": {str(k): v for k, v in sorted(latencies.statuses.items())},
+            "results_http_statuses": {
+                str(k): v
+                for k, v in sorted((Counter(latencies.statuses) + Counter(warmup.statuses)).items())
+            },
             "results_latency_ms": {
                 kind: {
                     "requests": len(samples),
@@ -503,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=ScaleOptions.images)
     parser.add_argument("--pollers", type=int, default=ScaleOptions.pollers)
     parser.add_argument("--seconds", type=float, default=ScaleOptions.seconds)
+    parser.add_argument("--warmup-s", type=float, default=ScaleOptions.warmup_s)
     parser.add_argument("--think-s", type=float, default=ScaleOptions.think_s)
     parser.add_argument("--long-pollers", type=int, default=ScaleOptions.long_pollers)
     parser.add_argument("--long-poll-seconds", type=float, default=ScaleOptions.long_poll_seconds)
@@ -511,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         images=args.images,
         pollers=args.pollers,
         seconds=args.seconds,
+        warmup_s=args.warmup_s,
         think_s=args.think_s,
         long_pollers=args.long_pollers,
         long_poll_seconds=args.long_poll_seconds,

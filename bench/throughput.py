@@ -514,6 +514,7 @@ def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
                         images=args.scale_images,
                         pollers=args.scale_pollers,
                         seconds=args.scale_seconds,
+                        warmup_s=args.scale_warmup_s,
                         long_pollers=args.scale_long_pollers,
                         long_poll_seconds=args.scale_long_poll_seconds,
                     ),
@@ -608,6 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--scale-pollers", type=int, default=scale.pollers)
     parser.add_argument("--scale-seconds", type=float, default=scale.seconds)
+    parser.add_argument("--scale-warmup-s", type=float, default=scale.warmup_s)
     parser.add_argument("--scale-long-pollers", type=int, default=scale.long_pollers)
     parser.add_argument("--scale-long-poll-seconds", type=float, default=scale.long_poll_seconds)
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
