@@ -33,6 +33,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.sql.selectable import LateralFromClause
 from sqlalchemy.sql.sqltypes import NullType
 
+from shared import audit
 from shared.db.base import new_id, utcnow
 from shared.db.models import (
     Batch,
@@ -182,7 +183,7 @@ class BatchStatusRead:
 # One round trip, built once: a status poll is the request clients send most. Counters and
 # prediction counts are summed over their shards (index range reads of the batch's rows).
 # Only ImageStatus's own values are spliced in; the caller's values are bound parameters.
-_BATCH_STATUS = text(f"""
+_BATCH_STATUS_SQL = f"""
     SELECT b.id, b.name, b.priority, b.status, b.created_at, b.closed_at, b.completed_at,
            b.callback_url, b.purpose, b.source, n.ae_title AS sent_by, b.accession_key,
            c.counts, c.rejected, c.version, coalesce(p.versions, '[]') AS versions
@@ -213,16 +214,26 @@ _BATCH_STATUS = text(f"""
         JOIN model_versions AS v ON v.id = u.model_version_id
     ) AS p
     WHERE b.id = :batch_id AND b.tenant_id = :tenant_id
-""")  # noqa: S608
+"""  # noqa: S608
+_BATCH_STATUS = text(_BATCH_STATUS_SQL)
+_BATCH_STATUS_AUDITED = text(audit.recorded_by_read(_BATCH_STATUS_SQL))
 
 
 def batch_status(
-    *, session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    batch_id: uuid.UUID,
+    audited: audit.Entry | None = None,
 ) -> BatchStatusRead | None:
-    """The tenant's batch as a status answer shows it, or None (also for another tenant's)."""
-    row = session.execute(
-        _BATCH_STATUS, {"batch_id": batch_id, "tenant_id": tenant_id}
-    ).one_or_none()
+    """The tenant's batch as a status answer shows it, or None (also for another tenant's);
+    `audited` is recorded in the same statement when the batch is found."""
+    parameters = {"batch_id": batch_id, "tenant_id": tenant_id}
+    if audited is None:
+        row = session.execute(_BATCH_STATUS, parameters).one_or_none()
+    else:
+        parameters |= audited.parameters()
+        row = session.execute(_BATCH_STATUS_AUDITED, parameters).one_or_none()
     if row is None:
         return None
     fields = row._asdict()

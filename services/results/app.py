@@ -19,7 +19,7 @@ from shared.api.errors import install_error_handlers
 from shared.api.health import router as health_router
 from shared.api.keycache import KeyCache
 from shared.api.metrics import install_metrics
-from shared.api.ratelimit import WALL_CLOCK, rate_limit_client
+from shared.api.ratelimit import WALL_CLOCK, async_rate_limit_client, rate_limit_client
 from shared.api.requests import install_request_logging
 from shared.config import Settings, get_settings
 from shared.db.base import get_engine
@@ -40,7 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     configure_logging("results")
     check_vault_settings(settings)
     app = FastAPI(
-        lifespan=_listen_for_batch_changes,
+        lifespan=_lifespan,
         title="mammoscreen results",
         version="0.1.0",
         description="Batches, exams, per-image scores and heatmaps, training runs, models.",
@@ -60,9 +60,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 @asynccontextmanager
-async def _listen_for_batch_changes(app: FastAPI) -> AsyncIterator[None]:
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """While the app serves: the batch-change listener, the loop's Redis client."""
     changes: BatchChanges = app.state.batch_changes
     changes.start()
+    # Made here, in the loop that serves requests (an asyncio client belongs to one loop).
+    app.state.loop_redis = async_rate_limit_client(app.state.settings)
     if app.state.freeze_start_up:
         # What start-up built (routes, schemas, mappers) lives as long as the process: out of
         # the collector's way, a full collection no longer walks it in the middle of a page
@@ -73,6 +76,8 @@ async def _listen_for_batch_changes(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await changes.stop()
+        await app.state.loop_redis.aclose()
+        app.state.loop_redis = None
 
 
 def bind(app: FastAPI, settings: Settings) -> None:
@@ -80,6 +85,7 @@ def bind(app: FastAPI, settings: Settings) -> None:
     app.state.settings = settings
     get_engine(settings.database_url, pool_size=settings.results_database_pool_size)
     app.state.redis = rate_limit_client(settings)
+    app.state.loop_redis = None  # the lifespan's (see _lifespan)
     app.state.clock = WALL_CLOCK  # the rate limit's windows
     app.state.store = ObjectStore(settings)  # heatmaps
     app.state.freeze_start_up = False

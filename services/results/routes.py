@@ -164,10 +164,15 @@ def get_batches(
     return BatchPage(items=[BatchPublic.model_validate(b) for b in page], next_cursor=next_cursor)
 
 
-def _batch_detail(session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID) -> BatchDetail:
+def _batch_detail(
+    session: Session,
+    tenant_id: uuid.UUID,
+    batch_id: uuid.UUID,
+    audited: audit.Entry | None = None,
+) -> BatchDetail:
     """The batch's status answer, from its row and its counters in one statement (never a
-    count of its images: a batch may hold 100,000)."""
-    read = batch_status(session=session, tenant_id=tenant_id, batch_id=batch_id)
+    count of its images: a batch may hold 100,000), which also records `audited`."""
+    read = batch_status(session=session, tenant_id=tenant_id, batch_id=batch_id, audited=audited)
     if read is None:
         raise ApiError(404, "batch_not_found", f"no batch {batch_id} exists for this API key")
     versions = [ModelVersionPublic.model_validate(v) for v in read.versions]
@@ -218,11 +223,9 @@ async def get_batch_detail(
     until Postgres announces a change to the batch (services/results/changes.py)."""
 
     def load(audited: bool) -> BatchDetail:
+        entry = caller.audit_entry(AuditAction.READ, "batch", batch_id) if audited else None
         with read_session_scope(settings.database_url) as session:
-            detail = _batch_detail(session, caller.tenant.id, batch_id)
-            if audited:
-                caller.audit(session, AuditAction.READ, "batch", batch_id)
-            return detail
+            return _batch_detail(session, caller.tenant.id, batch_id, entry)
 
     # No connection is held while the request waits: each read below takes one briefly.
     changes: BatchChanges = request.app.state.batch_changes

@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 import time
 
+import redis
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
+from devstack.servers import free_port, wait_until
 from services.ingest.app import create_app as create_ingest
 from services.results.app import create_app as create_results
 from shared.config import Settings
@@ -150,3 +152,24 @@ def test_status_polls_cost_a_tenth_of_a_request(settings: Settings, session: Ses
         assert results.get(f"{status}/results", headers=page).status_code == 200
         assert results.get(f"{status}/results", headers=page).status_code == 200
         assert results.get(status, headers=poll).status_code == 429
+
+
+def test_a_cached_key_is_counted_on_the_event_loop(settings: Settings, session: Session) -> None:
+    """A key the results process has cached is charged by the loop's own Redis client, with
+    no worker thread: here the thread path's Redis is unreachable (it lets requests through),
+    so the 429 can only come from the loop's count."""
+    limited = settings.model_copy(update={"rate_limit_per_minute": 3})
+    tenant, key = make_tenant(session)
+    batch = make_batch(session, tenant)
+    app = create_results(limited)
+    app.state.redis = redis.Redis(port=free_port(), socket_connect_timeout=0.2)
+    now = time.time() // 60 * 60 + 10.0
+    app.state.clock = lambda: now
+    with TestClient(app) as results:
+        changes = app.state.batch_changes
+        wait_until(changes.listening.is_set, timeout=10, what="the key cache trusted", log=None)
+        status = f"/v1/batches/{batch.id}"
+        # Not cached yet: looked up in a worker thread, whose Redis is down: let through.
+        assert results.get(status, headers=auth(key)).status_code == 200
+        answers = [results.get(status, headers=auth(key)).status_code for _ in range(4)]
+        assert answers == [200, 200, 200, 429]

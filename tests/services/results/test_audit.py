@@ -28,6 +28,8 @@ def test_every_write_and_read_of_patient_data_is_recorded_with_its_key(
     results.get(f"/v1/batches/{batch['id']}/results", headers=auth(key))
     results.get(f"/v1/images/{image_id}", headers=auth(key))
     results.get(f"/v1/images/{image_id}", headers=auth(other_key))  # 404: nothing read
+    # A status read records its event in its own statement; a 404 records none.
+    assert results.get(f"/v1/batches/{batch['id']}", headers=auth(other_key)).status_code == 404
 
     log = results.get("/v1/audit", params={"limit": 4}, headers=auth(key)).json()
     rest = results.get("/v1/audit", params={"cursor": log["next_cursor"]}, headers=auth(key)).json()
@@ -42,6 +44,7 @@ def test_every_write_and_read_of_patient_data_is_recorded_with_its_key(
     ]
     assert {e["key_prefix"] for e in events} == {prefix}
     assert events[0]["resource_id"] == image_id
+    assert (events[2]["resource_id"], events[2]["detail"]) == (batch["id"], {})
     assert events[4]["detail"]["image_ids"] == [image_id]
     assert results.get("/v1/audit", headers=auth(other_key)).json()["items"] == []
 
