@@ -15,6 +15,9 @@ processes, rate limits at their defaults):
    service polled for days is not a process that has just met its first fifty clients (each
    process's first answers build caches: 50 ms for its first status, new Postgres backends
    load their catalogs), and a p99 of a minute's answers is decided by its slowest 1%.
+   Meanwhile `bench/jitter.py` times one-byte round trips between two otherwise idle
+   processes (`results_machine_wakeup_us`): how late this machine runs a process that woke,
+   which every answer's latency includes.
 3. export: the whole batch as CSV, rows per second.
 4. idle long polls: `long_pollers` requests with `wait` on the unchanged batch for
    `long_poll_seconds` (each asks again when its wait ends with a 304); the CPU Postgres
@@ -49,6 +52,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from bench.cpu import CpuMeter
+from bench.jitter import WakeupProbe
 from shared.batches import batch_status, create_batch, exams_page
 from shared.batches import results_page as results_page_query
 from shared.config import Settings
@@ -454,7 +458,8 @@ def measure(
 
     meter = CpuMeter(processes(), alone={"bench": os.getpid()})
     start = meter.mark()
-    warmup, latencies = asyncio.run(_poll(url, filled, options))
+    with WakeupProbe() as wakeups:
+        warmup, latencies = asyncio.run(_poll(url, filled, options))
     usage = meter.since(start)
     pages = latencies.of("results", "exams")
     status = latencies.of("status", "status_if_none_match")
@@ -484,6 +489,10 @@ def measure(
             "results_p99_ms_by_10s": [
                 round(p99_ms(samples)) for _, samples in sorted(latencies.by_window.items())
             ],
+            # Round trips of one byte between two idle processes during the pollers: the
+            # machine's own delay in running a process that woke, which every answer's
+            # latency includes.
+            "results_machine_wakeup_us": wakeups.result,
             "results_cpu_cores": {
                 name: round(cpu / usage.wall_s, 3) for name, cpu in usage.by_process.items()
             },

@@ -86,6 +86,10 @@ def test_stack_benchmark_produces_every_figure(
     # The warm-up's answers are reported apart from the measured window's.
     assert results["results_warmup_s"] == 1
     assert {"results_warmup_p99_ms", "status_warmup_p99_ms"} <= set(results)
+    # The machine's wake-up delay measured beside them (10 ms apart over 4 s: hundreds).
+    wakeups = results["results_machine_wakeup_us"]
+    assert wakeups["round_trips"] > 50
+    assert 0 < wakeups["p50"] <= wakeups["p99"] <= wakeups["max"]
     plans = (tmp_path / "results_query_plans.txt").read_text()
     assert {"== status", "== results", "== exams"} <= set(plans.splitlines())
 
