@@ -7,9 +7,10 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image as PILImage
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from devstack.synth import SynthOptions, generate_exams
-from shared.imaging.decode import decode_image
+from shared.imaging.decode import decode_image, read_pixels
 from shared.imaging.formats import ImageRejected, MediaType, RejectCode, sniff_media_type
 
 
@@ -86,3 +87,59 @@ def test_undecodable_images_are_rejected_with_a_code(data: bytes, media_type: st
     with pytest.raises(ImageRejected) as caught:
         decode_image(data, media_type)
     assert caught.value.code == RejectCode.DECODE_FAILED
+
+
+def _saved(ds: pydicom.Dataset, syntax: str) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, implicit_vr=syntax == ImplicitVRLittleEndian, little_endian=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+@pytest.mark.parametrize("bits", [8, 16])
+def test_uncompressed_pixels_are_read_in_place_as_pydicom_reads_them(
+    dicom_path: Path, syntax: str, bits: int
+) -> None:
+    ds = pydicom.dcmread(dicom_path)
+    if bits == 8:
+        ds.PixelData = (ds.pixel_array >> 6).astype(np.uint8).tobytes()
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+        del ds.WindowCenter, ds.WindowWidth
+    ds.file_meta.TransferSyntaxUID = syntax
+    data = _saved(ds, syntax)
+    stored = read_pixels(data, MediaType.DICOM)
+    assert stored.read_as == "native"
+    assert np.shares_memory(stored.values, np.frombuffer(data, dtype=np.uint8))  # no copy
+    expected = pydicom.dcmread(io.BytesIO(data)).pixel_array
+    assert stored.values.dtype == expected.dtype
+    assert np.array_equal(stored.values, expected)
+
+
+def test_bits_above_bits_stored_are_left_to_pydicom(dicom_path: Path) -> None:
+    """A stored value with a bit set above BitsStored (an overlay in the high bits, say) is
+    not read in place: pydicom decides what the pixel is, as before."""
+    ds = pydicom.dcmread(dicom_path)
+    values = ds.pixel_array.copy()
+    values[0, 0] |= 1 << 15
+    ds.PixelData = values.tobytes()
+    data = _saved(ds, ExplicitVRLittleEndian)
+    stored = read_pixels(data, MediaType.DICOM)
+    assert stored.read_as == "decoded"
+    assert np.array_equal(stored.values, pydicom.dcmread(io.BytesIO(data)).pixel_array)
+
+
+def test_each_window_gets_its_own_table(dicom_path: Path) -> None:
+    """Grey tables are kept per header: a second window on the same pixels must not be
+    answered from the first one's table."""
+    ds = pydicom.dcmread(dicom_path)
+    first = decode_image(dicom_path.read_bytes(), MediaType.DICOM)
+    ds.WindowCenter, ds.WindowWidth = float(ds.WindowCenter) / 2, float(ds.WindowWidth) / 4
+    narrowed = decode_image(_saved(ds, ExplicitVRLittleEndian), MediaType.DICOM)
+    assert not np.array_equal(first, narrowed)
+    values = ds.pixel_array.astype(np.float64) * float(ds.get("RescaleSlope", 1)) + float(
+        ds.get("RescaleIntercept", 0)
+    )
+    centre, width = float(ds.WindowCenter), float(ds.WindowWidth)
+    linear = np.clip((values - (centre - 0.5)) / (width - 1) + 0.5, 0, 1)
+    unit = (linear - linear.min()) / (linear.max() - linear.min())
+    assert np.allclose(narrowed, unit, atol=1e-4)
