@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 STACK_DIR := .stack
 
 .DEFAULT_GOAL := help
-.PHONY: help install up down demo test test-fast lint format clean bench bench-model bench-warm-start browser dicom-tools
+.PHONY: help install up down demo test test-fast lint format clean bench bench-model bench-warm-start browser dicom-tools gpu-wheels
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,6 +56,17 @@ dicom-tools: ## install Debian's dcmtk, dicom3tools and Orthanc for the DICOM te
 
 bench: install ## throughput benchmark on the real stack: prints and writes bench/results.json
 	$(BIN)/python -m bench.throughput --out bench/results.json
+
+# The dependencies a lent GPU machine's image lacks, as CPython 3.12 wheels: the `device` tool
+# carries .gpu-wheels/ there for bench/gpu_local.sh (the machine reaches no registry).
+GPU_WHEELS := annotated-types argon2-cffi argon2-cffi-bindings cffi greenlet minio pycparser \
+	pycryptodome pydantic pydantic-core pydantic-settings pydicom pyjpegls pylibjpeg \
+	pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle python-dotenv sqlalchemy typing-inspection
+
+gpu-wheels: install ## wheels for bench/gpu_local.sh on a lent GPU machine, into .gpu-wheels/
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 --platform any -d .gpu-wheels $(GPU_WHEELS)
 
 bench-model: install ## train through the API on 800 synthetic exams, test on a fresh set: bench/model.json
 	$(BIN)/python -m bench.model --out bench/model.json

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -103,7 +104,10 @@ def folder_statistics(folder: Path, height: int, width: int, processes: int) -> 
             (str(folder / row["file"]), row["laterality"], height, width)
             for row in csv.DictReader(handle)
         ]
-    with ProcessPoolExecutor(max_workers=processes) as pool:
+    # Spawned, not forked: the statistics run torch ops, and a child forked from a process
+    # whose torch thread pool has run waits forever on that pool's locks.
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=processes, mp_context=spawn) as pool:
         return np.stack(list(pool.map(_statistics_job, jobs, chunksize=8)))
 
 

@@ -26,11 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.imaging.renders import heatmap_pngs, preview_png
+from shared.imaging.renders import PREVIEW_SHRINK, heatmap_pngs, preview_png
 from shared.ml.checkpoint import load_checkpoint
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "screening-synthetic" / "checkpoint.pt"
-PREVIEW_SHRINK = 4  # as services/worker/inference.py
 
 
 def model_images_per_s(batch: int, seconds: float) -> tuple[float, str, list[int]]:

@@ -59,13 +59,15 @@ from sqlalchemy import case, func, select
 
 from bench import results_scale
 from bench.cpu import CpuMeter, CpuUsage, process_cpu_s
+from bench.prepare import device_stage, host_stage, prepare_costs
 from bench.report import write_and_print
 from devstack.synth import SynthOptions, generate_exams
 from services.worker.models import inference_cpu_threads
 from services.worker.pipeline import BatchPolicy, Predictor, Prefetcher
 from shared.config import Settings, settings_from_environ
-from shared.imaging.decode import decode_image
-from shared.imaging.preprocess import Preprocess
+from shared.imaging.decode import StoredPixels
+from shared.imaging.preprocess import InputGeometry, Preprocess
+from shared.imaging.renders import PREVIEW_SHRINK
 from shared.ml.model import ScreeningNet, ScreeningNetConfig
 
 MIB = 1024 * 1024
@@ -115,29 +117,39 @@ def local_pipeline_images_per_s(
     policy: BatchPolicy,
     threads: int,
 ) -> float:
-    """The worker's loaders and dynamic batches over files on local disk (no servers)."""
+    """The worker's loaders and dynamic batches over files held in memory (no servers): the
+    host's stage in the loader threads, the device's stage (with the input statistics and
+    the previews) and the forward pass in this thread, as `ScreeningRun` runs them."""
     config = model.config
     preprocess = Preprocess(config.input_height, config.input_width)
     predictor = Predictor(model, device, compile_model=False)
+    files = {path: path.read_bytes() for path in paths}
 
-    def prepare(path: Path) -> np.ndarray:
-        return preprocess(decode_image(path.read_bytes(), "application/dicom"), None)
+    def prepare(path: Path) -> tuple[StoredPixels, InputGeometry]:
+        return host_stage([files[path]], preprocess)[0]
 
-    predictor([prepare(paths[0])])  # warm-up
-    loaders: Prefetcher[Path, np.ndarray] = Prefetcher(prepare, threads=threads)
+    def forward(prepared: list[tuple[StoredPixels, InputGeometry]]) -> None:
+        batch = preprocess.make_inputs(
+            prepared, device, statistics=True, preview_shrink=PREVIEW_SHRINK
+        )
+        predictor(batch.inputs)
+
+    forward([prepare(paths[0])])  # warm-up
+    loaders: Prefetcher[Path, tuple[StoredPixels, InputGeometry]] = Prefetcher(
+        prepare, threads=threads
+    )
     started = time.perf_counter()
     loaders.submit(paths)
     while loaders.pending:
-        batch = loaders.next_batch(policy)
-        predictor([a for _, a in batch if isinstance(a, np.ndarray)])
+        forward([p for _, p in loaders.next_batch(policy) if isinstance(p, tuple)])
     elapsed = time.perf_counter() - started
     loaders.close()
     return len(paths) / elapsed
 
 
-def _prepare_file(job: tuple[Path, int, int]) -> np.ndarray:
+def _prepare_file(job: tuple[Path, int, int]) -> tuple[StoredPixels, InputGeometry]:
     path, height, width = job
-    return Preprocess(height, width)(decode_image(path.read_bytes(), "application/dicom"), None)
+    return host_stage([path.read_bytes()], Preprocess(height, width))[0]
 
 
 def process_pool_pipeline_images_per_s(
@@ -147,25 +159,34 @@ def process_pool_pipeline_images_per_s(
     batch_size: int,
     processes: int,
 ) -> float:
-    """An experiment for GPU workers: loaders as processes (no shared GIL), batches of
-    whatever arrives, forward passes in this process."""
+    """An experiment for GPU workers: the host's stage in processes (no shared GIL; the
+    stored values are pickled back), the device's stage and the forward pass in this one."""
     import multiprocessing
 
     config = model.config
+    preprocess = Preprocess(config.input_height, config.input_width)
     predictor = Predictor(model, device, compile_model=False)
     jobs = [(p, config.input_height, config.input_width) for p in paths]
-    predictor([_prepare_file(jobs[0])])
+
+    def forward(prepared: list[tuple[StoredPixels, InputGeometry]]) -> None:
+        if prepared:
+            batch = preprocess.make_inputs(
+                prepared, device, statistics=True, preview_shrink=PREVIEW_SHRINK
+            )
+            predictor(batch.inputs)
+
+    forward([_prepare_file(jobs[0])])
     context = multiprocessing.get_context("fork")
     with context.Pool(processes) as pool:
         pool.map(_prepare_file, jobs[:processes])  # start-up and imports, not timed
         started = time.perf_counter()
-        batch: list[np.ndarray] = []
-        for array in pool.imap_unordered(_prepare_file, jobs, chunksize=2):
-            batch.append(array)
+        batch: list[tuple[StoredPixels, InputGeometry]] = []
+        for prepared in pool.imap_unordered(_prepare_file, jobs, chunksize=2):
+            batch.append(prepared)
             if len(batch) == batch_size:
-                predictor(batch)
+                forward(batch)
                 batch = []
-        predictor(batch)
+        forward(batch)
         return len(paths) / (time.perf_counter() - started)
 
 
@@ -297,11 +318,15 @@ def _s3_get_all(settings: Settings, paths: Sequence[Path]) -> None:
 
 
 def _prepare_all(paths: Sequence[Path], config: ScreeningNetConfig, threads: int) -> None:
-    """Decode and preprocess every file, as the worker's loaders do after the read."""
-    data = [path.read_bytes() for path in paths]
+    """Prepare every file as the worker does after the read: the host's stage on loader
+    threads, the device's (on this machine's CPU) in batches."""
     preprocess = Preprocess(config.input_height, config.input_width)
+    data = [path.read_bytes() for path in paths]
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda raw: preprocess(decode_image(raw, "application/dicom"), None), data))
+        prepared = [
+            p for many in pool.map(lambda raw: host_stage([raw], preprocess), data) for p in many
+        ]
+    device_stage(prepared, preprocess, torch.device("cpu"), Settings().inference_batch_size)
 
 
 def _dicom_store_all(env: dict[str, str], settings: Settings, paths: Sequence[Path]) -> None:
@@ -492,6 +517,14 @@ def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
             _s3_get_all(settings, pipeline_paths)
         with _measured(stack_dir, cpu, "prepare"):
             _prepare_all(pipeline_paths, model_config, settings.worker_loader_threads)
+        results.update(
+            prepare_costs(
+                data / "prepare",
+                options,
+                Preprocess(model_config.input_height, model_config.input_width),
+                torch.device("cpu"),
+            )
+        )
         results["upload_to_s3_put"] = results["upload_mb_per_s"] / results["s3_put_mb_per_s"]
         results["pipeline_to_model"] = (
             results["pipeline_images_per_s"] / results["model_images_per_s"]
@@ -553,7 +586,7 @@ def _cpu_figures(
 
 def run_local(args: argparse.Namespace, data: Path, options: SynthOptions) -> dict[str, Any]:
     settings = Settings()
-    paths = _synth(data / "pipeline", args.images, 101, options)
+    paths = _synth(data / "pipeline", args.images, 101, options) * args.repeat
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = ScreeningNet(ScreeningNetConfig()).to(device).eval()
     if device.type == "cpu":
@@ -561,7 +594,7 @@ def run_local(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
     policy = BatchPolicy(args.batch_size, settings.inference_max_wait_s)
     threads = args.loader_threads or settings.worker_loader_threads
     results: dict[str, Any] = {
-        "mode": "local (no servers: the worker's loaders and batches over files on disk)",
+        "mode": "local (no servers: the worker's loaders and batches over files held in memory)",
         "device": device_name(device),
         "model_images_per_s": model_images_per_s(
             model, device, args.batch_size, args.model_seconds
@@ -581,6 +614,7 @@ def run_local(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
         results["process_pool_pipeline_images_per_s"] = process_pool_pipeline_images_per_s(
             paths, model, device, args.batch_size, args.loader_processes
         )
+    results.update(prepare_costs(data / "prepare", options, Preprocess(512, 416), device))
     results["local_pipeline_to_model"] = (
         results["local_pipeline_images_per_s"] / results["model_images_per_s"]
     )
@@ -598,6 +632,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--loader-threads", type=int, default=0, help="--local only; 0: setting")
     parser.add_argument(
         "--loader-processes", type=int, default=0, help="--local only: also try process loaders"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="--local only: pass over the images this often"
     )
     parser.add_argument("--model-seconds", type=float, default=5.0)
     parser.add_argument("--height", type=int, default=SynthOptions().height)

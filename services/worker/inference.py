@@ -27,10 +27,10 @@ from services.worker.pipeline import BatchPolicy, Prefetcher
 from shared.config import Settings, get_settings
 from shared.db.base import session_scope
 from shared.db.models import Image, InferenceBatch, Laterality
-from shared.imaging.decode import decode_image
+from shared.imaging.decode import StoredPixels, read_pixels
 from shared.imaging.formats import ImageRejected, RejectCode
 from shared.imaging.preprocess import InputGeometry, heatmap_on_image
-from shared.imaging.renders import heatmap_pngs, preview_png
+from shared.imaging.renders import PREVIEW_SHRINK, grey_png, heatmap_pngs
 from shared.lifecycle import (
     abandon_images,
     claim_images,
@@ -53,8 +53,6 @@ log = logging.getLogger(__name__)
 # itself (cannot be decoded, object missing) fails that image at once and is never retried.
 TRANSIENT_ERRORS = (StorageConnectionError, DatabaseError, ConnectionError, TimeoutError)
 MAX_RETRIES = 6
-# Previews (and heatmaps) at 1/4 of the image's size: enough for a viewer's four-up page.
-PREVIEW_SHRINK = 4
 
 # Set in the worker's main process when a warm shutdown begins; created at import, before the
 # pool forks, so the pool's children share it and stop claiming more work.
@@ -76,12 +74,11 @@ class WorkItem:
 
 @dataclass(frozen=True)
 class PreparedImage:
-    inputs: np.ndarray
+    """What a loader thread hands the model: the stored values with their grey table (not
+    yet looked up: that happens on the model's device) and where the input comes from."""
+
+    pixels: StoredPixels
     geometry: InputGeometry
-    preview: bytes  # PNG, written with the image's results
-    # What the input looks like (shared/ml/input_reference.py); None when the model version
-    # has no reference to compare it with.
-    statistics: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -203,20 +200,16 @@ class ScreeningRun:
         self.writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="heatmap-writer")
 
     def prepare(self, item: WorkItem) -> PreparedImage:
-        """Runs in a loader thread: read, decode, preprocess. ImageRejected fails the image."""
+        """Runs in a loader thread: read, parse, find the breast on a coarse view (the
+        host's part of preprocessing). ImageRejected fails the image."""
         try:
             data = self.ctx.store.get_bytes(item.object_key)
         except S3Error as err:
             if err.code not in MISSING_OBJECT_CODES:
                 raise StorageConnectionError(str(err)) from err
             raise ImageRejected.missing_object(item.object_key) from err
-        pixels = decode_image(data, item.media_type, max_pixels=self.ctx.settings.max_image_pixels)
-        preview = preview_png(pixels, PREVIEW_SHRINK)
-        if self.loaded.reference is None:  # nothing to compare with: skip the statistics
-            inputs, geometry = self.preprocess.with_geometry(pixels, item.laterality)
-            return PreparedImage(inputs, geometry, preview)
-        inputs, geometry, statistics = self.preprocess.prepare(pixels, item.laterality)
-        return PreparedImage(inputs, geometry, preview, statistics)
+        pixels = read_pixels(data, item.media_type, max_pixels=self.ctx.settings.max_image_pixels)
+        return PreparedImage(pixels, self.preprocess.place(pixels, item.laterality))
 
     def _may_claim_more(self) -> bool:
         settings = self.ctx.settings
@@ -271,24 +264,35 @@ class ScreeningRun:
 
     def _forward(
         self, ready: list[tuple[WorkItem, PreparedImage]]
-    ) -> tuple[list[float], list[str | None]]:
-        """Scores, and the keys of the heatmaps written to object storage (when enabled).
+    ) -> tuple[list[float], list[str | None], list[np.ndarray | None]]:
+        """Scores, the keys of the heatmaps written to object storage (when enabled), and
+        each input's statistics (when the version has a reference to compare them with).
 
-        Each image's preview, and its heatmap with the heatmap's colour overlay, are written
-        now, while the pixels are at hand, so the results service only streams stored bytes.
+        The inputs, previews and statistics are made on the model's device from the stored
+        values. Each image's preview, and its heatmap with the heatmap's colour overlay, are
+        written now, while the pixels are at hand, so the results service only streams
+        stored bytes.
         """
-        inputs = [prepared.inputs for _, prepared in ready]
+        if not ready:
+            return [], [], []
         store = self.ctx.store
         version_id = self.loaded.version_id
+        batch = self.preprocess.make_inputs(
+            [(prepared.pixels, prepared.geometry) for _, prepared in ready],
+            self.loaded.device,
+            statistics=self.loaded.reference is not None,
+            preview_shrink=PREVIEW_SHRINK,
+        )
         with_heatmaps = self.ctx.settings.worker_heatmaps and self.loaded.has_heatmaps
         if with_heatmaps:
-            scores, maps = self.loaded.predictor.with_heatmaps(inputs)
+            scores, maps = self.loaded.predictor.with_heatmaps(batch.inputs)
         else:
-            scores = self.loaded.predictor(inputs)
+            scores = self.loaded.predictor(batch.inputs)
 
         def write(index: int) -> str | None:
             item, prepared = ready[index]
-            store.put_bytes(Keys.preview(item.id), prepared.preview, content_type="image/png")
+            preview = grey_png(batch.previews[index])
+            store.put_bytes(Keys.preview(item.id), preview, content_type="image/png")
             if not with_heatmaps:
                 return None
             grey, overlay = heatmap_pngs(heatmap_on_image(maps[index], prepared.geometry))
@@ -298,15 +302,18 @@ class ScreeningRun:
             store.put_bytes(key, grey, content_type="image/png")
             return key
 
-        return scores, list(self.writers.map(write, range(len(ready))))
+        statistics: list[np.ndarray | None] = (
+            list(batch.statistics) if batch.statistics is not None else [None] * len(ready)
+        )
+        return scores, list(self.writers.map(write, range(len(ready)))), statistics
 
-    def _input_check(self, prepared: PreparedImage) -> tuple[float | None, list[str]]:
+    def _input_check(self, statistics: np.ndarray | None) -> tuple[float | None, list[str]]:
         """The input's distance from the version's training inputs, and the warning when it
         is too far for the score to mean what the version's evaluation says."""
         reference = self.loaded.reference
-        if reference is None or prepared.statistics is None:
+        if reference is None or statistics is None:
             return None, []
-        distance = reference.distance(prepared.statistics)
+        distance = reference.distance(statistics)
         return distance, [INPUT_UNLIKE_TRAINING_DATA] if reference.unlike(distance) else []
 
     def _screen_batch(
@@ -322,13 +329,14 @@ class ScreeningRun:
             else:
                 ready.append((item, outcome))
         started = time.perf_counter()
-        scores, heatmap_keys = self._forward(ready)
+        scores, heatmap_keys, statistics = self._forward(ready)
         forward_s = time.perf_counter() - started
         with session_scope(self.ctx.settings.database_url) as session:
             ids = [item.id for item, _ in batch]
             rows = {i.id: i for i in session.scalars(select(Image).where(Image.id.in_(ids)))}
-            for (item, prepared), score, key in zip(ready, scores, heatmap_keys, strict=True):
-                distance, warnings = self._input_check(prepared)
+            results = zip(ready, scores, heatmap_keys, statistics, strict=True)
+            for (item, _), score, key, described in results:
+                distance, warnings = self._input_check(described)
                 record_prediction(
                     session=session,
                     image=rows[item.id],

@@ -13,7 +13,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -130,6 +130,10 @@ class Prefetcher(Generic[T, R]):
             thread.join()
 
 
+# A batch of model inputs: (B, 1, H, W) on any device, or B host arrays of (H, W).
+Inputs = torch.Tensor | Sequence[np.ndarray]
+
+
 class Predictor:
     """One forward pass per batch, set up for the device it runs on.
 
@@ -151,17 +155,24 @@ class Predictor:
             torch.compile(model) if compile_model else model
         )
 
-    def _device_batch(self, inputs: list[np.ndarray]) -> torch.Tensor:
-        host = torch.from_numpy(np.stack(inputs)[:, None])  # (B, 1, H, W) float32
+    def _device_batch(self, inputs: Inputs) -> torch.Tensor:
+        """(B, 1, H, W) float32 on the device: a batch made there already
+        (`Preprocess.make_inputs`), or host arrays sent over."""
+        if isinstance(inputs, torch.Tensor):
+            batch = inputs.to(self.device)
+        else:
+            host = torch.from_numpy(np.stack(inputs)[:, None])
+            if not self._cuda:
+                return host
+            batch = host.pin_memory().to(self.device, non_blocking=True)
         if not self._cuda:
-            return host
-        batch = host.pin_memory().to(self.device, non_blocking=True)
+            return batch
         return batch.contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
-    def __call__(self, inputs: list[np.ndarray]) -> list[float]:
+    def __call__(self, inputs: Inputs) -> list[float]:
         """Malignancy probabilities."""
-        if not inputs:
+        if len(inputs) == 0:
             return []
         batch = self._device_batch(inputs)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._cuda):
@@ -169,11 +180,11 @@ class Predictor:
         return [float(p) for p in torch.sigmoid(logits.float()).cpu()]
 
     @torch.inference_mode()
-    def with_heatmaps(self, inputs: list[np.ndarray]) -> tuple[list[float], np.ndarray]:
+    def with_heatmaps(self, inputs: Inputs) -> tuple[list[float], np.ndarray]:
         """Probabilities and per-position malignancy probabilities (B, H/s, W/s) from the
         same forward pass (the class activation map through the sigmoid, never hotter than
         its view's probability)."""
-        if not inputs:
+        if len(inputs) == 0:
             return [], np.zeros((0, 0, 0), dtype=np.float32)
         batch = self._device_batch(inputs)
         assert isinstance(self._raw_model, ScreeningNet), "imported models have no heatmaps"

@@ -13,6 +13,8 @@ from PIL import Image as PILImage
 # the places where the model's local evidence favours malignancy, instead of tinting the
 # whole breast. Colour and opacity rise from there to 1.
 TRANSPARENT_BELOW = 0.5
+# Previews (and heatmaps) at 1/4 of the image's size: enough for a viewer's four-up page.
+PREVIEW_SHRINK = 4
 
 
 def colour_map(heat: np.ndarray) -> np.ndarray:
@@ -29,6 +31,11 @@ def _png(image: PILImage.Image) -> bytes:
     # worker's CPU, and level 6 cost more time than the bytes it saved.
     image.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+def grey_png(levels: np.ndarray) -> bytes:
+    """An (H, W) uint8 greyscale image as a PNG."""
+    return _png(PILImage.fromarray(levels, mode="L"))
 
 
 def heatmap_pngs(heat: np.ndarray) -> tuple[bytes, bytes]:

@@ -36,6 +36,15 @@ STACK_KEYS = {
     "recovery_s",
 }
 CPU_PHASES = {"model", "pipeline", "upload", "dicom_store", "s3_put", "s3_get", "prepare"}
+PREPARE_SYNTAXES = {"ExplicitVRLittleEndian", "JPEG2000Lossless"}
+
+
+def _assert_prepare_costs(results: dict[str, dict[str, float]]) -> None:
+    """Each stage's cost per image, for each transfer syntax."""
+    for key in ("prepare_cpu_ms_per_image", "prepare_device_ms_per_image"):
+        assert set(results[key]) == PREPARE_SYNTAXES, key
+        assert all(ms > 0 for ms in results[key].values()), key
+
 
 pytestmark = pytest.mark.e2e
 
@@ -90,6 +99,7 @@ def test_stack_benchmark_produces_every_figure(
     wakeups = results["results_machine_wakeup_us"]
     assert wakeups["round_trips"] > 50
     assert 0 < wakeups["p50"] <= wakeups["p99"] <= wakeups["max"]
+    _assert_prepare_costs(results)
     plans = (tmp_path / "results_query_plans.txt").read_text()
     assert {"== status", "== results", "== exams"} <= set(plans.splitlines())
 
@@ -101,3 +111,4 @@ def test_local_benchmark_produces_its_figures(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     for key in ("model_images_per_s", "local_pipeline_images_per_s", "naive_local_images_per_s"):
         assert results[key] > 0
+    _assert_prepare_costs(results)
