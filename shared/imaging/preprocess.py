@@ -180,10 +180,9 @@ class Preprocess:
         preview_shrink: int = 0,
     ) -> InputBatch:
         """The device's part, for a batch: the model inputs, and (when asked) each input's
-        statistics before standardisation (`input_statistics_tensor`) and each image's preview (the
+        statistics before standardisation (`input_statistics`) and each image's preview (the
         mean of each `preview_shrink` square of its 8-bit grey levels, as `preview_png`)."""
         batch = torch.zeros((len(images), 1, self.height, self.width), device=device)
-        described: list[torch.Tensor] = []
         previews: list[torch.Tensor] = []
         for index, grey in enumerate(_grey_on_device([image for image, _ in images], device)):
             geometry = images[index][1]
@@ -192,11 +191,13 @@ class Preprocess:
             resized = _resized_crop(grey, geometry)
             height, width = geometry.resized_shape
             batch[index, 0, :height, :width] = resized
-            if statistics:
-                described.append(input_statistics_tensor(resized))
+        described = None
+        if statistics and images:
+            shapes = [geometry.resized_shape for _, geometry in images]
+            described = input_statistics(batch, shapes).double().cpu().numpy()
         return InputBatch(
             inputs=self._normalise(batch),
-            statistics=(torch.stack(described).double().cpu().numpy() if described else None),
+            statistics=described,
             previews=[preview.cpu().numpy() for preview in previews],
         )
 
@@ -227,7 +228,7 @@ class Preprocess:
     def prepare(
         self, image: Source, laterality: Laterality | None
     ) -> tuple[Array, InputGeometry, NDArray[np.float64]]:
-        """The model input, its geometry, and the input's statistics (`input_statistics_tensor`)
+        """The model input, its geometry, and the input's statistics (`input_statistics`)
         from the same resized crop."""
         geometry = self.place(image, laterality)
         batch = self.make_inputs([(image, geometry)], torch.device("cpu"), statistics=True)
@@ -352,7 +353,7 @@ def _preview(grey: torch.Tensor, shrink: int) -> torch.Tensor:
     return torch.floor(means + 0.5).to(torch.uint8)
 
 
-# What `input_statistics_tensor` measures, in order, with the smallest difference in it that means
+# What `input_statistics` measures, in order, with the smallest difference in it that means
 # anything (a floor under the spread a reference learns, as one domain's synthetic images vary
 # less than a site's real ones): what an input looks like before standardisation takes its
 # level and contrast away. Scale-like figures are logarithms, so that each is about normally
@@ -369,58 +370,80 @@ INPUT_STATISTICS = {
 
 
 def _percentiles(values: torch.Tensor, inside: torch.Tensor, qs: Sequence[float]) -> torch.Tensor:
-    """numpy's default ("linear") percentiles of `values` where `inside`, with no host
-    round trip (a boolean index would wait for the device to say how many)."""
-    ordered = _sorted(torch.where(inside, values, torch.inf).reshape(-1))
-    count = inside.sum()
-    positions = torch.tensor(qs, dtype=torch.float32, device=values.device) / 100 * (count - 1)
+    """numpy's default ("linear") percentiles of each image's `values` where `inside`
+    ((B, ...) each), as (B, len(qs)): one sort for the batch, and no host round trip (a
+    boolean index would wait for the device to say how many)."""
+    ordered = _sorted(torch.where(inside, values, torch.inf).flatten(1))
+    count = inside.flatten(1).sum(1, keepdim=True)
+    fractions = torch.tensor(qs, dtype=torch.float32, device=values.device) / 100
+    positions = fractions[None, :] * (count - 1)
     below = positions.floor().long()
     above = torch.minimum(below + 1, count - 1)
-    low, high = ordered[below], ordered[above]
+    low, high = ordered.gather(1, below), ordered.gather(1, above)
     return low + (positions - below) * (high - low)
 
 
 def _sorted(values: torch.Tensor) -> torch.Tensor:
+    """Each row sorted."""
     if values.device.type == "cpu":  # numpy's sort: about 15x torch's on one CPU thread
-        return torch.from_numpy(np.sort(values.numpy()))
-    return values.sort().values
+        return torch.from_numpy(np.sort(values.numpy(), axis=1))
+    return values.sort(dim=1).values
 
 
-def _laplacian_std(x: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
-    """The spread of the 5-point Laplacian inside the breast (over all of `x` when under 17
-    of its pixels are)."""
-    lap = 4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2] - x[1:-1, 2:]
-    mask = inside[1:-1, 1:-1]
-    count = mask.sum()
-    mean = torch.where(mask, lap, 0).sum() / count.clamp(min=1)
-    masked = (torch.where(mask, lap - mean, 0).square().sum() / count.clamp(min=1)).sqrt()
-    everywhere = (lap - lap.mean()).square().mean().sqrt()
-    return torch.where(count > 16, masked, everywhere)
+def _masked_spread(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The standard deviation of each image's `values` where `mask`, (B,)."""
+    count = mask.flatten(1).sum(1).clamp(min=1)
+    mean = torch.where(mask, values, 0).flatten(1).sum(1) / count
+    deviations = torch.where(mask, values - mean[:, None, None], 0)
+    return (deviations.square().flatten(1).sum(1) / count).sqrt()
 
 
-def input_statistics_tensor(resized: torch.Tensor) -> torch.Tensor:
-    """A compact description of a model input before standardisation (`INPUT_STATISTICS`),
-    from its resized crop (without padding): enough to tell a scanned film or a
-    vendor-processed view from the detector a model was trained on. Computed on every other
-    pixel, on the input's device."""
-    crop = resized[::2, ::2]
-    everywhere = torch.ones_like(crop, dtype=torch.bool)
-    background = _percentiles(crop, everywhere, [5])[0]
-    breast = crop > background + 0.08
-    breast = torch.where(breast.sum() < 64, everywhere, breast)  # no clear breast: all of it
-    p10, median, p90 = _percentiles(crop, breast, [10, 50, 90])
-    fine_energy = _laplacian_std(crop, breast)
-    coarse_energy = _laplacian_std(crop[::4, ::4], breast[::4, ::4])
+def _laplacian_std(x: torch.Tensor, inside: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The spread of each image's 5-point Laplacian inside the breast (over all of its crop
+    when under 17 of its pixels are), (B,). `valid` is each image's crop within the padded
+    batch (a rectangle from the top-left corner): the Laplacian is defined where all four
+    neighbours are in it."""
+    lap = 4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]
+    interior = valid[:, 2:, 2:]  # the neighbours below and right are in the crop
+    mask = inside[:, 1:-1, 1:-1] & interior
+    enough = mask.flatten(1).sum(1) > 16
+    return torch.where(enough, _masked_spread(lap, mask), _masked_spread(lap, interior))
+
+
+def input_statistics(
+    batch: torch.Tensor, resized_shapes: Sequence[tuple[int, int]]
+) -> torch.Tensor:
+    """A compact description of each model input before standardisation
+    (`INPUT_STATISTICS`), (B, 7): enough to tell a scanned film or a vendor-processed view
+    from the detector a model was trained on. `batch` is (B, 1, H, W) with each resized crop
+    in its top-left corner (`resized_shapes`) and zeros around it; the statistics are each
+    crop's own, on every other pixel, computed for the whole batch at once on its device (one
+    image at a time cost over a hundred kernel launches each on a GPU)."""
+    crop = batch[:, 0, ::2, ::2]
+    heights = torch.tensor([(h + 1) // 2 for h, _ in resized_shapes], device=batch.device)
+    widths = torch.tensor([(w + 1) // 2 for _, w in resized_shapes], device=batch.device)
+    rows = torch.arange(crop.shape[1], device=batch.device)[None, :, None]
+    cols = torch.arange(crop.shape[2], device=batch.device)[None, None, :]
+    valid = (rows < heights[:, None, None]) & (cols < widths[:, None, None])
+    background = _percentiles(crop, valid, [5])[:, 0]
+    breast = (crop > (background + 0.08)[:, None, None]) & valid
+    unclear = breast.flatten(1).sum(1) < 64  # no clear breast: describe all of the crop
+    breast = torch.where(unclear[:, None, None], valid, breast)
+    p10, median, p90 = _percentiles(crop, breast, [10, 50, 90]).unbind(1)
+    pixels = valid.flatten(1).sum(1)
+    fine_energy = _laplacian_std(crop, breast, valid)
+    coarse_energy = _laplacian_std(crop[:, ::4, ::4], breast[:, ::4, ::4], valid[:, ::4, ::4])
     return torch.stack(
         [
             median,
             (p90 - p10).clamp(min=1e-4).log(),
-            breast.float().mean(),
+            breast.flatten(1).sum(1) / pixels,
             background,
-            (crop >= 0.985).float().mean(),
+            ((crop >= 0.985) & valid).flatten(1).sum(1) / pixels,
             fine_energy.clamp(min=1e-5).log(),
             coarse_energy.clamp(min=1e-5).log(),
-        ]
+        ],
+        dim=1,
     )
 
 

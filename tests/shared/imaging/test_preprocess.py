@@ -190,6 +190,24 @@ def test_stored_values_and_grey_levels_make_the_same_inputs(mammograms: list[Pat
         assert np.array_equal(from_stored[2], from_grey[2])
 
 
+def test_a_batch_gives_each_image_what_it_gets_alone(mammograms: list[Path]) -> None:
+    """Crops of different sizes share one padded batch, and the statistics are computed for
+    the whole batch at once: each image's must stay its own."""
+    preprocess = Preprocess(256, 208)
+    images = []
+    for path, laterality in zip(mammograms, [Laterality.LEFT, Laterality.RIGHT] * 6, strict=False):
+        stored = read_pixels(path.read_bytes(), MediaType.DICOM)
+        images.append((stored, preprocess.place(stored, laterality)))
+    assert len({geometry.resized_shape for _, geometry in images}) > 2
+    together = preprocess.make_inputs(images, torch.device("cpu"), statistics=True)
+    assert together.statistics is not None
+    for index, image in enumerate(images):
+        alone = preprocess.make_inputs([image], torch.device("cpu"), statistics=True)
+        assert alone.statistics is not None
+        assert torch.allclose(together.inputs[index], alone.inputs[0], atol=1e-6)
+        assert np.allclose(together.statistics[index], alone.statistics[0], atol=1e-6)
+
+
 def test_the_preview_is_preview_pngs_picture(mammograms: list[Path]) -> None:
     preprocess = Preprocess(256, 208)
     for path in mammograms[:4]:
