@@ -30,8 +30,10 @@ cost nothing (see _cpu_figures). The model runs with the worker's thread count
 (`inference_cpu_threads`); on the CPU its speed with every thread is recorded beside it.
 
 `--local` measures what can be measured without the servers (model, and the worker's
-loader/batching pipeline over files on local disk): for machines where the stack's servers
-cannot be installed, such as a lent GPU machine.
+loader/batching pipeline over files held in memory: `local_pipeline_images_per_s`, and with
+the heatmaps and the PNGs the worker renders, `local_worker_images_per_s`), and the cost of
+preparing an image (bench/prepare.py): for machines where the stack's servers cannot be
+installed, such as a lent GPU machine (bench/gpu_local.sh).
 """
 
 from __future__ import annotations
@@ -66,8 +68,8 @@ from services.worker.models import inference_cpu_threads
 from services.worker.pipeline import BatchPolicy, Predictor, Prefetcher
 from shared.config import Settings, settings_from_environ
 from shared.imaging.decode import StoredPixels
-from shared.imaging.preprocess import InputGeometry, Preprocess
-from shared.imaging.renders import PREVIEW_SHRINK
+from shared.imaging.preprocess import InputGeometry, Preprocess, heatmap_on_image
+from shared.imaging.renders import PREVIEW_SHRINK, grey_png, heatmap_pngs
 from shared.ml.model import ScreeningNet, ScreeningNetConfig
 
 MIB = 1024 * 1024
@@ -116,14 +118,19 @@ def local_pipeline_images_per_s(
     device: torch.device,
     policy: BatchPolicy,
     threads: int,
+    *,
+    renders: bool = False,
 ) -> float:
     """The worker's loaders and dynamic batches over files held in memory (no servers): the
     host's stage in the loader threads, the device's stage (with the input statistics and
-    the previews) and the forward pass in this thread, as `ScreeningRun` runs them."""
+    the previews) and the forward pass in this thread, as `ScreeningRun` runs them. With
+    `renders`, also the heatmaps and the PNGs the worker writes per image (preview, heatmap,
+    overlay), encoded by four writer threads as the worker's, and not stored."""
     config = model.config
     preprocess = Preprocess(config.input_height, config.input_width)
     predictor = Predictor(model, device, compile_model=False)
     files = {path: path.read_bytes() for path in paths}
+    writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bench-writer")
 
     def prepare(path: Path) -> tuple[StoredPixels, InputGeometry]:
         return host_stage([files[path]], preprocess)[0]
@@ -132,7 +139,16 @@ def local_pipeline_images_per_s(
         batch = preprocess.make_inputs(
             prepared, device, statistics=True, preview_shrink=PREVIEW_SHRINK
         )
-        predictor(batch.inputs)
+        if not renders:
+            predictor(batch.inputs)
+            return
+        _, maps = predictor.with_heatmaps(batch.inputs)
+
+        def render(index: int) -> int:
+            grey, overlay = heatmap_pngs(heatmap_on_image(maps[index], prepared[index][1]))
+            return len(grey_png(batch.previews[index])) + len(grey) + len(overlay)
+
+        list(writers.map(render, range(len(prepared))))
 
     forward([prepare(paths[0])])  # warm-up
     loaders: Prefetcher[Path, tuple[StoredPixels, InputGeometry]] = Prefetcher(
@@ -144,6 +160,7 @@ def local_pipeline_images_per_s(
         forward([p for _, p in loaders.next_batch(policy) if isinstance(p, tuple)])
     elapsed = time.perf_counter() - started
     loaders.close()
+    writers.shutdown()
     return len(paths) / elapsed
 
 
@@ -605,6 +622,9 @@ def run_local(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
         "naive_local_images_per_s": local_pipeline_images_per_s(
             paths, model, device, BatchPolicy(1, 0.0), threads
         ),
+        "local_worker_images_per_s": local_pipeline_images_per_s(
+            paths, model, device, policy, threads, renders=True
+        ),
         "loader_threads": threads,
         "images": len(paths),
         "image_size": [options.height, options.width],
@@ -617,6 +637,9 @@ def run_local(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
     results.update(prepare_costs(data / "prepare", options, Preprocess(512, 416), device))
     results["local_pipeline_to_model"] = (
         results["local_pipeline_images_per_s"] / results["model_images_per_s"]
+    )
+    results["local_worker_to_model"] = (
+        results["local_worker_images_per_s"] / results["model_images_per_s"]
     )
     results["batched_to_naive"] = (
         results["local_pipeline_images_per_s"] / results["naive_local_images_per_s"]

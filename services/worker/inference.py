@@ -29,7 +29,7 @@ from shared.db.base import session_scope
 from shared.db.models import Image, InferenceBatch, Laterality
 from shared.imaging.decode import StoredPixels, read_pixels
 from shared.imaging.formats import ImageRejected, RejectCode
-from shared.imaging.preprocess import InputGeometry, heatmap_on_image
+from shared.imaging.preprocess import InputBatch, InputGeometry, heatmap_on_image
 from shared.imaging.renders import PREVIEW_SHRINK, grey_png, heatmap_pngs
 from shared.lifecycle import (
     abandon_images,
@@ -74,11 +74,14 @@ class WorkItem:
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """What a loader thread hands the model: the stored values with their grey table (not
-    yet looked up: that happens on the model's device) and where the input comes from."""
+    """What a loader thread hands the model: the stored values with their grey table and
+    where the input comes from. A GPU makes the inputs per batch from those; where the model
+    runs on the CPU the loader makes this image's input too (`made`), so that the work stays
+    on the loader threads, beside the forward pass, and not in front of it."""
 
     pixels: StoredPixels
     geometry: InputGeometry
+    made: InputBatch | None = None
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,18 @@ class ScreeningRun:
                 raise StorageConnectionError(str(err)) from err
             raise ImageRejected.missing_object(item.object_key) from err
         pixels = read_pixels(data, item.media_type, max_pixels=self.ctx.settings.max_image_pixels)
-        return PreparedImage(pixels, self.preprocess.place(pixels, item.laterality))
+        geometry = self.preprocess.place(pixels, item.laterality)
+        if self.loaded.device.type != "cpu":
+            return PreparedImage(pixels, geometry)
+        return PreparedImage(pixels, geometry, self._make_inputs([(pixels, geometry)]))
+
+    def _make_inputs(self, images: list[tuple[StoredPixels, InputGeometry]]) -> InputBatch:
+        return self.preprocess.make_inputs(
+            images,
+            self.loaded.device,
+            statistics=self.loaded.reference is not None,
+            preview_shrink=PREVIEW_SHRINK,
+        )
 
     def _may_claim_more(self) -> bool:
         settings = self.ctx.settings
@@ -277,12 +291,11 @@ class ScreeningRun:
             return [], [], []
         store = self.ctx.store
         version_id = self.loaded.version_id
-        batch = self.preprocess.make_inputs(
-            [(prepared.pixels, prepared.geometry) for _, prepared in ready],
-            self.loaded.device,
-            statistics=self.loaded.reference is not None,
-            preview_shrink=PREVIEW_SHRINK,
-        )
+        made = [prepared.made for _, prepared in ready if prepared.made is not None]
+        if len(made) == len(ready):
+            batch = InputBatch.joined(made)
+        else:
+            batch = self._make_inputs([(p.pixels, p.geometry) for _, p in ready])
         with_heatmaps = self.ctx.settings.worker_heatmaps and self.loaded.has_heatmaps
         if with_heatmaps:
             scores, maps = self.loaded.predictor.with_heatmaps(batch.inputs)

@@ -130,6 +130,16 @@ class InputBatch:
     statistics: NDArray[np.float64] | None  # (B, len(INPUT_STATISTICS)), when asked for
     previews: list[NDArray[np.uint8]]  # each image at 1/shrink of its size, when asked for
 
+    @staticmethod
+    def joined(batches: Sequence[InputBatch]) -> InputBatch:
+        """Batches made apart (one image each, say) as one."""
+        described = [b.statistics for b in batches if b.statistics is not None]
+        return InputBatch(
+            inputs=torch.cat([b.inputs for b in batches]),
+            statistics=np.concatenate(described) if len(described) == len(batches) else None,
+            previews=[preview for b in batches for preview in b.previews],
+        )
+
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -198,7 +208,7 @@ class Preprocess:
         return InputBatch(
             inputs=self._normalise(batch),
             statistics=described,
-            previews=[preview.cpu().numpy() for preview in previews],
+            previews=_to_host(previews),
         )
 
     def _normalise(self, batch: torch.Tensor) -> torch.Tensor:
@@ -247,6 +257,18 @@ def _percentile(values: Array, q: float) -> float:
     low, high, t = ordered[below], ordered[above], position - below
     diff = high - low
     return float(high - diff * (1 - t) if t >= 0.5 else low + diff * t)
+
+
+def _to_host(arrays: list[torch.Tensor]) -> list[NDArray[np.uint8]]:
+    """The batch's previews in one copy from the device (one wait for it, not one each)."""
+    if not arrays:
+        return []
+    flat = torch.cat([array.reshape(-1) for array in arrays]).cpu().numpy()
+    bounds = np.cumsum([0] + [array.numel() for array in arrays])
+    return [
+        flat[start:end].reshape(array.shape)
+        for array, start, end in zip(arrays, bounds[:-1], bounds[1:], strict=True)
+    ]
 
 
 def _shape(image: Source) -> tuple[int, int]:

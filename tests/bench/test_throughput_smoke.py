@@ -109,6 +109,7 @@ def test_local_benchmark_produces_its_figures(tmp_path: Path) -> None:
     small = ["--height", "256", "--width", "208", "--model-seconds", "0.5"]
     assert main(["--local", "--images", "8", *small, "--out", str(out)]) == 0
     results = json.loads(out.read_text())
-    for key in ("model_images_per_s", "local_pipeline_images_per_s", "naive_local_images_per_s"):
+    local = ("local_pipeline_images_per_s", "naive_local_images_per_s", "local_worker_images_per_s")
+    for key in ("model_images_per_s", *local):
         assert results[key] > 0
     _assert_prepare_costs(results)
