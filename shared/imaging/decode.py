@@ -130,13 +130,17 @@ def _read_dicom(data: bytes, max_pixels: int) -> StoredPixels:
         )
     values = _native_values(ds, data, buffer.tell(), bits)
     read_as = "native"
+    if values is not None:
+        low, high = int(values.min()), int(values.max())
+        if low >= 0 and high >> bits:  # a bit above BitsStored is set: pydicom decides
+            values = None
     if values is None:  # compressed, big-endian, or bits that need pydicom's unpacking
         values = pydicom.dcmread(io.BytesIO(data)).pixel_array
         read_as = "decoded"
+        low, high = int(values.min()), int(values.max())
     if values.ndim != 2:
         raise ImageRejected(RejectCode.DECODE_FAILED, f"not a 2-D image: shape {values.shape}")
     _refuse_if_too_small(values)
-    low, high = int(values.min()), int(values.max())
     if _LUT_SEQUENCES.isdisjoint(ds.keys()):
         every_level = _grey_of_every_level(_lut_header(ds), values.dtype.str)
         offset = low - int(np.iinfo(values.dtype).min)
@@ -209,8 +213,8 @@ def _native_values(
 ) -> NDArray[np.integer] | None:
     """The pixel element of an uncompressed little-endian file as an array over `data`'s own
     bytes, without pydicom's pixel handling (a few times its cost); None where pydicom must
-    decode: compressed or big-endian syntaxes, and stored bits that need masking or sign
-    extension (bits above BitsStored that are set)."""
+    decode: compressed or big-endian syntaxes, and signed values that need sign extension.
+    (Its caller also hands pydicom unsigned values with a bit set above BitsStored.)"""
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
@@ -233,8 +237,6 @@ def _native_values(
     if length == _UNDEFINED_LENGTH or length < needed or value_at + needed > len(data):
         return None
     values = np.frombuffer(data, dtype=dtype, count=rows * cols, offset=value_at)
-    if not signed and bits_stored < allocated and int(values.max()) >> bits_stored:
-        return None
     return values.reshape(rows, cols)
 
 
