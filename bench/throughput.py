@@ -9,7 +9,10 @@ Everything is measured on this machine, with the same model and input size, in t
    from the first upload of a bulk batch to its last prediction row in Postgres.
 3. naive_images_per_s: the same, with the worker restarted at batch size 1.
 4. idle_latency_s / urgent_latency_s: one urgent four-view exam on an idle stack, then the
-   same exam submitted right after a bulk batch of `--bulk` images was uploaded.
+   same exam submitted behind a bulk batch of `--bulk` uploaded images and `--bulk-queued`
+   (10,000) more queued behind them, once the worker has screened its first bulk chunk.
+   Then recovery_s (the worker SIGKILLed mid-batch) and redis_recovery_s (Redis SIGKILLed
+   and restarted): from the kill until screening goes on.
 5. upload_mb_per_s / s3_put_mb_per_s: the same files through the ingest API, and straight
    into the object store, with the same client concurrency (worker stopped).
 6. dicom_store_mb_per_s: the same files sent to the DICOM gateway by storescu (C-STORE, four
@@ -39,6 +42,7 @@ installed, such as a lent GPU machine (bench/gpu_local.sh).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import platform
 import shutil
@@ -81,6 +85,9 @@ DICOM_ASSOCIATIONS = 4
 ESSENTIAL_PHASES = ("model", "s3_put", "s3_get", "prepare")
 FILES_PER_REQUEST = 8
 CLIENT_THREADS = 2
+MEDIA_TYPE = "application/dicom"
+# Small images hold the queued bulk images' objects (never screened while measured).
+QUEUED_SAMPLE = SynthOptions(height=256, width=208, pixel_spacing_mm=0.8)
 
 
 def device_name(device: torch.device) -> str:
@@ -261,6 +268,76 @@ def _screened_in(
     return (finished - started).total_seconds()
 
 
+def _queue_behind(settings: Settings, batch_id: str, count: int, sample: Path) -> None:
+    """`count` more bulk images queued in `batch_id` behind those uploaded: rows in the shape
+    the ingest service writes (four views an exam, each its own object, holding `sample`'s
+    bytes), sent to the bulk lane as ingest sends them. Written straight into Postgres and
+    the store: 10,000 real uploads of full-size files would take the benchmark's whole
+    budget, and the urgent exam only has to find them queued, never screened."""
+    from sqlalchemy import insert
+
+    from shared.db.base import new_id, session_scope
+    from shared.db.models import Batch, Image, Laterality, Study, View
+    from shared.lifecycle import mark_enqueued
+    from shared.queue import enqueue_screening, producer
+    from shared.storage import Keys, ObjectStore
+
+    data = sample.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    batch = uuid.UUID(batch_id)
+    with session_scope(settings.database_url) as session:
+        tenant = session.get_one(Batch, batch).tenant_id
+        studies = [new_id() for _ in range((count + 3) // 4)]
+        session.execute(
+            insert(Study),
+            [
+                {
+                    "id": study,
+                    "tenant_id": tenant,
+                    "batch_id": batch,
+                    "patient_key": study.hex,
+                    "study_key": f"2.25.{study.int}",
+                }
+                for study in studies
+            ],
+        )
+        ids = [new_id() for _ in range(count)]
+        keys = [Keys.image(tenant, batch, image_id) for image_id in ids]
+        store = ObjectStore(settings)
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda key: store.put_bytes(key, data, content_type=MEDIA_TYPE), keys))
+        session.execute(
+            insert(Image),
+            [
+                {
+                    "id": image_id,
+                    "tenant_id": tenant,
+                    "batch_id": batch,
+                    "study_id": studies[n // 4],
+                    "filename": f"queued-{n}.dcm",
+                    "object_key": key,
+                    "sha256": digest,
+                    "size_bytes": len(data),
+                    "media_type": MEDIA_TYPE,
+                    "laterality": (Laterality.LEFT, Laterality.RIGHT)[n % 4 // 2],
+                    "view": (View.CC, View.MLO)[n % 2],
+                }
+                for n, (image_id, key) in enumerate(zip(ids, keys, strict=True))
+            ],
+        )
+    enqueue_screening(producer(settings), ids, chunk_size=settings.inference_chunk_size)
+    with session_scope(settings.database_url) as session:
+        mark_enqueued(session=session, image_ids=ids)
+
+
+def _wait_screened(client: Any, batch_id: str, images: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while client.batch(batch_id)["counts"]["done"] < images:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {images} images of batch {batch_id} screened")
+        time.sleep(0.1)
+
+
 def _running_attempts(settings: Settings) -> dict[uuid.UUID, int]:
     """Every running image (any batch) with how many times it has been claimed."""
     from shared.db.base import session_scope
@@ -304,6 +381,58 @@ def _recovery_s(stack_dir: Path, client: Any, settings: Settings, paths: Sequenc
             return time.monotonic() - killed
         if time.monotonic() > deadline:
             raise TimeoutError(f"{claimed_again} of {len(held)} held images claimed again")
+        time.sleep(0.05)
+
+
+def _redis_recovery_s(stack_dir: Path, settings: Settings) -> float:
+    """Seconds from a Redis SIGKILL mid-batch (what it had not yet appended to its file is
+    lost; the worker's connection and the tasks it was running go with it) and its restart
+    on the same port and data, to the moment screening goes on: every image claimed when it
+    died is done or claimed again, and one of those queued then has been claimed (where the
+    worker held them all, as in the smoke test's small batches, the first alone)."""
+    from devstack.servers import restart_server, stop_pid
+    from devstack.stack import StackState
+    from shared.db.base import session_scope
+    from shared.db.models import Image, ImageStatus
+
+    state_path = stack_dir.resolve() / "state.json"
+    state = StackState.load(state_path)
+    assert state is not None, "no stack running"
+    (redis,) = [server for server in state.servers if server.name == "redis"]
+    deadline = time.monotonic() + 600
+    while not (held := _running_attempts(settings)):
+        if time.monotonic() > deadline:
+            raise TimeoutError("no image was being screened to restart Redis under")
+        time.sleep(0.01)
+    with session_scope(settings.database_url) as session:
+        waiting = session.scalars(
+            select(Image.id).where(Image.status == ImageStatus.QUEUED).limit(1000)
+        ).all()
+    killed = time.monotonic()
+    stop_pid(redis.pid, first=signal.SIGKILL)
+    state.servers[state.servers.index(redis)] = restart_server(redis)
+    state.save(state_path)
+    while True:
+        with session_scope(settings.database_url) as session:
+            held_on = session.scalar(
+                select(func.count()).where(
+                    Image.id.in_(list(held)),
+                    Image.status != ImageStatus.DONE,
+                    Image.attempts <= case(held, value=Image.id, else_=0),
+                )
+            )
+            claimed_since = session.scalar(
+                select(func.count()).where(
+                    Image.id.in_(list(waiting)), Image.status != ImageStatus.QUEUED
+                )
+            )
+        if held_on == 0 and (claimed_since or not waiting):
+            return time.monotonic() - killed
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{held_on} of {len(held)} held images neither done nor claimed again, "
+                f"{claimed_since} of {len(waiting)} queued ones claimed"
+            )
         time.sleep(0.05)
 
 
@@ -438,6 +567,7 @@ def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
     urgent_paths = _synth(data / "urgent", 4, 202, options)
     bulk_paths = _synth(data / "bulk", args.bulk, 303, options)
     gateway_warm_up_paths = _synth(data / "gateway-warm-up", 8, 404, options)
+    queued_sample = _synth(data / "queued", 1, 505, QUEUED_SAMPLE)[0]
     stack_dir = Path(tempfile.mkdtemp(prefix="bench-stack-"))
     environ = {**os.environ, "SCREENING_INFERENCE_BATCH_SIZE": str(args.batch_size)}
     state = up(stack_dir, environ=environ)
@@ -499,14 +629,22 @@ def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
             results["idle_latency_s"] = _screened_in(
                 client, settings, urgent_paths, priority="urgent", name="urgent, idle"
             )
+            # The bulk work is queued while the worker is stopped (so it is all ahead of
+            # the urgent exam, real-size images first), then the worker starts and, once it
+            # has screened a first chunk (warm again), the urgent exam comes.
+            kill_service(stack_dir, "worker", signal.SIGTERM)
             bulk = client.create_batch("bulk")
             _upload_all(client, bulk["id"], bulk_paths)
+            _queue_behind(settings, bulk["id"], args.bulk_queued, queued_sample)
             client.close_batch(bulk["id"])
+            start_service_again(stack_dir, "worker")
+            _wait_screened(client, bulk["id"], settings.inference_chunk_size)
             results["urgent_latency_s"] = _screened_in(
                 client, settings, urgent_paths, priority="urgent", name="urgent, behind bulk"
             )
             results["urgent_queued_behind"] = client.batch(bulk["id"])["counts"]["queued"]
             results["recovery_s"] = _recovery_s(stack_dir, client, settings, bulk_paths)
+            results["redis_recovery_s"] = _redis_recovery_s(stack_dir, settings)
 
             kill_service(stack_dir, "worker", signal.SIGTERM)
             upload_batch = client.create_batch("upload speed")
@@ -553,6 +691,7 @@ def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
         results.update(_cpu_figures(cpu, model_images, len(pipeline_paths), results))
         results["images"] = len(pipeline_paths)
         results["bulk_images"] = len(bulk_paths)
+        results["bulk_images_queued"] = args.bulk_queued
         results["image_size"] = [options.height, options.width]
         if args.scale_images:
             kill_service(stack_dir, "worker", signal.SIGTERM)  # nothing left for it to do
@@ -651,6 +790,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=256, help="bulk batch for the pipeline")
     parser.add_argument("--bulk", type=int, default=512, help="bulk batch ahead of the urgent exam")
+    parser.add_argument(
+        "--bulk-queued",
+        type=int,
+        default=10_000,
+        help="further bulk images queued behind it (rows and objects written directly)",
+    )
     parser.add_argument("--batch-size", type=int, default=Settings().inference_batch_size)
     parser.add_argument("--loader-threads", type=int, default=0, help="--local only; 0: setting")
     parser.add_argument(
