@@ -84,12 +84,16 @@ class StoredObject:
 
 
 class _HashingReader(io.RawIOBase):
-    """Wraps a stream: hashes and counts what is read, and stops past `limit` bytes."""
+    """Wraps a stream: hashes and counts what is read, and stops past `limit` bytes. `prefix`
+    comes first; of the stream, at most `length` bytes in all are read when it is given."""
 
-    def __init__(self, source: BinaryIO, limit: int, prefix: bytes = b"") -> None:
+    def __init__(
+        self, source: BinaryIO, limit: int, prefix: bytes = b"", length: int | None = None
+    ) -> None:
         self._source = source
         self._pending = prefix
         self._limit = limit
+        self._length = length
         self.size = 0
         self.digest = hashlib.sha256()
 
@@ -98,10 +102,12 @@ class _HashingReader(io.RawIOBase):
 
     def read(self, size: int | None = -1) -> bytes:
         want = PART_SIZE if size is None or size < 0 else size
-        if self._pending:
-            chunk, self._pending = self._pending[:want], self._pending[want:]
-        else:
-            chunk = self._source.read(want)
+        if self._length is not None:
+            want = min(want, self._length - self.size)
+        chunk, self._pending = self._pending[:want], self._pending[want:]
+        if len(chunk) < want:
+            # One piece per read: the store's client joins what it reads into a part.
+            chunk += self._source.read(want - len(chunk))
         self.size += len(chunk)
         if self.size > self._limit:
             raise ObjectTooLarge(self._limit)
@@ -136,16 +142,27 @@ class ObjectStore:
             raise RuntimeError(f"bucket {self.bucket!r} does not exist")
 
     def put_stream(
-        self, key: str, stream: BinaryIO, *, content_type: str, limit: int, prefix: bytes = b""
+        self,
+        key: str,
+        stream: BinaryIO,
+        *,
+        content_type: str,
+        limit: int,
+        prefix: bytes = b"",
+        length: int | None = None,
     ) -> StoredObject:
-        """Stream to storage in bounded parts, hashing on the way; `prefix` was read already."""
-        reader = _HashingReader(stream, limit, prefix)
+        """Stream to storage in bounded parts, hashing on the way: `prefix` first, then the
+        stream, to its end or to `length` bytes in all (prefix included) where the caller
+        knows the size (then an object of one part is sent in one request, read once)."""
+        if length is not None and length > limit:
+            raise ObjectTooLarge(limit)
+        reader = _HashingReader(stream, limit, prefix, length)
         try:
             self.client.put_object(
                 self.bucket,
                 key,
                 cast(BinaryIO, reader),
-                length=-1,
+                length=-1 if length is None else length,
                 part_size=PART_SIZE,
                 content_type=content_type,
             )

@@ -1,13 +1,15 @@
 """DICOM uploads: read the header, check it can be screened, store a de-identified copy.
 
-Only the header is parsed; the pixel data element is copied byte for byte from the upload to
-the de-identified output in chunks, so a 70 MB mammogram never sits in memory and its
-compressed frames are never re-encoded.
+Only the header is parsed; the de-identified copy is the new header followed by the upload's
+own pixel data element, streamed byte for byte from where it lies in the upload to the store,
+so a 70 MB mammogram is never copied aside and its compressed frames are never re-encoded.
 """
 
 from __future__ import annotations
 
+import io
 import struct
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import pydicom
@@ -29,7 +31,6 @@ from shared.imaging.formats import (
 # Header values longer than this are read only if something asks for them (a private blob
 # before the pixels is dropped unread).
 HEADER_DEFER_BYTES = 1024 * 1024
-COPY_CHUNK_BYTES = 1024 * 1024
 PIXEL_DATA = (0x7FE0, 0x0010)
 ITEM, SEQUENCE_DELIMITER = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
 UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -182,43 +183,70 @@ def screenable_metadata(ds: Dataset, filename: str) -> ImageMetadata:
     )
 
 
-def write_deidentified(
+@dataclass(frozen=True)
+class DeidentifiedCopy:
+    """A de-identified file as the bytes that replace everything before the pixel values
+    (the new header and the Pixel Data element's tag, VR and length) followed by a byte range
+    of the source: the original pixel value, never copied aside on its way to the store."""
+
+    head: bytes
+    pixels_at: int
+    pixels_length: int
+
+    @property
+    def size(self) -> int:
+        return len(self.head) + self.pixels_length
+
+
+def deidentified_copy(
     source: BinaryIO,
     header: Dataset,
-    out: BinaryIO,
     *,
+    size: int,
     deidentifier: Deidentifier,
     patient_key: str,
     filename: str,
-) -> None:
-    """Write the de-identified file to `out`: new header, then the original pixel element.
+) -> DeidentifiedCopy:
+    """De-identify `header` and find the pixel element's extent in `source` (seekable, `size`
+    bytes long, and positioned where read_header left it); the file is checked to hold all of
+    it, and `source` is left where the pixel value starts.
 
-    `source` must be positioned where read_header left it. Whatever follows the pixel data
-    (trailing padding, a digital signature, private groups) is dropped.
+    Whatever follows the pixel data (trailing padding, a digital signature, private groups)
+    is dropped.
     """
     syntax = UID(header.file_meta.TransferSyntaxUID)
+    out = io.BytesIO()
     if syntax.is_deflated:
-        # One deflate stream covers header and pixels alike, so no byte range can be copied;
+        # One deflate stream covers header and pixels alike, so no byte range can be kept;
         # deflated images are small and rare, and bounded by the per-file limit.
         source.seek(0)
         full = pydicom.dcmread(source)
         deidentifier.apply(full, patient_key=patient_key)
         pydicom.dcmwrite(out, full, enforce_file_format=True)
-        return
+        return DeidentifiedCopy(head=out.getvalue(), pixels_at=0, pixels_length=0)
     deidentifier.apply(header, patient_key=patient_key)
     pydicom.dcmwrite(out, header, enforce_file_format=True)
-    _copy_pixel_element(
+    element_head, length = _pixel_element_head(
         source,
-        out,
         little_endian=syntax.is_little_endian,
         implicit_vr=syntax.is_implicit_VR,
         filename=filename,
     )
+    pixels_at = source.tell()
+    if length == UNDEFINED_LENGTH:
+        length = _encapsulated_length(source, pixels_at, size, filename)
+        source.seek(pixels_at)
+    elif pixels_at + length > size:
+        raise _truncated(filename)
+    return DeidentifiedCopy(
+        head=out.getvalue() + element_head, pixels_at=pixels_at, pixels_length=length
+    )
 
 
-def _copy_pixel_element(
-    source: BinaryIO, out: BinaryIO, *, little_endian: bool, implicit_vr: bool, filename: str
-) -> None:
+def _pixel_element_head(
+    source: BinaryIO, *, little_endian: bool, implicit_vr: bool, filename: str
+) -> tuple[bytes, int]:
+    """The Pixel Data element's tag, VR and length as they stand, and the length."""
     order = "<" if little_endian else ">"
     head = _read_exact(source, 4, filename)
     if struct.unpack(order + "HH", head) != PIXEL_DATA:
@@ -237,25 +265,29 @@ def _copy_pixel_element(
             )
         length_bytes = value_header[4:]
     (length,) = struct.unpack(order + "I", length_bytes)
-    out.write(head + value_header)
-    if length != UNDEFINED_LENGTH:
-        _copy_exact(source, out, length, filename)
-        return
-    # Encapsulated (compressed) pixel data: items until the sequence delimiter; always
-    # little endian, the only byte order compressed transfer syntaxes allow.
+    return head + value_header, length
+
+
+def _encapsulated_length(source: BinaryIO, start: int, end: int, filename: str) -> int:
+    """Bytes from `start` through the sequence delimiter of encapsulated (compressed) pixel
+    data: fragment items are stepped over by their lengths, not read. Always little endian,
+    the only byte order compressed transfer syntaxes allow."""
+    position = start
     while True:
-        item_head = _read_exact(source, 8, filename)
-        group, element, item_length = struct.unpack("<HHI", item_head)
-        out.write(item_head)
+        if position + 8 > end:
+            raise _truncated(filename)
+        source.seek(position)
+        group, element, item_length = struct.unpack("<HHI", source.read(8))
+        position += 8
         if (group, element) == SEQUENCE_DELIMITER:
-            return
+            return position - start
         if (group, element) != ITEM:
             raise ImageRejected(
                 RejectCode.INVALID_DICOM,
                 f"{filename}: compressed Pixel Data holds a ({group:04X},{element:04X}) "
                 "element where a fragment item belongs",
             )
-        _copy_exact(source, out, item_length, filename)
+        position += item_length  # past the end: the next turn finds the file truncated
 
 
 def _read_exact(source: BinaryIO, count: int, filename: str) -> bytes:
@@ -263,16 +295,6 @@ def _read_exact(source: BinaryIO, count: int, filename: str) -> bytes:
     if len(data) != count:
         raise _truncated(filename)
     return data
-
-
-def _copy_exact(source: BinaryIO, out: BinaryIO, count: int, filename: str) -> None:
-    remaining = count
-    while remaining:
-        chunk = source.read(min(COPY_CHUNK_BYTES, remaining))
-        if not chunk:
-            raise _truncated(filename)
-        out.write(chunk)
-        remaining -= len(chunk)
 
 
 def _truncated(filename: str) -> ImageRejected:

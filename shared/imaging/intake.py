@@ -33,7 +33,7 @@ from shared.config import Settings
 from shared.db.base import new_id
 from shared.db.models import Laterality, View
 from shared.imaging.deid import Deidentifier
-from shared.imaging.dicom import read_header, screenable_metadata, write_deidentified
+from shared.imaging.dicom import deidentified_copy, read_header, screenable_metadata
 from shared.imaging.formats import (
     SNIFF_BYTES,
     ImageMetadata,
@@ -225,66 +225,57 @@ def take_in(
             f"{filename} is not DICOM, PNG or JPEG (judged by its content, not its name)",
         )
     stream.seek(0)
-    with tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES) as clean:
-        if media_type == MediaType.DICOM:
-            if known_header is not None:
-                header, header_end = known_header
-                stream.seek(header_end)
-            else:
-                header = read_header(stream, filename)
-            metadata = _guard_dicom(filename, screenable_metadata, header, filename)
+    if media_type == MediaType.DICOM:
+        if known_header is not None:
+            header, header_end = known_header
+            stream.seek(header_end)
         else:
-            metadata = _raster_metadata(stream, filename, hints)
-        _refuse_oversized(metadata, filename, settings)
-        require_laterality_and_view(metadata, filename)
-        image_id = new_id()
-        sop_instance_key: str | None = None
-        # Without a study id, each such file is its own study.
-        study_key = metadata.study_uid or f"image:{image_id}"
-        key_of_patient = patient_key(
-            settings.patient_key_secret, tenant_id, metadata.patient_id or f"study:{study_key}"
+            header = read_header(stream, filename)
+        metadata = _guard_dicom(filename, screenable_metadata, header, filename)
+    else:
+        metadata = _raster_metadata(stream, filename, hints)
+    _refuse_oversized(metadata, filename, settings)
+    require_laterality_and_view(metadata, filename)
+    image_id = new_id()
+    sop_instance_key: str | None = None
+    # Without a study id, each such file is its own study.
+    study_key = metadata.study_uid or f"image:{image_id}"
+    key_of_patient = patient_key(
+        settings.patient_key_secret, tenant_id, metadata.patient_id or f"study:{study_key}"
+    )
+    sealed_identity = None
+    key = Keys.image(tenant_id, batch_id, image_id)
+    if media_type == MediaType.DICOM:
+        deidentifier = deidentifier_for(settings.patient_key_secret)
+        keys = vault_keys(settings) if to.keep_identity else None
+        if keys is not None and keys.active is not None:
+            identity = _guard_dicom(filename, original_identity, header)
+            if identity is not None:
+                sealed_identity = seal(identity, keys=keys, tenant_id=tenant_id, image_id=image_id)
+        copy = _guard_dicom(
+            filename,
+            deidentified_copy,
+            stream,
+            header,
+            size=size,
+            deidentifier=deidentifier,
+            patient_key=key_of_patient,
+            filename=filename,
         )
-        sealed_identity = None
-        if media_type == MediaType.DICOM:
-            deidentifier = deidentifier_for(settings.patient_key_secret)
-            keys = vault_keys(settings) if to.keep_identity else None
-            if keys is not None and keys.active is not None:
-                identity = _guard_dicom(filename, original_identity, header)
-                if identity is not None:
-                    sealed_identity = seal(
-                        identity, keys=keys, tenant_id=tenant_id, image_id=image_id
-                    )
-            _guard_dicom(
-                filename,
-                write_deidentified,
-                stream,
-                header,
-                cast(BinaryIO, clean),
-                deidentifier=deidentifier,
-                patient_key=key_of_patient,
-                filename=filename,
-            )
-            study_key = deidentifier.pseudonymous_uid(study_key)
-            if metadata.sop_instance_uid:
-                sop_instance_key = deidentifier.pseudonymous_uid(metadata.sop_instance_uid)
-        else:
-            stream.seek(0)
-            strip = strip_png_metadata if media_type == MediaType.PNG else strip_jpeg_metadata
+        study_key = deidentifier.pseudonymous_uid(study_key)
+        if metadata.sop_instance_uid:
+            sop_instance_key = deidentifier.pseudonymous_uid(metadata.sop_instance_uid)
+        # The new header, then the pixel element straight from the upload: no copy aside.
+        stored = _put(
+            store, key, stream, media_type, settings, filename, prefix=copy.head, length=copy.size
+        )
+    else:
+        stream.seek(0)
+        strip = strip_png_metadata if media_type == MediaType.PNG else strip_jpeg_metadata
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES) as clean:
             strip(stream, cast(BinaryIO, clean), filename)
-        clean.seek(0)
-        key = Keys.image(tenant_id, batch_id, image_id)
-        try:
-            stored = store.put_stream(
-                key,
-                cast(BinaryIO, clean),
-                content_type=media_type.value,
-                limit=settings.max_file_bytes,
-            )
-        except ObjectTooLarge as err:
-            raise ImageRejected(
-                RejectCode.FILE_TOO_LARGE,
-                f"{filename} is larger than the limit of {err.limit} bytes",
-            ) from err
+            clean.seek(0)
+            stored = _put(store, key, cast(BinaryIO, clean), media_type, settings, filename)
     assert metadata.laterality is not None  # require_laterality_and_view checked both
     assert metadata.view is not None
     return StoredImage(
@@ -299,6 +290,33 @@ def take_in(
         sop_instance_key=sop_instance_key,
         sealed_identity=sealed_identity,
     )
+
+
+def _put(
+    store: ObjectStore,
+    key: str,
+    stream: BinaryIO,
+    media_type: MediaType,
+    settings: Settings,
+    filename: str,
+    *,
+    prefix: bytes = b"",
+    length: int | None = None,
+) -> StoredObject:
+    try:
+        return store.put_stream(
+            key,
+            stream,
+            content_type=media_type.value,
+            limit=settings.max_file_bytes,
+            prefix=prefix,
+            length=length,
+        )
+    except ObjectTooLarge as err:
+        raise ImageRejected(
+            RejectCode.FILE_TOO_LARGE,
+            f"{filename} is larger than the limit of {err.limit} bytes",
+        ) from err
 
 
 def _guard_dicom(label: str, step: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -7,6 +7,7 @@ import uuid
 
 import pydicom
 import pytest
+from pydicom.uid import RLELossless
 
 from devstack.synth import SynthImage
 from shared.config import Settings
@@ -55,4 +56,67 @@ def test_a_refused_file_raises_its_code_and_stores_nothing(
             hints=IntakeHints(),
         )
     assert refused.value.code == RejectCode.UNSUPPORTED_MEDIA_TYPE
+    assert list(store.list_keys(Keys.UPLOADS)) == []
+
+
+def _rle_with_trailer(synth: SynthImage) -> tuple[bytes, int]:
+    """The image RLE-compressed (encapsulated pixel data), with trailing padding after the
+    pixel element; the offset where the pixel element's value starts."""
+    ds = pydicom.dcmread(synth.path)
+    ds.compress(RLELossless)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    data = out.getvalue()
+    value_at = data.rindex(b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff") + 12
+    # (FFFC,FFFC) Data Set Trailing Padding, OB, 4 bytes: what some archives append.
+    return data + b"\xfc\xff\xfc\xffOB\x00\x00\x04\x00\x00\x00PAD!", value_at
+
+
+def _take_in(data: bytes, settings: Settings, store: ObjectStore) -> bytes:
+    image = take_in(
+        io.BytesIO(data),
+        "compressed.dcm",
+        to=Destination(settings, store, uuid.uuid4(), uuid.uuid4()),
+        hints=IntakeHints(),
+    )
+    return store.get_bytes(image.stored.key)
+
+
+def test_compressed_pixels_are_stored_whole_and_what_follows_them_is_dropped(
+    settings: Settings, store: ObjectStore, exam: list[SynthImage]
+) -> None:
+    data, _ = _rle_with_trailer(exam[0])
+    stored = _take_in(data, settings, store)
+    kept = pydicom.dcmread(io.BytesIO(stored))
+    assert kept.PixelData == pydicom.dcmread(io.BytesIO(data)).PixelData
+    assert b"PAD!" not in stored
+    assert stored.endswith(b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")  # the sequence delimiter
+    assert (kept.pixel_array == pydicom.dcmread(exam[0].path).pixel_array).all()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("cut inside a fragment", "ends before its declared length"),
+        ("no sequence delimiter", "ends before its declared length"),
+        ("a non-item element among the fragments", "where a fragment item belongs"),
+    ],
+)
+def test_damaged_compressed_pixels_are_refused_and_nothing_is_stored(
+    settings: Settings, store: ObjectStore, exam: list[SynthImage], damage: str, message: str
+) -> None:
+    data, value_at = _rle_with_trailer(exam[0])
+    delimiter_at = data.rindex(b"\xfe\xff\xdd\xe0")
+    damaged = {
+        "cut inside a fragment": data[: delimiter_at - 100],
+        "no sequence delimiter": data[:delimiter_at],
+        # The basic offset table item's tag turned into (FFFE,E00D), an item delimiter.
+        "a non-item element among the fragments": data[:value_at]
+        + b"\xfe\xff\x0d\xe0"
+        + data[value_at + 4 :],
+    }[damage]
+    with pytest.raises(ImageRejected) as refused:
+        _take_in(damaged, settings, store)
+    assert refused.value.code == RejectCode.INVALID_DICOM
+    assert message in refused.value.message
     assert list(store.list_keys(Keys.UPLOADS)) == []
