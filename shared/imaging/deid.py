@@ -79,6 +79,9 @@ class Deidentifier:
                 self._actions[tag] = _remove
         for tag in tables["U_TAGS"]:
             self._actions[tag] = self._remap_uid_element
+        # Repeating-group rules (group, element, group mask, element mask): the library walks
+        # the whole dataset once for each, so it is handed only those that match a tag present.
+        self._masks = [(rule, act) for rule, act in self._actions.items() if len(rule) > 2]
 
     def pseudonymous_uid(self, uid: str) -> str:
         digest = hmac.new(self._secret, b"uid:" + uid.encode(), hashlib.sha256).digest()
@@ -117,10 +120,16 @@ class Deidentifier:
 
     def _apply_nested(self, dataset: Dataset) -> None:
         # The library looks up each of its ~600 rules in the dataset; a header has a few dozen
-        # elements, so hand it only the rules for tags present (and the repeating-group masks,
-        # which it matches by walking): the same result in a fraction of the time.
-        present = {(int(tag.group), int(tag.element)) for tag in dataset.keys()}  # noqa: SIM118 - tags, not elements
-        rules = {t: act for t, act in self._actions.items() if len(t) > 2 or t in present}
+        # elements, so hand it only the rules for tags present: the same result in a fraction
+        # of the time. Nested items get their own call below.
+        present = [(int(tag.group), int(tag.element)) for tag in dataset.keys()]  # noqa: SIM118 - tags, not elements
+        rules = {tag: self._actions[tag] for tag in present if tag in self._actions}
+        for (group, element, group_mask, element_mask), act in self._masks:
+            if any(
+                g & group_mask == group & group_mask and e & element_mask == element & element_mask
+                for g, e in present
+            ):
+                rules[(group, element, group_mask, element_mask)] = act
         anonymize_dataset(
             dataset,
             extra_anonymization_rules=rules,

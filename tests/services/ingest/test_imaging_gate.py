@@ -47,6 +47,10 @@ PLANTED = {
     "PatientComments": "comment naming PLANTED-PERSON",
 }
 PRIVATE_VALUE = "PRIVATE-PLANTED-VALUE"
+# Repeating groups (60xx overlays, 50xx curves): the profile names them by masks.
+OVERLAY_COMMENT = "overlay naming OVERLAY-PLANTED"
+CURVE_LABEL = "CURVE-PLANTED"
+NESTED_OVERLAY_COMMENT = "nested overlay naming NESTED-OVERLAY-PLANTED"
 NESTED_UID = "1.2.826.0.1.3680043.99.12345"
 
 
@@ -86,9 +90,12 @@ def _with_identity(path: Path) -> Dataset:
         setattr(ds, keyword, value)
     block = ds.private_block(0x0029, "PLANTED VENDOR 1.0", create=True)
     block.add_new(0x01, "LO", PRIVATE_VALUE)
+    ds.add_new(0x60004000, "LT", OVERLAY_COMMENT)  # Overlay Comments
+    ds.add_new(0x50022500, "LO", CURVE_LABEL)  # Curve Label (retired)
     reference = Dataset()
     reference.ReferencedSOPClassUID = ds.SOPClassUID
     reference.ReferencedSOPInstanceUID = NESTED_UID
+    reference.add_new(0x60024000, "LT", NESTED_OVERLAY_COMMENT)
     ds.SourceImageSequence = Sequence([reference])
     return ds
 
@@ -128,7 +135,8 @@ def test_stored_dicom_has_no_basic_profile_phi_and_no_private_tags(
                 assert stored[tag].value != original[tag].value, f"{tag} kept its value"
         assert checked >= 15, "the upload should carry plenty of profile elements"
         assert _private_tags(stored) == []
-        for value in (*PLANTED.values(), PRIVATE_VALUE, NESTED_UID, original.PatientID):
+        planted = (*PLANTED.values(), OVERLAY_COMMENT, CURVE_LABEL, NESTED_OVERLAY_COMMENT)
+        for value in (*planted, PRIVATE_VALUE, NESTED_UID, original.PatientID):
             assert str(value).encode() not in raw, f"{value} reached object storage"
         for tag in remapped & set(stored.keys()):
             assert str(stored[tag].value).startswith("2.25."), tag
