@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -46,11 +46,11 @@ from shared.db.models import (
 )
 from shared.imaging.decode import decode_image
 from shared.imaging.formats import ImageRejected
-from shared.imaging.preprocess import Preprocess, box_in_input
+from shared.imaging.preprocess import InputGeometry, Preprocess, box_in_input
 from shared.logs import log_context
 from shared.ml.checkpoint import checkpoint_bytes
 from shared.ml.config import Example, TrainingConfig
-from shared.ml.data import InputCache, Scanned, TrainingSplit
+from shared.ml.data import InputCache, RecentRecords, Scanned, TrainingSplit
 from shared.ml.evaluation import (
     ActiveComparison,
     OperatingPoint,
@@ -342,6 +342,20 @@ def input_cache(max_bytes: int) -> InputCache:
     return InputCache(max_bytes)
 
 
+# Images whose placement (crop geometry) and input statistics the process keeps: a few
+# hundred bytes each, so every image of a large data set, while the inputs themselves are
+# bounded by `training_cache_bytes`.
+PLACEMENTS_KEPT = 200_000
+
+
+@lru_cache(maxsize=1)
+def placements() -> RecentRecords:
+    """The training process's record of each image's crop geometry and input statistics by
+    (object, preprocess): the stages of one run (a cross-validation's folds and its final
+    model) scan the same images, and need not decode them again to know their boxes."""
+    return RecentRecords(PLACEMENTS_KEPT)
+
+
 @dataclass(frozen=True)
 class PreparedImages:
     """Model inputs of a run's images prepared by `preprocess` (the inference code's), on
@@ -362,10 +376,11 @@ class PreparedImages:
             max_pixels=self.settings.max_image_pixels,
         )
         inputs, geometry, statistics = self.preprocess.prepare(pixels, image.laterality)
-        box = box_in_input(image.box, geometry) if image.box else None
         prepared = inputs.astype(np.float16)
-        self.cache.put((image.object_key, self.preprocess), prepared)
-        return prepared, Scanned(box, statistics)
+        key = (image.object_key, self.preprocess)
+        self.cache.put(key, prepared)
+        placements().put(key, (geometry, statistics))
+        return prepared, _scanned(image, geometry, statistics)
 
     def fetch(self, image: DatasetImage) -> np.ndarray:
         """Raises ImageRejected when the image cannot be prepared."""
@@ -373,10 +388,15 @@ class PreparedImages:
         return cached if cached is not None else self._prepare(image)[0]
 
     def scan(self, images: list[DatasetImage]) -> list[Scanned | None]:
-        """Every image prepared once (filling the cache as far as it goes): its box and
-        statistics, or None for an image that cannot be decoded (logged and left out)."""
+        """Every image's box and statistics, or None for an image that cannot be decoded
+        (logged and left out): from the placements where an earlier stage of the run found
+        them, else by preparing the image (filling the cache as far as it goes)."""
 
         def scan_one(image: DatasetImage) -> Scanned | None:
+            placed = placements().get((image.object_key, self.preprocess))
+            if placed is not None:
+                geometry, statistics = cast(tuple[InputGeometry, np.ndarray], placed)
+                return _scanned(image, geometry, statistics)
             try:
                 return self._prepare(image)[1]
             except ImageRejected as err:
@@ -407,6 +427,10 @@ class PreparedImages:
             loader_threads=self.settings.worker_loader_threads,
             read_ahead=self.settings.training_read_ahead,
         )
+
+
+def _scanned(image: DatasetImage, geometry: InputGeometry, statistics: np.ndarray) -> Scanned:
+    return Scanned(box_in_input(image.box, geometry) if image.box else None, statistics)
 
 
 def scan_images(
