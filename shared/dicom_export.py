@@ -281,6 +281,10 @@ def _sendable(dataset: Dataset, assoc: object) -> Dataset:
 
 def send_stow_rs(datasets: Sequence[Dataset], *, url: str, timeout_s: float) -> None:
     client = DICOMwebClient(url=url, session=requests.Session(), timeout=timeout_s)
+    # The client would retry every failure itself, five times over 30 s of back-off, holding
+    # the delivery loop (and every other delivery) on one busy or dead destination; the
+    # delivery schedule (`export_retry_base_s`, `export_max_attempts`) is the one retry.
+    client.set_http_retry_params(retry=False)
     try:
         answer = client.store_instances(list(datasets))
     except requests.HTTPError as err:

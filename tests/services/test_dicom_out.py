@@ -10,9 +10,11 @@ import io
 import json
 import logging
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -584,3 +586,59 @@ def test_the_heatmap_segmentation_lies_on_the_lesion_in_the_images_own_geometry(
         mirrored = heat[y0:y1, heat.shape[1] - x1 : heat.shape[1] - x0].mean()
         assert inside > 2 * heat.mean(), (inside, heat.mean())
         assert inside > mirrored, (inside, mirrored)
+
+
+@contextlib.contextmanager
+def busy_stow_rs() -> Iterator[tuple[str, list[str]]]:
+    """A DICOMweb endpoint that answers every POST 503 Service Unavailable; its URL and the
+    paths it was sent."""
+    posts: list[str] = []
+
+    class Busy(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+            posts.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web", posts
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_busy_stow_rs_destination_gets_one_request_per_attempt_and_the_schedule_retries(
+    vault_settings: Settings, session: Session, store: ObjectStore, planted: list[Path]
+) -> None:
+    # The HTTP client's own retries (five, 30 s of back-off) would hold the delivery loop,
+    # and every other tenant's deliveries, on one busy PACS; the delivery schedule retries.
+    settings = vault_settings.model_copy(
+        update={"export_max_attempts": 2, "export_retry_base_s": 0.01, "export_timeout_s": 5}
+    )
+    tenant, key = make_tenant(session, scopes=READER)
+    with busy_stow_rs() as (url, posts):
+        add_destination(session=session, tenant_id=tenant.id, name="busy", url=url)
+        session.commit()
+        with apps(settings) as (ingest, results):
+            batch = screen_and_render(ingest, key, planted, settings, store)
+            with session_scope(settings.database_url) as db:
+                assert deliver_due(db, settings=settings, store=store) == 0
+            assert len(posts) == 1
+            with session_scope(settings.database_url) as db:
+                db.execute(update(ExportDelivery).values(next_attempt_at=utcnow()))
+            with session_scope(settings.database_url) as db:
+                assert deliver_due(db, settings=settings, store=store) == 0
+            assert len(posts) == 2
+            (delivery,) = results.get(
+                f"/v1/batches/{batch['id']}/deliveries", headers=auth(key)
+            ).json()["items"]
+    assert (delivery["status"], delivery["attempts"]) == ("dead", 2)
+    assert delivery["last_status_code"] == 503
