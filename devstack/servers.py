@@ -293,6 +293,9 @@ def start_s3(
                 "-master.volumeSizeLimitMB=256",
                 "-volume.max=0",
                 "-master.telemetry=false",
+                # One master, its own leader: on a restart it waits this long before electing
+                # itself, and the whole store is down meanwhile (13 s at the default 10 s).
+                "-master.electionTimeout=1s",
                 *args,
             ],
             stdin=subprocess.DEVNULL,
@@ -328,10 +331,10 @@ def restart_server(server: RunningServer, **credentials: str) -> RunningServer:
 
 
 # How long a server may take to stop before SIGKILL. SeaweedFS's `weed server` never ends on
-# SIGTERM or SIGINT by itself (measured: still there after 20 s, every time), and each stack
-# the tests stop waited that long; its volumes are append-only and survive a kill, as they
-# survive a crash.
-STOP_GRACE_S = {"postgres": 20.0, "redis": 20.0, "s3": 3.0}
+# SIGTERM or SIGINT by itself (measured: still there after 20 s, every time; it stops its
+# gRPC servers at once), and each stack the tests stop waited that long; its volumes are
+# append-only and survive a kill, as they survive a crash.
+STOP_GRACE_S = {"postgres": 20.0, "redis": 20.0, "s3": 1.0}
 
 
 def stop_server(server: RunningServer) -> None:
