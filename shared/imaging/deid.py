@@ -123,7 +123,9 @@ class Deidentifier:
         # elements, so hand it only the rules for tags present: the same result in a fraction
         # of the time. Nested items get their own call below.
         present = [(int(tag.group), int(tag.element)) for tag in dataset.keys()]  # noqa: SIM118 - tags, not elements
-        rules = {tag: self._actions[tag] for tag in present if tag in self._actions}
+        rules: dict[tuple[int, ...], Action] = {
+            tag: self._actions[tag] for tag in present if tag in self._actions
+        }
         for (group, element, group_mask, element_mask), act in self._masks:
             if any(
                 g & group_mask == group & group_mask and e & element_mask == element & element_mask
