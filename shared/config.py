@@ -166,7 +166,8 @@ class Settings(BaseSettings):
     export_max_attempts: int = Field(default=5, gt=0)
     export_retry_base_s: float = Field(default=10, gt=0)
     export_timeout_s: float = Field(default=30, gt=0)
-    # Longest one sweep spends rendering and delivering before its other steps run again.
+    # Longest one round of the exporter thread (services/worker/sweeping.py) renders and
+    # delivers before it looks at its stop signal again.
     export_sweep_budget_s: float = Field(default=20, gt=0)
 
     @model_validator(mode="after")

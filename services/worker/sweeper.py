@@ -133,8 +133,16 @@ def export_dicom_results(settings: Settings, store: ObjectStore) -> tuple[int, i
 
 
 def sweep_once(
-    settings: Settings, *, store: ObjectStore, producer: Celery, orphans: bool = False
+    settings: Settings,
+    *,
+    store: ObjectStore,
+    producer: Celery,
+    orphans: bool = False,
+    exports: bool = True,
 ) -> SweepReport:
+    """One round of every step; `exports=False` leaves DICOM results to a loop of their own
+    (a worker's exporter thread), so rendering a backlog never delays the leases and queue
+    steps of the next round."""
     with session_scope(settings.database_url) as session:
         requeued, failed = expire_leases(
             session=session, max_attempts=settings.max_attempts, limit=SWEEP_LIMIT
@@ -160,7 +168,7 @@ def sweep_once(
         httpx.Client(timeout=DELIVERY_TIMEOUT_S) as http,
     ):
         deliver_due(session, http)
-    rendered, delivered = export_dicom_results(settings, store)
+    rendered, delivered = export_dicom_results(settings, store) if exports else (0, 0)
     orphans_deleted = 0
     if orphans:
         with session_scope(settings.database_url) as session:

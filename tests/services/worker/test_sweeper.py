@@ -4,17 +4,21 @@ import uuid
 from datetime import timedelta
 
 import redis
-from sqlalchemy import select
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from devstack.synth import SynthImage
 from services.worker.sweeper import delete_orphans, relay_queued, sweep_once
+from services.worker.sweeping import ExporterThread
 from shared.config import Settings
 from shared.db.base import session_factory, utcnow
-from shared.db.models import BatchPriority, Image, ImageStatus
+from shared.db.models import BatchPriority, ExamExport, ExportStatus, Image, ImageStatus
 from shared.lifecycle import claim_images, mark_enqueued
 from shared.queue import make_celery
 from shared.storage import Keys, ObjectStore
 from tests.factories import make_batch, make_image, make_tenant
+from tests.helpers import auth, files_field, screen_everything, wait_for
 
 
 def _queue_length(settings: Settings, queue: str = "inference") -> int:
@@ -130,3 +134,46 @@ def test_orphaned_objects_are_deleted_and_everything_else_kept(
     assert not store.exists(orphan)
     assert store.exists(kept)
     assert all(store.exists(key) for key in elsewhere)
+
+
+def test_the_sweeper_leaves_dicom_results_to_the_exporter_so_a_backlog_never_delays_leases(
+    ingest: TestClient,
+    settings: Settings,
+    store: ObjectStore,
+    exam: list[SynthImage],
+) -> None:
+    with session_factory(settings.database_url)() as session:
+        _, key = make_tenant(session)
+        batch = ingest.post("/v1/batches", json={"name": "exports"}, headers=auth(key)).json()
+        uploaded = ingest.post(
+            f"/v1/batches/{batch['id']}/images",
+            files=files_field([image.path for image in exam]),
+            headers=auth(key),
+        )
+        assert uploaded.status_code == 202, uploaded.text
+        ingest.post(f"/v1/batches/{batch['id']}/close", headers=auth(key))
+        screen_everything(session, settings, store)
+        pending = select(func.count()).where(ExamExport.status == ExportStatus.PENDING)
+        assert session.scalar(pending) == 1  # the screened exam's results, to be rendered
+        tenant, _ = make_tenant(session)
+        stranded = make_image(session, make_batch(session, tenant))
+        claim_images(session=session, image_ids=[stranded.id], lease_s=60)
+        session.commit()
+        _expire(session, stranded)
+
+        report = sweep_once(settings, store=store, producer=make_celery(settings), exports=False)
+        assert (report.requeued, report.results_rendered) == (1, 0)
+        assert session.scalar(pending) == 1
+
+        exporter = ExporterThread(settings.model_copy(update={"sweep_interval_s": 0.05}))
+        exporter.start()
+        try:
+            wait_for(lambda: session.scalar(pending) == 0, timeout=60, what="the exporter")
+        finally:
+            exporter.stopping.set()
+            exporter.join(timeout=30)
+        assert not exporter.is_alive()
+        rendered = session.scalar(
+            select(func.count()).where(ExamExport.status == ExportStatus.RENDERED)
+        )
+        assert rendered == 1
