@@ -83,6 +83,10 @@ class StoredObject:
     sha256: str
 
 
+class StreamEndedEarly(Exception):
+    """The stream ended before the length its caller gave; nothing was kept in storage."""
+
+
 class _HashingReader(io.RawIOBase):
     """Wraps a stream: hashes and counts what is read, and stops past `limit` bytes. `prefix`
     comes first; of the stream, at most `length` bytes in all are read when it is given."""
@@ -108,6 +112,8 @@ class _HashingReader(io.RawIOBase):
         if len(chunk) < want:
             # One piece per read: the store's client joins what it reads into a part.
             chunk += self._source.read(want - len(chunk))
+            if not chunk and want > 0 and self._length is not None:
+                raise StreamEndedEarly(f"{self.size} of {self._length} bytes")
         self.size += len(chunk)
         if self.size > self._limit:
             raise ObjectTooLarge(self._limit)
@@ -153,7 +159,8 @@ class ObjectStore:
     ) -> StoredObject:
         """Stream to storage in bounded parts, hashing on the way: `prefix` first, then the
         stream, to its end or to `length` bytes in all (prefix included) where the caller
-        knows the size (then an object of one part is sent in one request, read once)."""
+        knows the size (then an object of one part is sent in one request, read once); a
+        stream that ends before that raises StreamEndedEarly."""
         if length is not None and length > limit:
             raise ObjectTooLarge(limit)
         reader = _HashingReader(stream, limit, prefix, length)
@@ -166,7 +173,7 @@ class ObjectStore:
                 part_size=PART_SIZE,
                 content_type=content_type,
             )
-        except ObjectTooLarge:
+        except (ObjectTooLarge, StreamEndedEarly):
             self.delete(key)  # a multipart upload may have left a partial object behind
             raise
         return StoredObject(key=key, size=reader.size, sha256=reader.digest.hexdigest())

@@ -46,7 +46,7 @@ from shared.imaging.formats import (
     sniff_media_type,
 )
 from shared.imaging.raster import strip_jpeg_metadata, strip_png_metadata
-from shared.storage import Keys, ObjectStore, ObjectTooLarge, StoredObject
+from shared.storage import Keys, ObjectStore, ObjectTooLarge, StoredObject, StreamEndedEarly
 from shared.vault import OriginalIdentity, SealedIdentity, seal, vault_keys
 
 T = TypeVar("T")
@@ -316,6 +316,13 @@ def _put(
         raise ImageRejected(
             RejectCode.FILE_TOO_LARGE,
             f"{filename} is larger than the limit of {err.limit} bytes",
+        ) from err
+    except StreamEndedEarly as err:
+        # The size its carrier declared (a zip entry's header) was more than it held.
+        raise ImageRejected(
+            RejectCode.INVALID_DICOM,
+            f"{filename} ends before its declared length (a truncated transfer or archive "
+            "entry?); send the complete file",
         ) from err
 
 

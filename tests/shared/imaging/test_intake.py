@@ -120,3 +120,22 @@ def test_damaged_compressed_pixels_are_refused_and_nothing_is_stored(
     assert refused.value.code == RejectCode.INVALID_DICOM
     assert message in refused.value.message
     assert list(store.list_keys(Keys.UPLOADS)) == []
+
+
+def test_a_file_shorter_than_its_carrier_declared_is_refused_and_nothing_is_stored(
+    settings: Settings, store: ObjectStore, exam: list[SynthImage]
+) -> None:
+    # A zip entry's header gives its size; a hostile or damaged archive may claim more than
+    # the entry holds. The pixel element's own length is then in bounds of the claim only.
+    data = exam[0].path.read_bytes()
+    with pytest.raises(ImageRejected) as refused:
+        take_in(
+            io.BytesIO(data[:-1000]),
+            "short.dcm",
+            to=Destination(settings, store, uuid.uuid4(), uuid.uuid4()),
+            hints=IntakeHints(),
+            size=len(data),
+        )
+    assert refused.value.code == RejectCode.INVALID_DICOM
+    assert "ends before its declared length" in refused.value.message
+    assert list(store.list_keys(Keys.UPLOADS)) == []
