@@ -18,7 +18,7 @@ from shared.lifecycle import claim_images, mark_enqueued
 from shared.queue import make_celery
 from shared.storage import Keys, ObjectStore
 from tests.factories import make_batch, make_image, make_tenant
-from tests.helpers import auth, files_field, screen_everything, wait_for
+from tests.helpers import auth, screen_everything, upload_batch, wait_for
 
 
 def _queue_length(settings: Settings, queue: str = "inference") -> int:
@@ -144,13 +144,7 @@ def test_the_sweeper_leaves_dicom_results_to_the_exporter_so_a_backlog_never_del
 ) -> None:
     with session_factory(settings.database_url)() as session:
         _, key = make_tenant(session)
-        batch = ingest.post("/v1/batches", json={"name": "exports"}, headers=auth(key)).json()
-        uploaded = ingest.post(
-            f"/v1/batches/{batch['id']}/images",
-            files=files_field([image.path for image in exam]),
-            headers=auth(key),
-        )
-        assert uploaded.status_code == 202, uploaded.text
+        batch, _ = upload_batch(ingest, key, [image.path for image in exam], name="exports")
         ingest.post(f"/v1/batches/{batch['id']}/close", headers=auth(key))
         screen_everything(session, settings, store)
         pending = select(func.count()).where(ExamExport.status == ExportStatus.PENDING)
