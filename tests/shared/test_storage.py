@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from shared.storage import PART_SIZE, Keys, ObjectStore, ObjectTooLarge
+from shared.storage import PART_SIZE, Keys, ObjectStore, ObjectTooLarge, StreamEndedEarly
 
 
 def test_streamed_object_round_trips_with_its_hash(store: ObjectStore) -> None:
@@ -23,6 +23,40 @@ def test_streamed_object_round_trips_with_its_hash(store: ObjectStore) -> None:
     assert stored.size == len(data)
     assert stored.sha256 == hashlib.sha256(data).hexdigest()
     assert store.get_bytes("a/b") == data
+
+
+def test_a_known_length_over_several_parts_stores_that_much_and_no_more(
+    store: ObjectStore,
+) -> None:
+    # A full-size mammogram (tens of MB): a header prefix, then a byte range of the upload
+    # followed by bytes that are not part of the object (a trailer the copy drops).
+    data = os.urandom(2 * PART_SIZE + 4321)
+    stream = io.BytesIO(data[100:] + b"TRAILER")
+    stored = store.put_stream(
+        "a/known",
+        stream,
+        content_type="application/dicom",
+        limit=len(data),
+        prefix=data[:100],
+        length=len(data),
+    )
+    assert (stored.size, stored.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert store.get_bytes("a/known") == data
+
+
+def test_a_stream_shorter_than_its_length_is_refused_and_nothing_is_kept(
+    store: ObjectStore,
+) -> None:
+    data = os.urandom(PART_SIZE + 1000)
+    with pytest.raises(StreamEndedEarly):
+        store.put_stream(
+            "short",
+            io.BytesIO(data),
+            content_type="application/dicom",
+            limit=2 * len(data),
+            length=len(data) + 10,
+        )
+    assert not store.exists("short")
 
 
 def test_stream_over_the_limit_is_refused_and_nothing_is_kept(store: ObjectStore) -> None:
