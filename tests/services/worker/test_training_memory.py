@@ -3,6 +3,7 @@ times its size, each in a process of its own, through the real trainer and serve
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
@@ -56,6 +57,15 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+# glibc's malloc raises its mmap threshold as large blocks are freed, after which a step's
+# activations come from per-thread heaps that it keeps: how much it keeps depends on which
+# threads ran when, and added 50-250 MiB to the same run's peak between runs (on one machine
+# 835-914 MiB, on another 928-1066). A fixed threshold returns every block of 4 MiB or more
+# on free, and one arena keeps no heap per thread, so the peak measures what the trainer
+# holds, which is what this test is about.
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 * 2**20), "MALLOC_ARENA_MAX": "1"}
+
+
 def _peak_rss_bytes(settings: Settings, run_id: str, folder: Path) -> int:
     path = folder / f"settings-{run_id}.pickle"
     path.write_bytes(pickle.dumps(settings))
@@ -65,6 +75,7 @@ def _peak_rss_bytes(settings: Settings, run_id: str, folder: Path) -> int:
         text=True,
         check=True,
         cwd=Path(__file__).resolve().parents[3],
+        env={**os.environ, **LIVE_MEMORY_ENV},
     )
     outcome, peak_kib = probe.stdout.split()[-2:]
     assert outcome == "completed", probe.stderr[-3000:]
@@ -106,8 +117,9 @@ def test_peak_memory_stays_bounded_as_the_data_set_grows_fourfold(
         f"(the extra images' inputs alone: {extra_inputs / 2**20:.0f} MiB)"
     )
     # Holding the inputs would add their bytes (and a stacked copy while loading); streamed,
-    # the peak moves by what malloc's heap and a few batches' transient tensors make it vary
-    # (measured: 46-75 MiB, beside 292 MiB of extra inputs).
-    assert large_peak - small_peak < extra_inputs / 2
+    # the peak moves only by what timing makes the loader threads and a step's tensors
+    # overlap (measured: -6 to 116 MiB with the fixed threshold, up to 138 without, beside
+    # 292 MiB of extra inputs; a cache that ignored its bound added 406).
+    assert large_peak - small_peak < extra_inputs * 3 / 4
     # The stated bound: the process's footprint (torch, the model, a few batches) plus the cache.
     assert large_peak < 1024 * 2**20 + CACHE_BYTES
