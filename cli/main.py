@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from mammoscreen_client import Client
 
+from cli.outcomes import add_outcome_commands
 from cli.remote import add_commands, run_guarded
 
 DEFAULT_STACK_DIR = Path(".stack")
@@ -848,6 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
 
     add_commands(commands)
+    add_outcome_commands(commands)
 
     demo = commands.add_parser("demo", help="screen a synthetic batch end to end")
     demo.add_argument("--dir", default=str(DEFAULT_STACK_DIR))

@@ -106,6 +106,7 @@ class ApiClientError(Exception):
 
 
 RETRY_STATUSES = (429, 503)
+OUTCOMES_PER_REQUEST = 10_000  # the ingest API's limit for one bulk import
 
 
 class RetryTransport(httpx.HTTPTransport):
@@ -244,6 +245,26 @@ class Client:
 
     def close_batch(self, batch_id: str) -> dict[str, Any]:
         return self._json(self._ingest.post(f"/v1/batches/{batch_id}/close"))
+
+    def record_outcome(
+        self, exam_id: str, *, truth: str, breast: str, source: str, date: str
+    ) -> dict[str, Any]:
+        """What became of an exam (truth malignant, benign or normal; breast left, right or
+        both; source biopsy, surgery, follow_up, registry or other; date YYYY-MM-DD)."""
+        outcome = {"truth": truth, "breast": breast, "source": source, "date": date}
+        return self._json(self._ingest.post(f"/v1/exams/{exam_id}/outcome", json=outcome))
+
+    def import_outcomes(self, outcomes: Sequence[Mapping[str, str]]) -> dict[str, Any]:
+        """Outcomes naming their exams by `exam_id` or `study_key`, all or none (at most
+        OUTCOMES_PER_REQUEST); importing them again replaces them."""
+        body = {"outcomes": [dict(o) for o in outcomes]}
+        return self._json(self._ingest.post("/v1/outcomes", json=body))
+
+    def outcomes(self, exam_id: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self._json(
+            self._results.get(f"/v1/exams/{exam_id}/outcomes")
+        )["items"]
+        return items
 
     def batch(self, batch_id: str) -> BatchStatus:
         return cast(BatchStatus, self._json(self._results.get(f"/v1/batches/{batch_id}")))

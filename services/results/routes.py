@@ -49,7 +49,7 @@ from shared import audit
 from shared.api.deps import require_scope
 from shared.api.errors import ApiError
 from shared.api.ratelimit import polls_cost_less
-from shared.api.schemas import COMMON_ERRORS, BatchPublic
+from shared.api.schemas import COMMON_ERRORS, BatchPublic, OutcomesList, outcome_public
 from shared.batches import (
     EXPORT_COLUMNS,
     batch_exists,
@@ -57,6 +57,7 @@ from shared.batches import (
     exams_page,
     export_chunks,
     export_csv,
+    get_exam,
     get_image,
     list_batches,
     rejections_page,
@@ -65,6 +66,7 @@ from shared.batches import (
 from shared.config import Settings
 from shared.db.base import read_session_scope, session_scope
 from shared.db.models import AuditAction, Scope
+from shared.outcomes import outcomes_of
 from shared.storage import Keys
 
 router = APIRouter(
@@ -411,6 +413,19 @@ def get_image_result(image_id: uuid.UUID, session: SessionDep, caller: CallerDep
     caller.audit(session, AuditAction.READ, "image", image.id)
     session.commit()
     return ImageResult.model_validate(_image_result_data(image, prediction))
+
+
+@router.get("/exams/{exam_id}/outcomes", response_model=OutcomesList, tags=["outcomes"])
+def get_exam_outcomes(exam_id: uuid.UUID, session: SessionDep, caller: CallerDep) -> OutcomesList:
+    """What the site reported became of the exam (POST /v1/exams/{id}/outcome or a bulk
+    import), latest first."""
+    found = get_exam(session=session, tenant_id=caller.tenant.id, study_id=exam_id)
+    if found is None:
+        raise ApiError(404, "exam_not_found", f"no exam {exam_id} exists for this API key")
+    rows = outcomes_of(session, caller.tenant.id, exam_id)
+    caller.audit(session, AuditAction.READ, "outcomes", exam_id)
+    session.commit()
+    return OutcomesList(items=[outcome_public(row) for row in rows])
 
 
 # The audit log asks for its own scope: reading results does not entitle a key to see who

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -215,6 +215,49 @@ class Study(Base):
     # The uploader's study identifier (StudyInstanceUID for DICOM).
     study_key: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class OutcomeTruth(enum.StrEnum):
+    MALIGNANT = "malignant"
+    BENIGN = "benign"
+    NORMAL = "normal"
+
+
+class Breast(enum.StrEnum):
+    LEFT = "left"
+    RIGHT = "right"
+    BOTH = "both"
+
+
+class OutcomeSource(enum.StrEnum):
+    """Where the site's truth comes from, strongest first."""
+
+    BIOPSY = "biopsy"
+    SURGERY = "surgery"
+    FOLLOW_UP = "follow_up"  # e.g. a normal next screening round
+    REGISTRY = "registry"  # a cancer registry match
+    OTHER = "other"
+
+
+class ExamOutcome(Base):
+    """What became of an exam: the site's truth for one breast (or both) from one source.
+
+    One row per (exam, breast, source): recording it again replaces it, so a bulk import can
+    be repeated without adding rows."""
+
+    __tablename__ = "exam_outcomes"
+    __table_args__ = (UniqueConstraint("study_id", "breast", "source"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), index=True)
+    study_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("studies.id"))
+    truth: Mapped[OutcomeTruth] = mapped_column(_enum(OutcomeTruth, "outcome_truth"))
+    breast: Mapped[Breast] = mapped_column(_enum(Breast, "breast"))
+    source: Mapped[OutcomeSource] = mapped_column(_enum(OutcomeSource, "outcome_source"))
+    outcome_date: Mapped[date]
+    # The API key's prefix that recorded it last.
+    recorded_by: Mapped[str] = mapped_column(String(32))
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Image(Base):
@@ -567,6 +610,8 @@ class AuditAction(enum.StrEnum):
     PROMOTE_MODEL = "promote_model"
     ROLLBACK_MODEL = "rollback_model"
     IMPORT_MODEL = "import_model"
+    # Ground truth a site reports for its exams (biopsy, surgery, follow-up).
+    RECORD_OUTCOME = "record_outcome"
 
 
 class AuditEvent(Base):

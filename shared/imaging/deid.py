@@ -23,8 +23,6 @@ Not covered by the basic profile, and so not here: identity burnt into the pixel
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +32,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
+
+from shared.pseudonyms import pseudonymous_uid
 
 PROFILE_EDITION = "dicomfields_2026c"
 # PS3.16 CID 7050 codes for what was done; 113100 is the basic profile itself.
@@ -71,7 +71,7 @@ class Deidentifier:
     """Applies the profile to header datasets; one instance per server secret."""
 
     def __init__(self, secret: str) -> None:
-        self._secret = secret.encode()
+        self._secret = secret
         self._actions: dict[tuple[int, ...], Action] = initialize_actions(PROFILE_EDITION)
         tables = profile_tables()
         for tag in tables["X_TAGS"]:
@@ -84,8 +84,7 @@ class Deidentifier:
         self._masks = [(rule, act) for rule, act in self._actions.items() if len(rule) > 2]
 
     def pseudonymous_uid(self, uid: str) -> str:
-        digest = hmac.new(self._secret, b"uid:" + uid.encode(), hashlib.sha256).digest()
-        return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+        return pseudonymous_uid(self._secret, uid)
 
     def _remap_uid_element(self, dataset: Dataset, tag: tuple[int, int]) -> None:
         element = dataset.get(tag)

@@ -88,6 +88,13 @@ def test_every_route_with_an_id_hides_another_tenants_rows(
         kwargs = {}
         if path.endswith("/images") and method == "POST":
             kwargs["files"] = [("files", ("x.png", b"\x89PNG\r\n\x1a\n" + b"0" * 64, "image/png"))]
+        if path.endswith("/outcome"):
+            kwargs["json"] = {
+                "truth": "malignant",
+                "breast": "left",
+                "source": "biopsy",
+                "date": "2026-10-02",
+            }
         with TestClient(APPS[service](settings)) as client:
             response = client.request(method, url, headers=auth(intruder_key), **kwargs)
         assert response.status_code == 404, (service, method, path, response.text)
