@@ -34,11 +34,13 @@ INFERENCE_QUEUES = f"{Queue.INFERENCE_URGENT.value},{Queue.INFERENCE.value}"
 class TaskName(enum.StrEnum):
     SCREEN_IMAGES = "worker.inference.screen_images"
     TRAIN_MODEL = "worker.training.train_model"
+    EVALUATE_MODELS = "worker.evaluation.evaluate_models"
 
 
 TASK_QUEUES: dict[TaskName, Queue] = {
     TaskName.SCREEN_IMAGES: Queue.INFERENCE,
     TaskName.TRAIN_MODEL: Queue.TRAINING,
+    TaskName.EVALUATE_MODELS: Queue.TRAINING,
 }
 
 # Longest an inference task may run before the broker hands it to another worker. Chosen far

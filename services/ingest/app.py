@@ -9,6 +9,7 @@ from starlette.formparsers import MultiPartParser
 
 from services.ingest.deliveries import router as deliveries_router
 from services.ingest.dicomweb import router as dicomweb_router
+from services.ingest.evaluations import router as evaluations_router
 from services.ingest.outcomes import router as outcomes_router
 from services.ingest.routes import router
 from services.ingest.training import router as training_router
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dicomweb_router)
     app.include_router(deliveries_router)
     app.include_router(outcomes_router)
+    app.include_router(evaluations_router)
     return app
 
 

@@ -20,8 +20,9 @@ from services.results.schemas import (
 )
 from shared.api.deps import require_scope
 from shared.api.errors import ApiError
-from shared.api.schemas import COMMON_ERRORS
+from shared.api.schemas import COMMON_ERRORS, EvaluationPublic, evaluation_public
 from shared.db.models import AuditAction, ModelVersion, Scope, TrainingRun, TrainingRunKind
+from shared.evaluations import get_evaluation
 from shared.ml.registry import list_models
 from shared.training_runs import get_run, list_runs, metric_curve, stages
 
@@ -101,3 +102,20 @@ def get_model(version_id: uuid.UUID, session: SessionDep, caller: CallerDep) -> 
     if version is None:
         raise ApiError(404, "model_not_found", f"no model version {version_id}")
     return ModelVersionDetail.model_validate(version)
+
+
+@router.get("/evaluations/{evaluation_id}", response_model=EvaluationPublic, tags=["evaluations"])
+def get_evaluation_result(
+    evaluation_id: uuid.UUID, session: SessionDep, caller: CallerDep
+) -> EvaluationPublic:
+    """An evaluation's status and, once completed, its figures (POST /v1/evaluations)."""
+    evaluation = get_evaluation(
+        session=session, tenant_id=caller.tenant.id, evaluation_id=evaluation_id
+    )
+    if evaluation is None:
+        raise ApiError(
+            404, "evaluation_not_found", f"no evaluation {evaluation_id} exists for this API key"
+        )
+    caller.audit(session, AuditAction.READ, "evaluation", evaluation.id)
+    session.commit()
+    return evaluation_public(evaluation)

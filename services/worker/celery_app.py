@@ -19,6 +19,7 @@ app = Celery(
     include=[
         "services.worker.inference",
         "services.worker.training",
+        "services.worker.evaluation",
         "services.worker.sweeping",
     ],
 )

@@ -44,6 +44,7 @@ from shared.db.models import Batch, BatchPriority, Image, ImageStatus
 from shared.dicom_export import deliver_due as deliver_dicom_results
 from shared.dicom_export import render_due as render_dicom_results
 from shared.dicom_studies import close_quiet_studies
+from shared.evaluations import resend_stalled_evaluations
 from shared.lifecycle import expire_leases, mark_enqueued
 from shared.queue import enqueue_screening
 from shared.storage import Keys, ObjectStore
@@ -65,6 +66,7 @@ class SweepReport:
     studies_closed: int = 0
     results_rendered: int = 0
     results_delivered: int = 0
+    evaluations_resent: int = 0
 
 
 def relay_queued(
@@ -162,6 +164,14 @@ def sweep_once(
             requeue_after_s=settings.requeue_after_s,
         )
     with session_scope(settings.database_url) as session:
+        evaluations_resent = resend_stalled_evaluations(
+            session,
+            producer,
+            stale_s=settings.training_stale_s,
+            max_attempts=settings.max_attempts,
+            now=utcnow(),
+        )
+    with session_scope(settings.database_url) as session:
         studies_closed = close_quiet_studies(session=session, quiet_s=settings.dicom_study_quiet_s)
     with (
         session_scope(settings.database_url) as session,
@@ -184,6 +194,7 @@ def sweep_once(
         studies_closed,
         rendered,
         delivered,
+        evaluations_resent,
     )
     if report != SweepReport():
         log.info("sweep: %s", report)

@@ -22,11 +22,13 @@ from shared.db.models import (
     BatchSource,
     BatchStatus,
     Breast,
+    Evaluation,
     ExamOutcome,
     ExportDelivery,
     ExportDeliveryStatus,
     OutcomeSource,
     OutcomeTruth,
+    TrainingStatus,
 )
 from shared.outcomes import MAX_OUTCOMES_PER_REQUEST
 
@@ -116,6 +118,68 @@ def outcome_public(row: ExamOutcome) -> OutcomePublic:
         source=row.source,
         date=row.outcome_date,
         recorded_at=row.recorded_at,
+    )
+
+
+class EvaluationCreate(BaseModel):
+    """Which versions (one, or two to compare; none: the active one) on which exams: those
+    with an outcome in `batch_ids`, else every exam whose outcome is dated in
+    [`outcomes_from`, `outcomes_to`] (either end may be open)."""
+
+    model_versions: list[uuid.UUID] = Field(default_factory=list, max_length=2)
+    batch_ids: list[uuid.UUID] = Field(default_factory=list, max_length=1000)
+    outcomes_from: Date | None = None
+    outcomes_to: Date | None = None
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)  # of the bootstrap intervals
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvaluationCreate:
+        if len(set(self.model_versions)) != len(self.model_versions):
+            raise ValueError("model_versions names the same version twice")
+        if self.outcomes_from and self.outcomes_to and self.outcomes_from > self.outcomes_to:
+            raise ValueError("outcomes_from is after outcomes_to")
+        return self
+
+
+class EvaluationError(BaseModel):
+    code: str
+    message: str
+
+
+class EvaluationPublic(BaseModel):
+    """An evaluation and, once `completed`, its figures (`versions`: per version, the exam
+    AUC and its 95% bootstrap interval, the ROC curve, the figures at the version's recall
+    threshold, calibration and its reliability curve, and all of it `by` manufacturer, model
+    name and views; `comparison`: for two versions, the paired AUC difference)."""
+
+    id: uuid.UUID
+    status: TrainingStatus
+    model_versions: list[uuid.UUID]
+    batch_ids: list[uuid.UUID]
+    outcomes_from: Date | None
+    outcomes_to: Date | None
+    created_at: datetime
+    finished_at: datetime | None
+    figures: dict[str, Any] | None
+    error: EvaluationError | None
+
+
+def evaluation_public(row: Evaluation) -> EvaluationPublic:
+    return EvaluationPublic(
+        id=row.id,
+        status=row.status,
+        model_versions=row.model_version_ids,
+        batch_ids=row.batch_ids,
+        outcomes_from=row.outcomes_from,
+        outcomes_to=row.outcomes_to,
+        created_at=row.created_at,
+        finished_at=row.finished_at,
+        figures=row.figures,
+        error=(
+            EvaluationError(code=row.error_code, message=row.error_message or "")
+            if row.error_code
+            else None
+        ),
     )
 
 

@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    Uuid,
     text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
@@ -491,6 +492,38 @@ class TrainingStatus(enum.StrEnum):
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
+
+
+class Evaluation(Base):
+    """One or two model versions measured on a tenant's exams that have outcomes: a queued
+    job (the trainer's queue) whose figures land in `figures` (shared/ml/site_evaluation.py).
+    Scores of a version that has not screened an image are computed for the evaluation and
+    kept here only, never as predictions, so they reach no result, export or webhook."""
+
+    __tablename__ = "evaluations"
+    __table_args__ = (Index("ix_evaluations_tenant_id_id", "tenant_id", "id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    # The versions measured, in the order asked (the first is "a" of a comparison).
+    model_version_ids: Mapped[list[uuid.UUID]] = mapped_column(ARRAY(Uuid))
+    # Which exams: these batches' exams with an outcome, else every exam whose outcome date
+    # falls in [outcomes_from, outcomes_to] (open ends allowed).
+    batch_ids: Mapped[list[uuid.UUID]] = mapped_column(ARRAY(Uuid), default=list)
+    outcomes_from: Mapped[date | None]
+    outcomes_to: Mapped[date | None]
+    seed: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[TrainingStatus] = mapped_column(
+        _enum(TrainingStatus, "training_status"), default=TrainingStatus.QUEUED
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    figures: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set when it is queued, claimed or sent again: the sweeper resends one left too long.
+    touched_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
 
 
 class TrainingLabel(enum.StrEnum):

@@ -13,7 +13,7 @@ from devstack.servers import free_port, wait_until
 from services.ingest.app import create_app as create_ingest
 from services.results.app import create_app as create_results
 from shared.config import Settings
-from shared.db.models import ExportDelivery, ExportDeliveryStatus, TrainingRun
+from shared.db.models import Evaluation, ExportDelivery, ExportDeliveryStatus, TrainingRun
 from shared.deliveries import add_destination
 from tests.factories import make_batch, make_image, make_tenant
 from tests.helpers import auth
@@ -71,8 +71,11 @@ def test_every_route_with_an_id_hides_another_tenants_rows(
         status=ExportDeliveryStatus.DEAD,
     )
     session.add(delivery)
+    evaluation = Evaluation(tenant_id=owner.id, model_version_ids=[])
+    session.add(evaluation)
     session.commit()
     ids = {
+        "evaluation_id": str(evaluation.id),
         "batch_id": str(batch.id),
         "image_id": str(image.id),
         "run_id": str(run.id),
