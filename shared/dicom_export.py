@@ -48,6 +48,7 @@ from shared.exams import assess_exam
 from shared.imaging.decode import decode_image
 from shared.imaging.formats import MediaType
 from shared.imaging.intake import deidentifier_for
+from shared.operating_points import site_thresholds
 from shared.reidentify import export_objects
 from shared.storage import Keys, ObjectStore
 from shared.vault import VaultKeyMissing
@@ -102,7 +103,7 @@ def _exam_result(
     predictions = latest_predictions(
         session=session, tenant_id=export.tenant_id, image_ids=[i.id for i in images]
     )
-    assessment = assess_exam(images, predictions)
+    assessment = assess_exam(images, predictions, site_thresholds(session, export.tenant_id))
     if assessment.recommendation is None or not predictions:
         return None
     version = assessment.recommendation.model_version

@@ -156,8 +156,15 @@ class UidSource:
         )
 
 
-def _algorithm(exam: ExamResult, threshold: float | None) -> AlgorithmIdentification:
-    parameters = [f"recall_threshold={threshold:.6f}"] if threshold is not None else None
+def _algorithm(
+    exam: ExamResult, threshold: float | None, source: str | None
+) -> AlgorithmIdentification:
+    # The threshold, and whether it is the site's own operating point or the model's.
+    parameters = (
+        [f"recall_threshold={threshold:.6f}", f"threshold_source={source}"]
+        if threshold is not None
+        else None
+    )
     return AlgorithmIdentification(
         name="mammoscreen screening model",
         family=ALGORITHM_FAMILY,
@@ -184,7 +191,8 @@ def build_report(exam: ExamResult, uid: UidSource) -> Dataset:
     assessment = exam.assessment
     recommendation = assessment.recommendation
     threshold = recommendation.recall_threshold if recommendation else None
-    algorithm = _algorithm(exam, threshold)
+    source = recommendation.threshold_source if recommendation else None
+    algorithm = _algorithm(exam, threshold, source)
     exam_measurements = []
     if assessment.exam_score is not None:
         exam_measurements.append(_score(EXAM_SCORE, assessment.exam_score, algorithm))

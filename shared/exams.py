@@ -28,6 +28,9 @@ class ExamView(Protocol):
     def view(self) -> str | None: ...
 
 
+NO_SITE_THRESHOLDS: Mapping[uuid.UUID, float] = {}
+
+
 class ScoringVersion(Protocol):
     """What the rule, and what shows its answer, read of a model version: a `ModelVersion`
     row, or a page's `PageVersion`."""
@@ -66,6 +69,9 @@ class Recommendation:
     recall: bool | None  # None: the version has no threshold (an untrained model)
     recall_threshold: float | None
     exam_probability: float | None  # None: the version has no calibration
+    # "site": the tenant's own operating point (shared/operating_points.py); "model": the
+    # version's; None: no threshold.
+    threshold_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,14 +86,20 @@ class ExamAssessment:
 
 
 def assess_exam(
-    images: Sequence[ExamView], predictions: Mapping[uuid.UUID, ViewPrediction]
+    images: Sequence[ExamView],
+    predictions: Mapping[uuid.UUID, ViewPrediction],
+    site_thresholds: Mapping[uuid.UUID, float] = NO_SITE_THRESHOLDS,
 ) -> ExamAssessment:
     """Score an exam from its images' latest predictions (`predictions` by image id); an exam
-    may lack views, or have views not scored yet, and still be scored from those that are."""
-    return assess_views([(image, predictions.get(image.id)) for image in images])
+    may lack views, or have views not scored yet, and still be scored from those that are.
+    `site_thresholds`: the tenant's own recall thresholds by model version id."""
+    return assess_views([(image, predictions.get(image.id)) for image in images], site_thresholds)
 
 
-def assess_views(views: Sequence[tuple[ExamView, ViewPrediction | None]]) -> ExamAssessment:
+def assess_views(
+    views: Sequence[tuple[ExamView, ViewPrediction | None]],
+    site_thresholds: Mapping[uuid.UUID, float] = NO_SITE_THRESHOLDS,
+) -> ExamAssessment:
     """`assess_exam` for (image, its latest prediction or None) pairs, as pages hold them."""
     present = sorted({f"{i.laterality}-{i.view}" for i, _ in views if i.laterality and i.view})
     breasts = breast_scores(
@@ -101,18 +113,24 @@ def assess_views(views: Sequence[tuple[ExamView, ViewPrediction | None]]) -> Exa
         missing_views=[v for v in SCREENING_VIEWS if v not in present],
         breasts=breasts,
         exam_score=score,
-        recommendation=recommend(score, [p for _, p in views if p is not None]),
+        recommendation=recommend(score, [p for _, p in views if p is not None], site_thresholds),
     )
 
 
-def recommend(score: float | None, predictions: Sequence[ViewPrediction]) -> Recommendation | None:
+def recommend(
+    score: float | None,
+    predictions: Sequence[ViewPrediction],
+    site_thresholds: Mapping[uuid.UUID, float] = NO_SITE_THRESHOLDS,
+) -> Recommendation | None:
     """Recall or routine, from the model that scored the exam: only when one model version
-    made every prediction."""
+    made every prediction; at the tenant's own threshold for it where it set one."""
     versions = {p.model_version.id: p.model_version for p in predictions}
     if score is None or len(versions) != 1:
         return None
     (version,) = versions.values()
-    threshold = version.recall_threshold
+    site_threshold = site_thresholds.get(version.id)
+    threshold = version.recall_threshold if site_threshold is None else site_threshold
+    source = None if threshold is None else ("model" if site_threshold is None else "site")
     return Recommendation(
         model_version=version,
         recall=None if threshold is None else score >= threshold,
@@ -122,4 +140,5 @@ def recommend(score: float | None, predictions: Sequence[ViewPrediction]) -> Rec
             if version.calibration is None
             else calibrated_probability(score, version.calibration)
         ),
+        threshold_source=source,
     )

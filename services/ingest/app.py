@@ -10,6 +10,7 @@ from starlette.formparsers import MultiPartParser
 from services.ingest.deliveries import router as deliveries_router
 from services.ingest.dicomweb import router as dicomweb_router
 from services.ingest.evaluations import router as evaluations_router
+from services.ingest.operating_points import router as operating_points_router
 from services.ingest.outcomes import router as outcomes_router
 from services.ingest.routes import router
 from services.ingest.training import router as training_router
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(deliveries_router)
     app.include_router(outcomes_router)
     app.include_router(evaluations_router)
+    app.include_router(operating_points_router)
     return app
 
 

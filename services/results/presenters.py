@@ -4,7 +4,7 @@ public schema, and an image's latest prediction."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from sqlalchemy.orm import Session
@@ -17,7 +17,13 @@ from shared.api.deps import Caller
 from shared.batches import latest_predictions
 from shared.config import Settings
 from shared.db.models import Image, Prediction, PredictionWarning
-from shared.exams import ExamView, ScoringVersion, ViewPrediction, assess_views
+from shared.exams import (
+    NO_SITE_THRESHOLDS,
+    ExamView,
+    ScoringVersion,
+    ViewPrediction,
+    assess_views,
+)
 from shared.vault import VaultKeyMissing, open_identities
 
 UNTRAINED_WARNING = (
@@ -109,20 +115,23 @@ def exam_public(
     study: ShownStudy,
     views: Sequence[tuple[ShownImage, ShownPrediction | None]],
     known_versions: dict[uuid.UUID, dict[str, object]] | None = None,
+    site_thresholds: Mapping[uuid.UUID, float] = NO_SITE_THRESHOLDS,
 ) -> Exam:
-    """An exam as the API shows it, from its images, each with its latest prediction or None."""
-    return Exam.model_validate(exam_data(study, views, known_versions))
+    """An exam as the API shows it, from its images, each with its latest prediction or None;
+    `site_thresholds`: the tenant's own recall thresholds (shared/operating_points.py)."""
+    return Exam.model_validate(exam_data(study, views, known_versions, site_thresholds))
 
 
 def exam_data(
     study: ShownStudy,
     views: Sequence[tuple[ShownImage, ShownPrediction | None]],
     known_versions: dict[uuid.UUID, dict[str, object]] | None = None,
+    site_thresholds: Mapping[uuid.UUID, float] = NO_SITE_THRESHOLDS,
 ) -> dict[str, object]:
     """`exam_public` as plain data, every field of `Exam` in its JSON form or one that
     serializes to it: a page of them is written without building the models (the tests hold
     it to `Exam`)."""
-    assessment = assess_views(views)
+    assessment = assess_views(views, site_thresholds)
     advice = assessment.recommendation
     return {
         "id": study.id,
@@ -155,6 +164,7 @@ def exam_data(
             else ("recall" if advice.recall else "routine")
         ),
         "recall_threshold": advice.recall_threshold if advice else None,
+        "threshold_source": advice.threshold_source if advice else None,
         "model_version": version_data(advice.model_version, known_versions) if advice else None,
         "warnings": sorted({w for _, p in views if p is not None for w in p.warnings}),
         "original": None,

@@ -66,6 +66,7 @@ from shared.batches import (
 from shared.config import Settings
 from shared.db.base import read_session_scope, session_scope
 from shared.db.models import AuditAction, Scope
+from shared.operating_points import site_thresholds
 from shared.outcomes import outcomes_of
 from shared.storage import Keys
 
@@ -303,7 +304,11 @@ def get_batch_exams(
     page, next_cursor = cursors.id_page(exams, limit, lambda exam: exam.id)
     caller.audit(session, AuditAction.READ, "batch_exams", batch_id, exams=len(page))
     known: dict[uuid.UUID, dict[str, object]] = {}
-    items = [exam_data(exam, [(i, i.prediction) for i in exam.images], known) for exam in page]
+    thresholds = site_thresholds(session, caller.tenant.id)
+    items = [
+        exam_data(exam, [(i, i.prediction) for i in exam.images], known, thresholds)
+        for exam in page
+    ]
     if caller.may(Scope.EXPORT_IDENTIFIED) and caller.tenant.identity_vault:
         shown = ExamsPage.model_validate({"items": items, "next_cursor": next_cursor})
         pairs = [(e.id, e.images) for e in page]

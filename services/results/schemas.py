@@ -154,6 +154,9 @@ class Exam(BaseModel):
     # its target sensitivity), else "routine"; None without a trained, evaluated model.
     recall: Literal["recall", "routine"] | None = None
     recall_threshold: float | None = None
+    # Where the threshold comes from: "site" (this tenant's operating point for the version,
+    # chosen on its own evaluation) or "model" (the version's); None without a threshold.
+    threshold_source: Literal["site", "model"] | None = None
     model_version: ModelVersionPublic | None = None
     # Every warning code of the exam's images (e.g. input_unlike_training_data).
     warnings: list[str] = []

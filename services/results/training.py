@@ -20,10 +20,17 @@ from services.results.schemas import (
 )
 from shared.api.deps import require_scope
 from shared.api.errors import ApiError
-from shared.api.schemas import COMMON_ERRORS, EvaluationPublic, evaluation_public
+from shared.api.schemas import (
+    COMMON_ERRORS,
+    EvaluationPublic,
+    OperatingPointsList,
+    evaluation_public,
+    operating_point_public,
+)
 from shared.db.models import AuditAction, ModelVersion, Scope, TrainingRun, TrainingRunKind
 from shared.evaluations import get_evaluation
 from shared.ml.registry import list_models
+from shared.operating_points import operating_points
 from shared.training_runs import get_run, list_runs, metric_curve, stages
 
 router = APIRouter(dependencies=[require_scope(Scope.READ)], prefix="/v1", responses=COMMON_ERRORS)
@@ -119,3 +126,12 @@ def get_evaluation_result(
     caller.audit(session, AuditAction.READ, "evaluation", evaluation.id)
     session.commit()
     return evaluation_public(evaluation)
+
+
+@router.get("/operating-points", response_model=OperatingPointsList, tags=["models"])
+def get_operating_points(session: SessionDep, caller: CallerDep) -> OperatingPointsList:
+    """This tenant's own recall thresholds, per model version (PUT
+    /v1/models/{id}/operating-point on the ingest service sets one)."""
+    return OperatingPointsList(
+        items=[operating_point_public(row) for row in operating_points(session, caller.tenant.id)]
+    )

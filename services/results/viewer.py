@@ -40,6 +40,7 @@ from shared.batches import (
 )
 from shared.db.models import AuditAction, ExportStatus, ImageStatus, Scope
 from shared.deliveries import get_export
+from shared.operating_points import site_thresholds
 from shared.storage import Keys
 from shared.tenants import authenticate_key
 
@@ -185,7 +186,11 @@ def batch_page(
         limit=MAX_EXAMS_SHOWN,
         after=None,
     )
-    exams = [exam_public(exam, [(i, i.prediction) for i in exam.images]) for exam in page]
+    thresholds = site_thresholds(session, caller.tenant.id)
+    exams = [
+        exam_public(exam, [(i, i.prediction) for i in exam.images], site_thresholds=thresholds)
+        for exam in page
+    ]
     show_ids = caller.may(Scope.EXPORT_IDENTIFIED) and caller.tenant.identity_vault
     if show_ids:
         show_originals(session, settings, caller, batch_id, [(e.id, e.images) for e in page], exams)
@@ -226,7 +231,11 @@ def exam_page(
     predictions = latest_predictions(
         session=session, tenant_id=caller.tenant.id, image_ids=[i.id for i in images]
     )
-    exam: Exam = exam_public(study, [(i, predictions.get(i.id)) for i in images])
+    exam: Exam = exam_public(
+        study,
+        [(i, predictions.get(i.id)) for i in images],
+        site_thresholds=site_thresholds(session, caller.tenant.id),
+    )
     if caller.may(Scope.EXPORT_IDENTIFIED) and caller.tenant.identity_vault:
         show_originals(session, settings, caller, study.batch_id, [(study.id, images)], [exam])
     export = get_export(session=session, tenant_id=caller.tenant.id, study_id=exam_id)

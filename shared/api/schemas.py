@@ -26,8 +26,10 @@ from shared.db.models import (
     ExamOutcome,
     ExportDelivery,
     ExportDeliveryStatus,
+    OperatingTarget,
     OutcomeSource,
     OutcomeTruth,
+    SiteOperatingPoint,
     TrainingStatus,
 )
 from shared.outcomes import MAX_OUTCOMES_PER_REQUEST
@@ -180,6 +182,45 @@ def evaluation_public(row: Evaluation) -> EvaluationPublic:
             if row.error_code
             else None
         ),
+    )
+
+
+class OperatingPointSet(BaseModel):
+    """Choose this tenant's recall threshold for a model version on one of its completed
+    evaluations of that version: the highest threshold that reaches a target `sensitivity`,
+    or the lowest whose `recall_rate` stays within the target."""
+
+    evaluation_id: uuid.UUID
+    target: OperatingTarget
+    value: float = Field(gt=0, le=1)
+
+
+class OperatingPointPublic(BaseModel):
+    model_version_id: uuid.UUID
+    target: OperatingTarget
+    value: float
+    threshold: float
+    evaluation_id: uuid.UUID
+    chosen_at: datetime
+    # On the evaluation's exams, at that threshold (present when just chosen).
+    on_evaluation: dict[str, float] | None = None
+
+
+class OperatingPointsList(BaseModel):
+    items: list[OperatingPointPublic]
+
+
+def operating_point_public(
+    row: SiteOperatingPoint, on_evaluation: dict[str, float] | None = None
+) -> OperatingPointPublic:
+    return OperatingPointPublic(
+        model_version_id=row.model_version_id,
+        target=row.target,
+        value=row.target_value,
+        threshold=row.threshold,
+        evaluation_id=row.evaluation_id,
+        chosen_at=row.chosen_at,
+        on_evaluation=on_evaluation,
     )
 
 

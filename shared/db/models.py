@@ -526,6 +526,30 @@ class Evaluation(Base):
     finished_at: Mapped[datetime | None]
 
 
+class OperatingTarget(enum.StrEnum):
+    SENSITIVITY = "sensitivity"  # at least this share of malignant exams recalled
+    RECALL_RATE = "recall_rate"  # at most this share of all exams recalled
+
+
+class SiteOperatingPoint(Base):
+    """A tenant's own recall threshold for a model version, chosen on one of its evaluations
+    for a target sensitivity or recall rate; its recall recommendations use it instead of the
+    version's. Results say which threshold they used and where it came from."""
+
+    __tablename__ = "site_operating_points"
+    __table_args__ = (UniqueConstraint("tenant_id", "model_version_id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    model_version_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("model_versions.id"))
+    target: Mapped[OperatingTarget] = mapped_column(_enum(OperatingTarget, "operating_target"))
+    target_value: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    evaluation_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("evaluations.id"))
+    chosen_by: Mapped[str] = mapped_column(String(32))
+    chosen_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class TrainingLabel(enum.StrEnum):
     MALIGNANT = "malignant"
     BENIGN = "benign"  # a lesion, not malignant
@@ -645,6 +669,8 @@ class AuditAction(enum.StrEnum):
     IMPORT_MODEL = "import_model"
     # Ground truth a site reports for its exams (biopsy, surgery, follow-up).
     RECORD_OUTCOME = "record_outcome"
+    # A tenant's own recall threshold for a model version, set or cleared.
+    SET_OPERATING_POINT = "set_operating_point"
 
 
 class AuditEvent(Base):

@@ -94,6 +94,17 @@ def _evaluate(
     settings: Settings,
     store: ObjectStore,
 ) -> dict[str, Any]:
+    return _evaluated(ingest, results, key, body, settings, store)[1]
+
+
+def _evaluated(
+    ingest: TestClient,
+    results: TestClient,
+    key: str,
+    body: dict[str, Any],
+    settings: Settings,
+    store: ObjectStore,
+) -> tuple[str, dict[str, Any]]:
     asked = ingest.post("/v1/evaluations", json=body, headers=auth(key))
     assert asked.status_code == 202, asked.text
     evaluation_id = asked.json()["id"]
@@ -106,7 +117,7 @@ def _evaluate(
     assert answer.status_code == 200, answer.text
     assert answer.json()["status"] == "completed"
     figures: dict[str, Any] = answer.json()["figures"]
-    return figures
+    return evaluation_id, figures
 
 
 def test_an_evaluation_of_the_active_version_agrees_with_scikit_learn(
@@ -331,3 +342,100 @@ def test_a_lost_evaluation_is_sent_again_by_the_sweep_and_fails_after_max_attemp
     assert evaluation.status == TrainingStatus.FAILED
     assert evaluation.error_code == "evaluation_kept_failing"
     assert queued_task_args(settings, "training").count(str(evaluation.id)) == 1
+
+
+def _recalls(results: TestClient, key: str, batch_id: str) -> dict[str, dict[str, Any]]:
+    page = results.get(
+        f"/v1/batches/{batch_id}/exams", params={"limit": 100}, headers=auth(key)
+    ).json()["items"]
+    return {exam["study_key"]: exam for exam in page}
+
+
+def test_a_site_operating_point_changes_that_tenants_recalls_only_and_results_say_so(
+    ingest: TestClient,
+    results: TestClient,
+    session: Session,
+    settings: Settings,
+    store: ObjectStore,
+    site_exams: list[SynthImage],
+) -> None:
+    _, key = make_tenant(session)
+    _, other_key = make_tenant(session)
+    batch_id = _submit_and_screen(ingest, key, site_exams, settings, session, store)
+    other_batch = _submit_and_screen(ingest, other_key, site_exams, settings, session, store)
+    truth = _truth_by_stored_key(_record_truth(ingest, key, site_exams), settings)
+    _record_truth(ingest, other_key, site_exams)
+    evaluation_id, evaluation = _evaluated(
+        ingest, results, key, {"batch_ids": [batch_id]}, settings, store
+    )
+    active = active_model(session=session)
+    assert active is not None
+    model_threshold = active.recall_threshold
+    assert model_threshold is not None
+
+    chosen = ingest.put(
+        f"/v1/models/{active.id}/operating-point",
+        json={"evaluation_id": evaluation_id, "target": "sensitivity", "value": 1.0},
+        headers=auth(key),
+    )
+    assert chosen.status_code == 200, chosen.text
+    site_threshold = chosen.json()["threshold"]
+    exams = _recalls(results, key, batch_id)
+    # Every malignant exam recalled at the highest threshold that does so.
+    malignant_scores = [e["exam_score"] for k, e in exams.items() if truth[k]]
+    assert site_threshold == pytest.approx(min(malignant_scores))
+    assert chosen.json()["on_evaluation"]["sensitivity"] == 1.0
+    assert evaluation["versions"][0]["exams"] == len(exams)
+    for exam in exams.values():
+        assert exam["recall_threshold"] == pytest.approx(site_threshold)
+        assert exam["threshold_source"] == "site"
+        assert exam["recall"] == ("recall" if exam["exam_score"] >= site_threshold else "routine")
+    # The other tenant, same exams, same version: the model's threshold still.
+    theirs = _recalls(results, other_key, other_batch)
+    for exam in theirs.values():
+        assert (exam["recall_threshold"], exam["threshold_source"]) == (model_threshold, "model")
+        assert exam["recall"] == ("recall" if exam["exam_score"] >= model_threshold else "routine")
+    assert {k: e["recall"] for k, e in exams.items()} != {k: e["recall"] for k, e in theirs.items()}
+    listed = results.get("/v1/operating-points", headers=auth(key)).json()["items"]
+    assert [(p["model_version_id"], p["threshold"]) for p in listed] == [
+        (str(active.id), site_threshold)
+    ]
+    assert results.get("/v1/operating-points", headers=auth(other_key)).json()["items"] == []
+
+    # A recall-rate target: the most sensitive threshold within it.
+    by_rate = ingest.put(
+        f"/v1/models/{active.id}/operating-point",
+        json={"evaluation_id": evaluation_id, "target": "recall_rate", "value": 0.25},
+        headers=auth(key),
+    ).json()
+    scores = np.array([e["exam_score"] for e in exams.values()])
+    assert (scores >= by_rate["threshold"]).mean() <= 0.25
+    assert by_rate["on_evaluation"]["recall_rate"] == pytest.approx(
+        (scores >= by_rate["threshold"]).mean()
+    )
+    assert (scores >= scores[scores < by_rate["threshold"]].max()).mean() > 0.25
+
+    # Refusals: another tenant's evaluation, a version it did not measure, a target no
+    # threshold meets; and clearing goes back to the model's threshold.
+    for body, version, status, code in (
+        (
+            {"evaluation_id": evaluation_id, "target": "sensitivity", "value": 0.9},
+            active.id,
+            404,
+            "evaluation_not_found",
+        ),
+        (
+            {"evaluation_id": evaluation_id, "target": "recall_rate", "value": 0.001},
+            active.id,
+            422,
+            "target_unreachable",
+        ),
+    ):
+        who = other_key if code == "evaluation_not_found" else key
+        answer = ingest.put(f"/v1/models/{version}/operating-point", json=body, headers=auth(who))
+        assert (answer.status_code, answer.json()["error"]["code"]) == (status, code)
+    cleared = ingest.delete(f"/v1/models/{active.id}/operating-point", headers=auth(key))
+    assert cleared.status_code == 204
+    assert {e["threshold_source"] for e in _recalls(results, key, batch_id).values()} == {"model"}
+    again = ingest.delete(f"/v1/models/{active.id}/operating-point", headers=auth(key))
+    assert again.json()["error"]["code"] == "operating_point_not_found"

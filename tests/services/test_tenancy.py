@@ -15,7 +15,7 @@ from services.results.app import create_app as create_results
 from shared.config import Settings
 from shared.db.models import Evaluation, ExportDelivery, ExportDeliveryStatus, TrainingRun
 from shared.deliveries import add_destination
-from tests.factories import make_batch, make_image, make_tenant
+from tests.factories import make_batch, make_image, make_model_version, make_tenant
 from tests.helpers import auth
 
 APPS = {"ingest": create_ingest, "results": create_results}
@@ -76,6 +76,7 @@ def test_every_route_with_an_id_hides_another_tenants_rows(
     session.commit()
     ids = {
         "evaluation_id": str(evaluation.id),
+        "version_id": str(make_model_version(session).id),
         "batch_id": str(batch.id),
         "image_id": str(image.id),
         "run_id": str(run.id),
@@ -91,6 +92,13 @@ def test_every_route_with_an_id_hides_another_tenants_rows(
         kwargs = {}
         if path.endswith("/images") and method == "POST":
             kwargs["files"] = [("files", ("x.png", b"\x89PNG\r\n\x1a\n" + b"0" * 64, "image/png"))]
+        if path.endswith("/operating-point") and method == "PUT":
+            # The version is everyone's; the evaluation named is the owner's.
+            kwargs["json"] = {
+                "evaluation_id": ids["evaluation_id"],
+                "target": "sensitivity",
+                "value": 0.9,
+            }
         if path.endswith("/outcome"):
             kwargs["json"] = {
                 "truth": "malignant",
