@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from mammoscreen_client import Client
 
+from cli.evaluate import add_evaluate_command
 from cli.outcomes import add_outcome_commands
 from cli.remote import add_commands, run_guarded
 
@@ -850,6 +851,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(commands)
     add_outcome_commands(commands)
+    add_evaluate_command(commands)
 
     demo = commands.add_parser("demo", help="screen a synthetic batch end to end")
     demo.add_argument("--dir", default=str(DEFAULT_STACK_DIR))

@@ -266,6 +266,44 @@ class Client:
         )["items"]
         return items
 
+    def evaluate(
+        self,
+        *,
+        model_versions: Sequence[str] = (),
+        batch_ids: Sequence[str] = (),
+        outcomes_from: str | None = None,
+        outcomes_to: str | None = None,
+        seed: int = 0,
+    ) -> dict[str, Any]:
+        """Queue an evaluation of model versions (none: the active one) on this tenant's exams
+        with outcomes; poll it with `evaluation` or `wait_evaluation`."""
+        body: dict[str, Any] = {
+            "model_versions": list(model_versions),
+            "batch_ids": list(batch_ids),
+            "seed": seed,
+        }
+        if outcomes_from:
+            body["outcomes_from"] = outcomes_from
+        if outcomes_to:
+            body["outcomes_to"] = outcomes_to
+        return self._json(self._ingest.post("/v1/evaluations", json=body))
+
+    def evaluation(self, evaluation_id: str) -> dict[str, Any]:
+        return self._json(self._results.get(f"/v1/evaluations/{evaluation_id}"))
+
+    def wait_evaluation(
+        self, evaluation_id: str, *, timeout: float = 3600, poll_s: float = 2.0
+    ) -> dict[str, Any]:
+        """The evaluation once `completed` or `failed`; TimeoutError after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            evaluation = self.evaluation(evaluation_id)
+            if evaluation["status"] in ("completed", "failed"):
+                return evaluation
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"evaluation {evaluation_id} still {evaluation['status']}")
+            time.sleep(poll_s)
+
     def batch(self, batch_id: str) -> BatchStatus:
         return cast(BatchStatus, self._json(self._results.get(f"/v1/batches/{batch_id}")))
 

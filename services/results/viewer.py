@@ -17,9 +17,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Cookie, Depends, Form, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 from sqlalchemy.orm import Session
 
 from services.results.dicom import exam_report_file, image_heatmap_file
+from services.results.plots import reliability_svg, roc_svg
 from services.results.presenters import (
     batch_warnings,
     exam_public,
@@ -40,6 +42,7 @@ from shared.batches import (
 )
 from shared.db.models import AuditAction, ExportStatus, ImageStatus, Scope
 from shared.deliveries import get_export
+from shared.evaluations import get_evaluation
 from shared.operating_points import site_thresholds
 from shared.storage import Keys
 from shared.tenants import authenticate_key
@@ -308,3 +311,38 @@ def image_heatmap(
     if overlay is None:
         return Response(status_code=404)
     return Response(overlay, media_type="image/png", headers=PRIVATE)
+
+
+@router.get("/evaluations/{evaluation_id}", response_class=HTMLResponse)
+def evaluation_page(
+    request: Request, evaluation_id: uuid.UUID, session: SessionDep, caller: ViewerDep
+) -> HTMLResponse:
+    """An evaluation's ROC curves and reliability diagram, and its figures per version and
+    per group (manufacturer, model name, views)."""
+    evaluation = get_evaluation(
+        session=session, tenant_id=caller.tenant.id, evaluation_id=evaluation_id
+    )
+    if evaluation is None:
+        return HTMLResponse("<p>No such evaluation for this key.</p>", status_code=404)
+    caller.audit(session, AuditAction.READ, "evaluation", evaluation.id, via="viewer")
+    thresholds = {str(k): v for k, v in site_thresholds(session, caller.tenant.id).items()}
+    session.commit()
+    versions = (evaluation.figures or {}).get("versions", [])
+    plots = (
+        {
+            "roc": Markup(roc_svg(versions, thresholds)),  # noqa: S704 (our own SVG, text escaped)
+            "calibration": Markup(reliability_svg(versions)),  # noqa: S704
+        }
+        if versions
+        else None
+    )
+    return _page(
+        request,
+        "evaluation.html",
+        caller,
+        evaluation=evaluation,
+        versions=versions,
+        comparison=(evaluation.figures or {}).get("comparison"),
+        site_thresholds=thresholds,
+        plots=plots,
+    )

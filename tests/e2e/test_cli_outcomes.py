@@ -4,6 +4,7 @@ biopsy and follow-up results, checked line by line before anything is sent."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,12 @@ def test_a_sites_outcome_file_is_checked_then_imported_and_can_be_imported_again
     first_study, second_study, third_study = sorted({image.study for image in exams})
     with Client.from_env(stack.env) as client:
         # The first two studies in one batch; the third, named by its exam id, in another.
+        batches = []
         for studies in ((first_study, second_study), (third_study,)):
             batch = client.create_batch("outcomes")
             client.upload(batch["id"], [i.path for i in exams if i.study in studies])
+            client.close_batch(batch["id"])
+            batches.append(batch["id"])
         (third_exam,) = [exam["id"] for exam in client.iter_exams(batch["id"])]
 
     # Every problem of the file, by line, and nothing sent.
@@ -82,3 +86,21 @@ def test_a_sites_outcome_file_is_checked_then_imported_and_can_be_imported_again
     shown = screening(stack.env, "outcomes", "list", third_exam)
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.splitlines() == ["2026-10-20  benign     left   surgery"]
+
+    # The stack's trainer measures the active version on them once they are screened.
+    with Client.from_env(stack.env) as client:
+        for batch_id in batches:
+            client.wait(batch_id, timeout=300)
+    evaluated = screening(
+        stack.env,
+        "evaluate",
+        *(f"--batch={b}" for b in batches),
+        "--json",
+        str(tmp_path / "e.json"),
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    lines = evaluated.stdout.splitlines()
+    assert "3 exams (1 malignant), exam AUC" in lines[1]
+    assert any(line.startswith("  by manufacturer: ") for line in lines)
+    assert "by views: 4 3 exams" in evaluated.stdout
+    assert json.loads((tmp_path / "e.json").read_text())["status"] == "completed"

@@ -129,6 +129,7 @@ def test_an_evaluation_of_the_active_version_agrees_with_scikit_learn(
     site_exams: list[SynthImage],
 ) -> None:
     _, key = make_tenant(session)
+    _, other_key = make_tenant(session)
     batch_id = _submit_and_screen(ingest, key, site_exams, settings, session, store)
     truth = _record_truth(ingest, key, site_exams)
     exams = results.get(
@@ -136,7 +137,9 @@ def test_an_evaluation_of_the_active_version_agrees_with_scikit_learn(
     ).json()["items"]
     assert len(exams) == len(truth) == 28
 
-    figures = _evaluate(ingest, results, key, {"batch_ids": [batch_id], "seed": 3}, settings, store)
+    evaluation_id, figures = _evaluated(
+        ingest, results, key, {"batch_ids": [batch_id], "seed": 3}, settings, store
+    )
     (version,) = figures["versions"]
     active = active_model(session=session)
     assert active is not None
@@ -192,6 +195,20 @@ def test_an_evaluation_of_the_active_version_agrees_with_scikit_learn(
         expected = roc_auc_score(labels[in_vendor], scores[in_vendor])
         assert vendor_group["exam_auc"] == pytest.approx(expected, abs=1e-12)
     assert {views: group["exams"] for views, group in version["by"]["views"].items()} == {"4": 28}
+
+    # The viewer draws the curves (SVG plots, not tables), for this tenant only.
+    results.post("/viewer/login", data={"api_key": other_key}, follow_redirects=False)
+    assert results.get(f"/viewer/evaluations/{evaluation_id}").status_code == 404
+    results.post("/viewer/login", data={"api_key": key}, follow_redirects=False)
+    page = results.get(f"/viewer/evaluations/{evaluation_id}")
+    assert page.status_code == 200, page.text
+    assert '<svg id="roc-plot"' in page.text
+    assert '<svg id="calibration-plot"' in page.text
+    drawn = page.text.split('class="roc" points="')[1].split('"')[0].split()
+    assert len(drawn) == len(fpr)
+    assert page.text.count('class="model-point"') == 1
+    assert page.text.count('class="bin"') == len(curve)
+    assert f"AUC {version['exam_auc']:.3f}" in page.text
 
 
 def _truth_by_stored_key(truth: dict[str, bool], settings: Settings) -> dict[str, bool]:
