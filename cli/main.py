@@ -453,6 +453,26 @@ def _cmd_models_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_models_shadow(args: argparse.Namespace) -> int:
+    from shared.config import get_settings
+    from shared.db.base import session_scope
+    from shared.ml.registry import RegistryError, find_model, set_shadow
+
+    if (args.model is None) == (not args.off):
+        print("name a model version, or --off", file=sys.stderr)
+        return 2
+    try:
+        with session_scope(get_settings().database_url) as session:
+            version = None if args.off else find_model(session=session, name_or_id=args.model)
+            previous = set_shadow(session=session, version=version, actor=_operator())
+            shown = f"shadow: {version.name}" if version else "shadow: none"
+            print(shown + (f" (was {previous.name})" if previous else ""))
+    except RegistryError as err:
+        print(f"{err.code}: {err.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_models_import(args: argparse.Namespace) -> int:
     """Validate a site's TorchScript model on synthetic exams and register it."""
     import tempfile
@@ -818,6 +838,14 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parser(
         "rollback", help="re-activate the version that was active before this one"
     ).set_defaults(func=_cmd_models_rollback)
+    shadow = models.add_parser(
+        "shadow",
+        help="a candidate scores every new image after the active version, shown only to "
+        "evaluations and the agreement view",
+    )
+    shadow.add_argument("model", nargs="?", help="model version name or id")
+    shadow.add_argument("--off", action="store_true", help="no version in shadow mode")
+    shadow.set_defaults(func=_cmd_models_shadow)
     imported = models.add_parser(
         "import", help="register a TorchScript model trained elsewhere, with its manifest"
     )

@@ -22,6 +22,7 @@ from shared.db.models import (
     ModelVersion,
     OutcomeTruth,
     Prediction,
+    ShadowScore,
     Study,
     TrainingStatus,
 )
@@ -170,16 +171,20 @@ def exams_with_outcomes(session: Session, evaluation: Evaluation) -> list[ExamWi
 def existing_scores(
     session: Session, image_ids: Sequence[uuid.UUID], version_id: uuid.UUID
 ) -> dict[uuid.UUID, float]:
-    """Scores the version gave these images when it screened them."""
+    """Scores the version gave these images when it screened them, or in shadow mode."""
     found: dict[uuid.UUID, float] = {}
     for start in range(0, len(image_ids), 10_000):
-        rows = session.execute(
-            select(Prediction.image_id, Prediction.malignancy_score).where(
-                Prediction.model_version_id == version_id,
-                Prediction.image_id.in_(image_ids[start : start + 10_000]),
-            )
+        chunk = image_ids[start : start + 10_000]
+        screened = select(Prediction.image_id, Prediction.malignancy_score).where(
+            Prediction.model_version_id == version_id, Prediction.image_id.in_(chunk)
         )
-        found.update({image_id: float(score) for image_id, score in rows})
+        shadowed = select(ShadowScore.image_id, ShadowScore.score).where(
+            ShadowScore.model_version_id == version_id,
+            ShadowScore.image_id.in_(chunk),
+            ShadowScore.score.is_not(None),
+        )
+        for rows in (session.execute(shadowed), session.execute(screened)):
+            found.update({image_id: float(score) for image_id, score in rows if score is not None})
     return found
 
 

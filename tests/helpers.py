@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,15 @@ from typing import Any
 import httpx
 import pydicom
 import redis
+import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.config import Settings
-from shared.db.models import Image
+from shared.db.models import Image, ModelVersion
+from shared.ml.checkpoint import checkpoint_bytes, load_checkpoint
+from shared.ml.registry import active_model
 from shared.storage import ObjectStore
 
 
@@ -216,3 +220,27 @@ def training_batch(ingest: TestClient, key: str, folder: Path) -> str:
         assert response.status_code == 202, response.text
     ingest.post(f"/v1/batches/{batch['id']}/close", headers=auth(key))
     return str(batch["id"])
+
+
+def shadow_of_active(session: Session, store: ObjectStore, *, noise: float) -> ModelVersion:
+    """A trained candidate: the active version's weights, perturbed by `noise`."""
+    active = active_model(session=session)
+    assert active is not None
+    model = load_checkpoint(store.get_bytes(active.checkpoint_key), device=torch.device("cpu"))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * noise)
+    key = f"models/shadow-{uuid.uuid4().hex[:8]}.pt"
+    store.put_bytes(key, checkpoint_bytes(model), content_type="application/octet-stream")
+    version = ModelVersion(
+        name=f"shadow-{uuid.uuid4().hex[:6]}",
+        architecture=active.architecture,
+        checkpoint_key=key,
+        trained=True,
+        recall_threshold=active.recall_threshold,
+        calibration=active.calibration,
+    )
+    session.add(version)
+    session.commit()
+    return version

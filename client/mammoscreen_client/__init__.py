@@ -288,6 +288,16 @@ class Client:
             body["outcomes_to"] = outcomes_to
         return self._json(self._ingest.post("/v1/evaluations", json=body))
 
+    def set_operating_point(
+        self, model_version_id: str, *, evaluation_id: str, target: str, value: float
+    ) -> dict[str, Any]:
+        """This tenant's own recall threshold for the version, chosen on the evaluation for a
+        target ("sensitivity" or "recall_rate"); the answer shows what it gives there."""
+        body = {"evaluation_id": evaluation_id, "target": target, "value": value}
+        return self._json(
+            self._ingest.put(f"/v1/models/{model_version_id}/operating-point", json=body)
+        )
+
     def evaluation(self, evaluation_id: str) -> dict[str, Any]:
         return self._json(self._results.get(f"/v1/evaluations/{evaluation_id}"))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from sqlalchemy.orm import Session
@@ -29,8 +29,9 @@ from shared.api.schemas import (
 )
 from shared.db.models import AuditAction, ModelVersion, Scope, TrainingRun, TrainingRunKind
 from shared.evaluations import get_evaluation
-from shared.ml.registry import list_models
-from shared.operating_points import operating_points
+from shared.ml.registry import active_model, list_models
+from shared.operating_points import operating_points, site_thresholds
+from shared.shadow import shadow_agreement
 from shared.training_runs import get_run, list_runs, metric_curve, stages
 
 router = APIRouter(dependencies=[require_scope(Scope.READ)], prefix="/v1", responses=COMMON_ERRORS)
@@ -134,4 +135,24 @@ def get_operating_points(session: SessionDep, caller: CallerDep) -> OperatingPoi
     /v1/models/{id}/operating-point on the ingest service sets one)."""
     return OperatingPointsList(
         items=[operating_point_public(row) for row in operating_points(session, caller.tenant.id)]
+    )
+
+
+@router.get("/models/{version_id}/shadow", tags=["models"])
+def get_shadow_agreement(
+    version_id: uuid.UUID, session: SessionDep, caller: CallerDep
+) -> dict[str, Any]:
+    """How the version, in shadow mode, agrees with the active one on this tenant's exams
+    both scored: recall agreement (each at its threshold, or this tenant's operating point)
+    and rank correlation of exam scores. Shadow scores appear nowhere else."""
+    version = session.get(ModelVersion, version_id)
+    if version is None:
+        raise ApiError(404, "model_not_found", f"no model version {version_id}")
+    active = active_model(session=session)
+    if active is None or active.id == version.id:
+        raise ApiError(
+            409, "not_in_shadow", f"{version.name} is active; agreement compares a shadow to it"
+        )
+    return shadow_agreement(
+        session, caller.tenant.id, version, active, site_thresholds(session, caller.tenant.id)
     )

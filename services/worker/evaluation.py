@@ -15,7 +15,6 @@ import io
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 import pydicom
 from minio.error import S3Error
@@ -23,6 +22,7 @@ from pydicom.errors import InvalidDicomError
 
 from services.worker.celery_app import app
 from services.worker.models import ModelCache
+from services.worker.scoring import score_images
 from services.worker.training import trainer_context
 from shared.config import Settings
 from shared.db.base import session_scope
@@ -37,10 +37,8 @@ from shared.evaluations import (
     touch,
     versions_by_id,
 )
-from shared.imaging.decode import read_pixels
-from shared.imaging.formats import ImageRejected, MediaType
+from shared.imaging.formats import MediaType
 from shared.logs import log_context
-from shared.ml.imported import preprocess_for
 from shared.ml.site_evaluation import EvaluatedExam, VersionUnderTest, site_figures
 from shared.queue import Queue, TaskName
 from shared.scores import ViewScore, breast_scores, exam_score
@@ -48,7 +46,6 @@ from shared.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
-SCORING_BATCH = 16
 # The header attributes an evaluation breaks its figures down by (non-identifying; the
 # de-identified copy keeps them), read from the first bytes of each stored DICOM image.
 HEADER_ATTRIBUTES = {"manufacturer": "Manufacturer", "model_name": "ManufacturerModelName"}
@@ -136,8 +133,9 @@ def _scores(
     settings: Settings,
     store: ObjectStore,
 ) -> dict[uuid.UUID, float]:
-    """Every image's score by `version`: its prediction where it screened the image, else
-    computed now. An image that cannot be read now fails the evaluation with its reason."""
+    """Every image's score by `version`: its prediction where it screened the image, its
+    shadow score where it scored it in shadow mode, else computed now. An image that cannot
+    be read now fails the evaluation with its reason."""
     images = [image for exam in exams for image in exam.images]
     with session_scope(settings.database_url) as session:
         scores = existing_scores(session, [i.image_id for i in images], version.id)
@@ -145,15 +143,21 @@ def _scores(
     if not missing:
         return scores
     log.info("scoring %d images with model version %s", len(missing), version.name)
-    loaded = _model_cache(settings, store).get(version)
-    preprocess = preprocess_for(loaded.model)
-    for start in range(0, len(missing), SCORING_BATCH):
-        chunk = missing[start : start + SCORING_BATCH]
-        prepared = [_placed(image, preprocess, settings, store) for image in chunk]
-        batch = preprocess.make_inputs(prepared, loaded.device)
-        scores.update(zip((i.image_id for i in chunk), loaded.predictor(batch.inputs), strict=True))
-        _touch(settings, evaluation_id)
-    return scores
+    computed, unreadable = score_images(
+        model_cache(settings, store).get(version),
+        missing,
+        settings=settings,
+        store=store,
+        alive=lambda: _touch(settings, evaluation_id),
+    )
+    if unreadable:
+        image_id, code = next(iter(unreadable.items()))
+        raise CannotEvaluate(
+            "image_unreadable",
+            f"{len(unreadable)} images cannot be scored now (image {image_id}: {code}); "
+            "evaluate batches whose images are all readable",
+        )
+    return {**scores, **computed}
 
 
 def _touch(settings: Settings, evaluation_id: uuid.UUID) -> None:
@@ -161,27 +165,10 @@ def _touch(settings: Settings, evaluation_id: uuid.UUID) -> None:
         touch(session, evaluation_id)
 
 
-def _placed(
-    image: EvaluationImage, preprocess: Any, settings: Settings, store: ObjectStore
-) -> tuple[Any, Any]:
-    try:
-        pixels = read_pixels(
-            store.get_bytes(image.object_key),
-            image.media_type,
-            max_pixels=settings.max_image_pixels,
-        )
-    except (ImageRejected, S3Error) as err:
-        reason = err.message if isinstance(err, ImageRejected) else str(err)
-        raise CannotEvaluate(
-            "image_unreadable", f"image {image.image_id} cannot be scored now: {reason}"
-        ) from err
-    return pixels, preprocess.place(pixels, image.laterality)
-
-
 _MODEL_CACHES: dict[int, ModelCache] = {}
 
 
-def _model_cache(settings: Settings, store: ObjectStore) -> ModelCache:
+def model_cache(settings: Settings, store: ObjectStore) -> ModelCache:
     """One per trainer process: a version is loaded once however many evaluations use it."""
     key = id(store)
     if key not in _MODEL_CACHES:

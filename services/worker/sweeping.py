@@ -9,11 +9,12 @@ from typing import Any
 
 from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutdown
 
+from services.worker.shadow import ShadowThread
 from services.worker.sweeper import export_dicom_results, sweep_once
 from shared.config import Settings, get_settings
 from shared.db.base import forget_engines_after_fork
 from shared.logs import configure_logging
-from shared.queue import producer
+from shared.queue import Queue, producer
 from shared.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -72,13 +73,17 @@ class ExporterThread(threading.Thread):
                 log.info("DICOM results: %d exams rendered, %d delivered", rendered, delivered)
 
 
-_threads: list[SweeperThread | ExporterThread] = []
+_threads: list[SweeperThread | ExporterThread | ShadowThread] = []
 
 
 @worker_ready.connect
-def _start_sweeper(**_: Any) -> None:
+def _start_sweeper(sender: Any = None, **_: Any) -> None:
     settings = get_settings()
     _threads[:] = [SweeperThread(settings), ExporterThread(settings)]
+    # The shadow version scores in the trainer's process only: never beside screening.
+    consumed = set(sender.app.amqp.queues.consume_from) if sender is not None else set()
+    if Queue.TRAINING.value in consumed:
+        _threads.append(ShadowThread(settings))
     for thread in _threads:
         thread.start()
 

@@ -273,6 +273,10 @@ class Image(Base):
             "enqueued_at",
             postgresql_where=text("status IN ('queued', 'running')"),
         ),
+        # The shadow scorer's scan: images finished since a time, oldest first.
+        Index(
+            "ix_images_done_finished_at", "finished_at", postgresql_where=text("status = 'done'")
+        ),
         CheckConstraint("size_bytes >= 0", name="size_nonnegative"),
         # A DICOM instance sent twice (a sender's retry) is one image.
         Index(
@@ -446,6 +450,9 @@ class ModelVersion(Base):
     training_run_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("training_runs.id"))
     promoted_at: Mapped[datetime | None]
     retired_at: Mapped[datetime | None]
+    # Shadow mode: since when the version scores every newly screened image after the active
+    # one, for evaluations and the agreement view only (shadow_scores); None: not in shadow.
+    shadow_since: Mapped[datetime | None]
 
 
 # At most one active model version at a time.
@@ -455,6 +462,32 @@ Index(
     unique=True,
     postgresql_where=ModelVersion.status == ModelStatus.ACTIVE,
 )
+
+
+# At most one version in shadow mode at a time.
+Index(
+    "uq_model_versions_one_shadow",
+    ModelVersion.shadow_since.is_not(None),
+    unique=True,
+    postgresql_where=ModelVersion.shadow_since.is_not(None),
+)
+
+
+class ShadowScore(Base):
+    """A shadow version's score of an image the active version screened. Kept apart from
+    predictions, so it can reach no result, export or webhook; evaluations and the
+    agreement view read it. `score` None: the image could not be scored (`error_code`)."""
+
+    __tablename__ = "shadow_scores"
+
+    image_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("images.id"), primary_key=True)
+    model_version_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("model_versions.id"), primary_key=True
+    )
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), index=True)
+    score: Mapped[float | None] = mapped_column(Float)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class PredictionWarning(enum.StrEnum):
@@ -671,6 +704,8 @@ class AuditAction(enum.StrEnum):
     RECORD_OUTCOME = "record_outcome"
     # A tenant's own recall threshold for a model version, set or cleared.
     SET_OPERATING_POINT = "set_operating_point"
+    # A model version put in shadow mode, or taken out of it (a system event).
+    SHADOW_MODEL = "shadow_model"
 
 
 class AuditEvent(Base):

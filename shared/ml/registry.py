@@ -184,6 +184,7 @@ def promote(
     version.status = ModelStatus.ACTIVE
     version.promoted_at = now
     version.retired_at = None
+    version.shadow_since = None  # active now: nothing left to shadow
     _audit(
         session,
         AuditAction.PROMOTE_MODEL,
@@ -242,6 +243,40 @@ def rollback(*, session: Session, actor: str) -> ModelVersion:
     previous.promoted_at = now
     previous.retired_at = None
     _audit(session, AuditAction.ROLLBACK_MODEL, previous, actor, previous=current.name)
+    session.flush()
+    return previous
+
+
+def shadow_model(*, session: Session) -> ModelVersion | None:
+    """The version in shadow mode, if any."""
+    return session.scalar(select(ModelVersion).where(ModelVersion.shadow_since.is_not(None)))
+
+
+def set_shadow(
+    *, session: Session, version: ModelVersion | None, actor: str
+) -> ModelVersion | None:
+    """Put `version` in shadow mode (None: none), taking the previous one out; returns the
+    previous. From now on it scores every newly screened image after the active version, its
+    scores kept apart (shadow_scores). A system event in the audit log."""
+    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": REGISTRY_LOCK_KEY})
+    if version is not None:
+        session.refresh(version)
+        if not version.trained:
+            raise RegistryError("model_untrained", f"{version.name} was never trained")
+        if version.status == ModelStatus.ACTIVE:
+            raise RegistryError(
+                "model_active", f"{version.name} is the active version; shadow a candidate"
+            )
+    previous = shadow_model(session=session)
+    if previous is not None and version is not None and previous.id == version.id:
+        return None
+    if previous is not None:
+        previous.shadow_since = None
+        _audit(session, AuditAction.SHADOW_MODEL, previous, actor, shadow=False)
+        session.flush()  # one shadow at a time (a unique index says so)
+    if version is not None:
+        version.shadow_since = utcnow()
+        _audit(session, AuditAction.SHADOW_MODEL, version, actor, shadow=True)
     session.flush()
     return previous
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -16,8 +17,12 @@ from devstack.servers import pid_alive
 from devstack.stack import StackState, down, kill_service, start_service_again, up
 from devstack.synth import DEMO_VARIANTS, SynthImage, SynthOptions, generate_exams
 from mammoscreen_client import ApiClientError, Client
-from shared.db.models import Image, ImageStatus, Prediction
+from shared.config import Settings
+from shared.db.models import Image, ImageStatus, Prediction, ShadowScore
+from shared.ml.registry import ensure_active_model, set_shadow, shipped_model_dir
+from shared.storage import ObjectStore
 from tests.factories import SMALL_SYNTH, make_tenant
+from tests.helpers import shadow_of_active
 
 pytestmark = pytest.mark.e2e
 
@@ -92,8 +97,15 @@ def test_the_demo_mix_of_vendor_encodings_is_screened_by_the_real_worker(
 
 
 def test_an_idle_worker_serves_urgent_tasks_before_bulk_ones_queued_earlier(
-    stack: StackState, session: Session, tmp_path: Path
+    stack: StackState, session: Session, settings: Settings, store: ObjectStore, tmp_path: Path
 ) -> None:
+    # A version in shadow mode the whole time: the trainer's loop scores every screened
+    # image after the active version, and the urgent lane does not notice.
+    ensure_active_model(session=session, store=store, shipped=shipped_model_dir(settings))
+    session.commit()
+    shadow = shadow_of_active(session, store, noise=0.05)
+    set_shadow(session=session, version=shadow, actor="operator:test")
+    session.commit()
     bulk_paths = [
         i.path for i in generate_exams(tmp_path / "bulk", exams=3, seed=31, options=SMALL_SYNTH)
     ]
@@ -123,3 +135,18 @@ def test_an_idle_worker_serves_urgent_tasks_before_bulk_ones_queued_earlier(
     assert len(started(urgent["id"])) == 4
     assert len(started(bulk["id"])) == 12
     assert max(started(urgent["id"])) < min(started(bulk["id"]))
+
+    def shadowed() -> list[tuple[datetime, datetime | None]]:
+        query = (
+            select(ShadowScore.created_at, Image.finished_at)
+            .join(Image, Image.id == ShadowScore.image_id)
+            .where(ShadowScore.model_version_id == shadow.id)
+        )
+        return [(made, finished) for made, finished in session.execute(query)]
+
+    deadline = time.monotonic() + 120
+    while len(shadowed()) < 16 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    scores = shadowed()
+    assert len(scores) == 16  # every screened image, by the trainer's shadow loop
+    assert all(finished is not None and made >= finished for made, finished in scores)

@@ -21,7 +21,7 @@ from tests.helpers import auth
 APPS = {"ingest": create_ingest, "results": create_results}
 # Model versions belong to the deployment, not to a tenant (docs/security.md says so): every
 # tenant may read them.
-DEPLOYMENT_WIDE = {"/v1/models/{version_id}"}
+DEPLOYMENT_WIDE = {"/v1/models/{version_id}", "/v1/models/{version_id}/shadow"}
 
 
 def _routes(settings: Settings) -> list[tuple[str, str, str]]:
