@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 STACK_DIR := .stack
 
 .DEFAULT_GOAL := help
-.PHONY: help install up down demo test test-fast lint format clean bench bench-model bench-warm-start browser dicom-tools gpu-wheels
+.PHONY: help install up down demo test test-fast lint format clean bench bench-model bench-warm-start bench-site browser dicom-tools gpu-wheels
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -73,6 +73,9 @@ bench-model: install ## train through the API on 800 synthetic exams, test on a 
 
 bench-warm-start: install ## 5-fold CV on 150 film-scan exams: scratch vs warm start: bench/warm_start.json
 	$(BIN)/python -m bench.warm_start --out bench/warm_start.json
+
+bench-site: install browser ## the shipped model evaluated at two sites (outcomes, evaluation, operating point): bench/site_evaluation.json
+	$(BIN)/python -m bench.site_evaluation --out bench/site_evaluation.json
 
 lint: install ## ruff (lint and format check) and mypy
 	$(BIN)/ruff check .

@@ -87,7 +87,7 @@ def _screenshot(results_url: str, api_key: str, evaluation_id: str, out: Path) -
         browser = playwright.chromium.launch(
             executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"]
         )
-        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.goto(f"{results_url}/viewer/login")
         page.fill("#api-key", api_key)
         page.click("#log-in")

@@ -50,8 +50,10 @@ def _frame(x_label: str, y_label: str) -> list[str]:
 
 def _svg(element_id: str, title: str, parts: Sequence[str], legend: Sequence[str]) -> str:
     height = SIZE + 2 * MARGIN + 18 * len(legend)
+    # Wide enough for the longest legend line (about 7 px a character at 12 px).
+    width = max(SIZE + 2 * MARGIN, MARGIN + 16 + 7 * max((len(e) for e in legend), default=0))
     lines = [
-        f'<svg id="{element_id}" xmlns="http://www.w3.org/2000/svg" width="{SIZE + 2 * MARGIN}" '
+        f'<svg id="{element_id}" xmlns="http://www.w3.org/2000/svg" width="{width}" '
         f'height="{height}" role="img" aria-label="{escape(title)}">',
         f"<title>{escape(title)}</title>",
         *parts,
