@@ -106,7 +106,9 @@ class Tenant(Base):
 class Scope(enum.StrEnum):
     """What an API key may do (README "API keys and scopes")."""
 
-    SUBMIT = "submit"  # create batches, upload, close, start training runs, retry deliveries
+    # create batches, upload, close, start training runs, retry deliveries, record outcomes,
+    # ask for evaluations, set the site's operating points
+    SUBMIT = "submit"
     READ = "read"  # batches, exams, results, heatmaps, models, de-identified DICOM results
     EXPORT_IDENTIFIED = "export_identified"  # original identifiers and identified DICOM
     AUDIT = "audit"  # the tenant's audit log
