@@ -247,6 +247,8 @@ def start_redis(data_dir: Path, *, port: int | None = None) -> RunningServer:
         start_new_session=True,
     )
     wait_until(lambda: _port_open(port), timeout=20, what="redis-server", log=log)
+    if proc.poll() is not None:  # the port is someone else's: this one could not bind it
+        raise RuntimeError(f"redis-server exited at start ({proc.returncode}); see {log}")
     return RunningServer("redis", proc.pid, f"redis://127.0.0.1:{port}/0", data_dir, {"port": port})
 
 
@@ -322,6 +324,19 @@ def start_s3(
 
 def restart_server(server: RunningServer, **credentials: str) -> RunningServer:
     """Start a stopped server again on the same ports and data (for outage tests)."""
+    # A server killed outright may leave children that inherited its listening sockets
+    # (redis-server's append-only-file rewrite child, forked at any moment): they go too, and
+    # the ports must be closed before the new server binds them. Seen: the new redis-server
+    # aborted on "Address already in use", and a bench waited on it until its timeout.
+    if server.name == "redis":  # started in a session of its own: its group is its own
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(server.pid, signal.SIGKILL)
+    wait_until(
+        lambda: not any(_port_open(port) for port in server.ports.values()),
+        timeout=30,
+        what=f"{server.name}'s ports to close",
+        log=None,
+    )
     if server.name == "postgres":
         database = server.url.rsplit("/", 1)[1]
         return start_postgres(server.data_dir, database=database, port=server.ports["port"])

@@ -6,12 +6,12 @@ computes it on read."""
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -22,30 +22,35 @@ from shared.scores import ViewScore, breast_scores, exam_score
 MAX_IMAGES = 200_000
 
 
-def _ranks(values: np.ndarray) -> np.ndarray:
+def _ranks(values: Sequence[float]) -> list[float]:
     """1-based ranks, ties sharing their mean rank."""
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), dtype=np.float64)
-    sorted_values = values[order]
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
     start = 0
-    while start < len(values):
+    while start < len(order):
         end = start
-        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
             end += 1
-        ranks[order[start : end + 1]] = (start + end) / 2 + 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 + 1
         start = end + 1
     return ranks
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     """Spearman's rank correlation (Pearson's on mean-tied ranks); None when either side is
-    constant or there are fewer than three exams."""
+    constant or there are fewer than three exams. Plain Python: the results service loads no
+    numpy."""
     if len(a) < 3:
         return None
     ra, rb = _ranks(a), _ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
+    mean_a, mean_b = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - mean_a) * (y - mean_b) for x, y in zip(ra, rb, strict=True))
+    var_a = sum((x - mean_a) ** 2 for x in ra)
+    var_b = sum((y - mean_b) ** 2 for y in rb)
+    if var_a == 0 or var_b == 0:
         return None
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return cov / math.sqrt(var_a * var_b)
 
 
 def shadow_agreement(
@@ -84,8 +89,8 @@ def shadow_agreement(
         b = exam_score(breast_scores(ViewScore(lat, v, s) for lat, v, _, s in items))
         if a is not None and b is not None:
             pairs.append((a, b))
-    active_scores = np.array([a for a, _ in pairs])
-    shadow_scores = np.array([b for _, b in pairs])
+    active_scores = [a for a, _ in pairs]
+    shadow_scores = [b for _, b in pairs]
     figures: dict[str, Any] = {
         "shadow": {"id": str(shadow.id), "name": shadow.name},
         "active": {"id": str(active.id), "name": active.name},
@@ -95,16 +100,16 @@ def shadow_agreement(
         "recall_agreement": None,
     }
     thresholds = [site_thresholds.get(v.id, v.recall_threshold) for v in (active, shadow)]
-    if pairs and None not in thresholds:
-        active_recalls = active_scores >= thresholds[0]
-        shadow_recalls = shadow_scores >= thresholds[1]
+    active_threshold, shadow_threshold = thresholds
+    if pairs and active_threshold is not None and shadow_threshold is not None:
+        decisions = [(a >= active_threshold, b >= shadow_threshold) for a, b in pairs]
         figures["recall_agreement"] = {
-            "active_threshold": thresholds[0],
-            "shadow_threshold": thresholds[1],
-            "agreement": float((active_recalls == shadow_recalls).mean()),
-            "both_recall": int((active_recalls & shadow_recalls).sum()),
-            "active_only": int((active_recalls & ~shadow_recalls).sum()),
-            "shadow_only": int((~active_recalls & shadow_recalls).sum()),
-            "neither": int((~active_recalls & ~shadow_recalls).sum()),
+            "active_threshold": active_threshold,
+            "shadow_threshold": shadow_threshold,
+            "agreement": sum(a == b for a, b in decisions) / len(decisions),
+            "both_recall": sum(a and b for a, b in decisions),
+            "active_only": sum(a and not b for a, b in decisions),
+            "shadow_only": sum(b and not a for a, b in decisions),
+            "neither": sum(not a and not b for a, b in decisions),
         }
     return figures
