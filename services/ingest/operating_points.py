@@ -73,9 +73,7 @@ def put_operating_point(
     try:
         chosen = choose_threshold(figures, body.target, body.value)
     except TargetUnreachable as err:
-        raise ApiError(
-            422, "target_unreachable", f"{err}; choose a looser target", detail={}
-        ) from err
+        raise ApiError(422, "target_unreachable", f"{err}; choose a looser target") from err
     row = set_operating_point(
         session,
         tenant_id=caller.tenant.id,
