@@ -219,9 +219,9 @@ def test_screening_stores_each_images_preview_heatmap_and_overlay_once(
 
 
 class _SlowStore(ObjectStore):
-    """Reading an image takes `delay_s`: a task that works longer than its lease."""
+    """Reading an image takes `delay_s`: a task that works twice its lease."""
 
-    delay_s = 2.5
+    delay_s = 4.0
 
     def get_bytes(self, key: str) -> bytes:
         time.sleep(self.delay_s)
@@ -240,7 +240,9 @@ def test_a_task_keeps_its_images_while_it_works_longer_than_its_lease(
     tenant, _ = make_tenant(session)
     images = _stored_exam(session, store, exam[:2], make_batch(session, tenant))
     ctx.models.get(_active_version(ctx, session))  # model cached, as in a warm worker
-    short = settings.model_copy(update={"lease_s": 1.0})
+    # Two seconds, not one: the keeper renews every half second, so only a stall of the whole
+    # process longer than 1.5 s could lose the images (a loaded CI machine lost them at 1 s).
+    short = settings.model_copy(update={"lease_s": 2.0})
     requeued: list[int] = []
     stop = threading.Event()
 
