@@ -145,6 +145,37 @@ def add_reference(directory: Path, args: argparse.Namespace) -> None:
     print(f"input reference of {len(statistics)} images, threshold {reference.threshold:.2f}")
 
 
+def add_score_reference(directory: Path, args: argparse.Namespace) -> None:
+    """Write the drift reference (shared/drift.py) of an exported version made before
+    versions had one: its exam scores on the bench's fresh test set (`--test-exams` exams of
+    `--test-seed`, never trained on), scored as the worker scores them."""
+    from shared.drift import fit_score_reference
+    from shared.ml.checkpoint import load_checkpoint
+
+    record = json.loads((directory / "version.json").read_text())
+    model = load_checkpoint((directory / "checkpoint.pt").read_bytes(), device=torch.device("cpu"))
+    with tempfile.TemporaryDirectory(prefix="bench-score-reference-") as data:
+        folder = Path(data) / "test"
+        generate(
+            folder,
+            exams=args.test_exams,
+            seed=args.test_seed,
+            processes=args.processes,
+            encodings=record["bench"]["encodings"],
+        )
+        inputs = _labelled_inputs(folder, model.config.input_height, model.config.input_width)
+        outcomes = exam_outcomes(score_model(model, inputs))
+    source = (
+        f"{len(outcomes)} fresh exams of test seed {args.test_seed} "
+        f"({record['bench']['encodings']} encodings), bench/model.py --add-score-reference"
+    )
+    reference = fit_score_reference([o.score for o in outcomes], source=source)
+    assert reference is not None
+    record["score_reference"] = reference.to_dict()
+    (directory / "version.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"score reference of {reference.exams} exams: edges {reference.edges}")
+
+
 def _view(row: dict[str, str], score: float) -> ScoredView:
     return ScoredView(
         row["study"],
@@ -233,6 +264,7 @@ def train_through_api(
                 "metrics": version.metrics,
                 "model_card": version.model_card,
                 "input_reference": version.input_reference,
+                "score_reference": version.score_reference,
             }
         return run, checkpoint, registry_row
     finally:
@@ -283,9 +315,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="only add the input reference to an exported version made without one",
     )
     parser.add_argument("--reference-exams", type=int, default=300)
+    parser.add_argument(
+        "--add-score-reference",
+        type=Path,
+        default=None,
+        help="only add the drift reference (exam scores on the fresh test set) to an "
+        "exported version made without one",
+    )
     args = parser.parse_args(argv)
     if args.add_reference is not None:
         add_reference(args.add_reference, args)
+        return 0
+    if args.add_score_reference is not None:
+        add_score_reference(args.add_score_reference, args)
         return 0
     if args.train_seed == args.test_seed:
         parser.error("the test set must come from a seed not used in training")

@@ -1,5 +1,7 @@
 """`screening evaluate`: measure model versions on this tenant's exams with outcomes (see
-`screening outcomes import`), wait, and print what the evaluation found."""
+`screening outcomes import`), wait, and print what the evaluation found. `screening drift`:
+the weekly drift figures (are this site's scores and images still like the model's
+reference?)."""
 
 from __future__ import annotations
 
@@ -37,6 +39,14 @@ def add_evaluate_command(commands: Any) -> None:
     evaluate.add_argument("--json", type=Path, help="also write the whole evaluation here")
     _connection_flags(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
+
+    drift = commands.add_parser(
+        "drift", help="weekly score drift against the model's reference, and the inputs' summary"
+    )
+    drift.add_argument("--weeks", type=int, default=12, help="how many recent weeks")
+    drift.add_argument("--json", type=Path, help="also write the figures here")
+    _connection_flags(drift)
+    drift.set_defaults(func=cmd_drift)
 
 
 def _rate(value: float | None) -> str:
@@ -100,3 +110,40 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(evaluation, indent=2))
     print("\n".join(summary(evaluation)))
     return 0 if evaluation["status"] == "completed" else 1
+
+
+def drift_lines(report: dict[str, Any]) -> list[str]:
+    """The drift figures as lines for a terminal, newest week first."""
+    if not report["weeks"]:
+        return ["no drift figures yet: the workers compute them every few minutes"]
+    lines = []
+    for week in report["weeks"]:
+        inputs = week["inputs"]
+        if week["psi"] is None:
+            index = "no reference for this version"
+        elif week["alarm"]:
+            index = f"PSI {week['psi']:.3f}  ALARM (above {report['psi_threshold']:g})"
+        elif week["exams"] < report["min_exams"]:
+            index = f"PSI {week['psi']:.3f}  (fewer than {report['min_exams']} exams: no alarm)"
+        else:
+            index = f"PSI {week['psi']:.3f}"
+        makers = ", ".join(f"{name} {share:.0%}" for name, share in inputs["manufacturers"].items())
+        lines.append(
+            f"week of {week['week_start']}  {week['model_version']['name']}  "
+            f"{week['exams']} exams  {index}"
+        )
+        lines.append(
+            f"  inputs: breast intensity {_rate(inputs['median_breast_intensity'])}, "
+            f"flagged {_rate(inputs['flagged_share'])}, pixel spacing "
+            f"{_rate(inputs['median_pixel_spacing_mm'])} mm, manufacturers {makers or '-'}"
+        )
+    return lines
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        report = client.drift(weeks=args.weeks)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    print("\n".join(drift_lines(report)))
+    return 3 if any(week["alarm"] for week in report["weeks"]) else 0

@@ -163,12 +163,15 @@ def batch_counters(*, session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUI
 @dataclass(frozen=True)
 class BatchStatusRead:
     """Everything a status answer shows, from one statement: the batch's own columns (as
-    BatchPublic names them), its counters, and the model versions that scored it with the
-    images each flagged per warning code."""
+    BatchPublic names them), its counters, the model versions that scored it with the
+    images each flagged per warning code, and the drift alarms of its weeks."""
 
     batch: dict[str, Any]
     counters: BatchCounters
     versions: list[dict[str, Any]]  # id, name, status, trained, rejection_reason, flagged
+    # The tenant's weeks the batch spans whose drift alarm is raised for a version that
+    # scored it (shared/drift.py): week_start, model_version_id, psi, exams.
+    drift: list[dict[str, Any]]
 
     @property
     def warning_counts(self) -> dict[str, int]:
@@ -186,7 +189,8 @@ class BatchStatusRead:
 _BATCH_STATUS_SQL = f"""
     SELECT b.id, b.name, b.priority, b.status, b.created_at, b.closed_at, b.completed_at,
            b.callback_url, b.purpose, b.source, n.ae_title AS sent_by, b.accession_key,
-           c.counts, c.rejected, c.version, coalesce(p.versions, '[]') AS versions
+           c.counts, c.rejected, c.version, coalesce(p.versions, '[]') AS versions,
+           coalesce(d.drift, '[]') AS drift
     FROM batches AS b
     LEFT JOIN dicom_nodes AS n ON n.id = b.dicom_node_id
     CROSS JOIN LATERAL (
@@ -213,6 +217,16 @@ _BATCH_STATUS_SQL = f"""
         ) AS u
         JOIN model_versions AS v ON v.id = u.model_version_id
     ) AS p
+    CROSS JOIN LATERAL (
+        SELECT json_agg(json_build_object(
+                   'week_start', w.week_start, 'model_version_id', w.model_version_id,
+                   'psi', w.psi, 'exams', w.exams
+               ) ORDER BY w.week_start) AS drift
+        FROM score_drift_weeks AS w
+        WHERE w.tenant_id = b.tenant_id AND w.alarm
+          AND w.week_start BETWEEN date_trunc('week', b.created_at AT TIME ZONE 'UTC')::date
+              AND date_trunc('week', coalesce(b.completed_at, now()) AT TIME ZONE 'UTC')::date
+    ) AS d
     WHERE b.id = :batch_id AND b.tenant_id = :tenant_id
 """  # noqa: S608
 _BATCH_STATUS = text(_BATCH_STATUS_SQL)
@@ -244,7 +258,9 @@ def batch_status(
     versions = fields.pop("versions")
     for version in versions:
         version["flagged"] = {code: int(n) for code, n in (version["flagged"] or {}).items()}
-    return BatchStatusRead(batch=fields, counters=counters, versions=versions)
+    scored_by = {version["id"] for version in versions}
+    drift = [week for week in fields.pop("drift") if week["model_version_id"] in scored_by]
+    return BatchStatusRead(batch=fields, counters=counters, versions=versions, drift=drift)
 
 
 def image_count(*, session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID) -> int:

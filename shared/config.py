@@ -170,6 +170,17 @@ class Settings(BaseSettings):
     # delivers before it looks at its stop signal again.
     export_sweep_budget_s: float = Field(default=20, gt=0)
 
+    # Drift (shared/drift.py): a tenant's week whose exam scores lie this far from the
+    # version's reference (population stability index; 0.1-0.2 is commonly read as a shift,
+    # above 0.2 as a large one) raises the alarm, once the week has this many exams: below
+    # it the index's own noise passes the threshold too often (a week drawn from the
+    # reference's own distribution, against a 200-exam reference: 1.2% of weeks at 100
+    # exams, 0.2% at 150, 0.08% at 200). The workers recompute the current and previous week
+    # this often.
+    drift_psi_threshold: float = Field(default=0.2, gt=0)
+    drift_min_exams: int = Field(default=150, ge=1)
+    drift_interval_s: float = Field(default=600, gt=0)
+
     @model_validator(mode="after")
     def _refuse_placeholder_secrets_outside_development(self) -> Settings:
         if self.env in ("dev", "test"):

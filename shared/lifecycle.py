@@ -152,6 +152,9 @@ def accept_images(
             laterality=item.laterality,
             view=item.view,
             sop_instance_key=item.sop_instance_key if one_per_sop_instance else None,
+            manufacturer=item.manufacturer,
+            manufacturer_model=item.manufacturer_model,
+            pixel_spacing_mm=item.pixel_spacing_mm,
             status=initial_status(batch.purpose),
         )
         session.add(image)
@@ -343,6 +346,7 @@ def record_prediction(
     score: float,
     heatmap_key: str | None = None,
     input_distance: float | None = None,
+    input_intensity: float | None = None,
     warnings: Sequence[str] = (),
 ) -> bool:
     """Mark a running image done with its score; False (and nothing written) otherwise.
@@ -361,6 +365,7 @@ def record_prediction(
             malignancy_score=score,
             heatmap_key=heatmap_key,
             input_distance=input_distance,
+            input_intensity=input_intensity,
             warnings=list(warnings),
             created_at=utcnow(),
         )

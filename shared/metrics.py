@@ -24,6 +24,7 @@ from shared.config import Settings
 from shared.db.base import session_scope
 from shared.db.models import Image, ImageStatus, InferenceBatch, Prediction
 from shared.deliveries import delivery_counts
+from shared.drift import latest_drift
 from shared.queue import Queue
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -103,6 +104,7 @@ class PipelineCollector(Collector):
             ).all()
             forward_passes = session.scalar(select(func.count()).select_from(InferenceBatch))
             deliveries = delivery_counts(session)
+            drift = latest_drift(session)
             warning_code = func.unnest(Prediction.warnings).label("code")
             input_warnings = session.execute(
                 select(warning_code, func.count()).group_by(warning_code)
@@ -141,6 +143,29 @@ class PipelineCollector(Collector):
         for code, count in input_warnings:
             warned.add_metric([code], float(count))
         yield warned
+        psi = GaugeMetricFamily(
+            "screening_score_drift_psi",
+            "Population stability index of each tenant's latest week of exam scores against "
+            "the screening version's reference (shared/drift.py)",
+            labels=["tenant", "model"],
+        )
+        alarm = GaugeMetricFamily(
+            "screening_score_drift_alarm",
+            "1 when that week's index passes drift_psi_threshold on enough exams",
+            labels=["tenant", "model"],
+        )
+        exams = GaugeMetricFamily(
+            "screening_score_drift_exams", "Exams in that week", labels=["tenant", "model"]
+        )
+        for tenant, model, week in drift:
+            labels = [tenant, model]
+            if week.psi is not None:
+                psi.add_metric(labels, week.psi)
+            alarm.add_metric(labels, float(week.alarm))
+            exams.add_metric(labels, float(week.exams))
+        yield psi
+        yield alarm
+        yield exams
         passes = CounterMetricFamily("screening_forward_passes", "Batched forward passes run")
         passes.add_metric([], float(forward_passes or 0))
         yield passes

@@ -298,6 +298,11 @@ class Client:
             self._ingest.put(f"/v1/models/{model_version_id}/operating-point", json=body)
         )
 
+    def drift(self, *, weeks: int = 12) -> dict[str, Any]:
+        """This tenant's weekly drift figures, newest first (GET /v1/drift): each week's exam
+        scores against the model's reference (`psi`, `alarm`) and its inputs' summary."""
+        return self._json(self._results.get("/v1/drift", params={"weeks": weeks}))
+
     def evaluation(self, evaluation_id: str) -> dict[str, Any]:
         return self._json(self._results.get(f"/v1/evaluations/{evaluation_id}"))
 

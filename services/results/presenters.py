@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
 
 from services.results.schemas import (
+    DriftInputs,
+    DriftReport,
+    DriftWeek,
     Exam,
+    ModelVersionPublic,
     OriginalIds,
 )
 from shared.api.deps import Caller
 from shared.batches import latest_predictions
 from shared.config import Settings
 from shared.db.models import Image, Prediction, PredictionWarning
+from shared.drift import ScoreReference, drift_warning, drift_weeks
 from shared.exams import (
     NO_SITE_THRESHOLDS,
     ExamView,
@@ -70,13 +75,28 @@ class TrainedOrNot(Protocol):
     def trained(self) -> bool: ...
 
 
-def batch_warnings(versions: Sequence[TrainedOrNot], flagged: dict[str, int]) -> list[str]:
-    """What a reader of the batch must be told, in words: an untrained model, and how many
-    images look unlike the model's training inputs (`flagged`: images per warning code)."""
+def batch_warnings(
+    versions: Sequence[TrainedOrNot],
+    flagged: dict[str, int],
+    drift: Sequence[Mapping[str, Any]] = (),
+    psi_threshold: float = 0.0,
+) -> list[str]:
+    """What a reader of the batch must be told, in words: an untrained model, how many
+    images look unlike the model's training inputs (`flagged`: images per warning code), and
+    the drift alarms of the batch's weeks (BatchStatusRead.drift)."""
     warnings = [UNTRAINED_WARNING] if any(not v.trained for v in versions) else []
     unlike = flagged.get(PredictionWarning.INPUT_UNLIKE_TRAINING_DATA.value)
     if unlike:
         warnings.append(UNLIKE_TRAINING_WARNING.format(count=unlike))
+    warnings += [
+        drift_warning(
+            week_start=str(week["week_start"]),
+            psi=float(week["psi"]),
+            exams=int(week["exams"]),
+            threshold=psi_threshold,
+        )
+        for week in drift
+    ]
     return warnings
 
 
@@ -206,3 +226,31 @@ def show_originals(
             exam.original = OriginalIds(
                 patient_id=identity.patient_id, accession_number=identity.accession_number
             )
+
+
+def drift_report(
+    session: Session, settings: Settings, tenant_id: uuid.UUID, weeks: int
+) -> DriftReport:
+    """The tenant's recent weeks of drift figures (shared/drift.py), newest first."""
+    shown = []
+    for row, version in drift_weeks(session, tenant_id=tenant_id, weeks=weeks):
+        reference = ScoreReference.from_dict(version.score_reference)
+        shown.append(
+            DriftWeek(
+                week_start=row.week_start,
+                model_version=ModelVersionPublic.model_validate(version),
+                exams=row.exams,
+                psi=row.psi,
+                alarm=row.alarm,
+                bin_shares=row.bin_shares,
+                reference_shares=reference.shares if reference else [],
+                reference_edges=reference.edges if reference else [],
+                inputs=DriftInputs(**row.inputs),
+                computed_at=row.computed_at,
+            )
+        )
+    return DriftReport(
+        psi_threshold=settings.drift_psi_threshold,
+        min_exams=settings.drift_min_exams,
+        weeks=shown,
+    )

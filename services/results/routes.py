@@ -37,6 +37,7 @@ from services.results.schemas import (
     AuditPage,
     BatchDetail,
     BatchPage,
+    DriftAlarm,
     ExamsPage,
     ImageCounts,
     ImageResult,
@@ -169,6 +170,7 @@ def get_batches(
 
 def _batch_detail(
     session: Session,
+    settings: Settings,
     tenant_id: uuid.UUID,
     batch_id: uuid.UUID,
     audited: audit.Entry | None = None,
@@ -186,8 +188,9 @@ def _batch_detail(
         total_images=sum(read.counters.counts.values()),
         rejected_files=read.counters.rejected,
         model_versions=versions,
-        warnings=batch_warnings(versions, flagged),
+        warnings=batch_warnings(versions, flagged, read.drift, settings.drift_psi_threshold),
         warning_counts=flagged,
+        drift_alarms=[DriftAlarm.model_validate(week) for week in read.drift],
     )
 
 
@@ -228,7 +231,7 @@ async def get_batch_detail(
     def load(audited: bool) -> BatchDetail:
         entry = caller.audit_entry(AuditAction.READ, "batch", batch_id) if audited else None
         with read_session_scope(settings.database_url) as session:
-            return _batch_detail(session, caller.tenant.id, batch_id, entry)
+            return _batch_detail(session, settings, caller.tenant.id, batch_id, entry)
 
     # No connection is held while the request waits: each read below takes one briefly.
     changes: BatchChanges = request.app.state.batch_changes

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -36,6 +36,15 @@ class ImageCounts(BaseModel):
     stored: int = 0  # training batches: kept for training, not screened
 
 
+class DriftAlarm(BaseModel):
+    """A week of the tenant's whose exam scores lie far from the version's reference."""
+
+    week_start: date
+    model_version_id: uuid.UUID
+    psi: float
+    exams: int
+
+
 class BatchDetail(BatchPublic):
     counts: ImageCounts
     total_images: int
@@ -44,6 +53,8 @@ class BatchDetail(BatchPublic):
     warnings: list[str]  # sentences for a reader
     # Images per prediction warning code, e.g. {"input_unlike_training_data": 3}.
     warning_counts: dict[str, int] = {}
+    # The weeks the batch spans with a raised drift alarm (GET /v1/drift has the figures).
+    drift_alarms: list[DriftAlarm] = []
 
 
 class BatchPage(BaseModel):
@@ -238,3 +249,35 @@ class TrainingRunDetail(BaseModel):
 
 class TrainingRunsPage(BaseModel):
     items: list[TrainingRunDetail]
+
+
+class DriftInputs(BaseModel):
+    """What the week's images looked like (None where no image said)."""
+
+    images: int
+    median_breast_intensity: float | None  # grey level after the VOI transform, 0-1
+    median_input_distance: float | None  # from the version's training inputs
+    flagged_share: float | None  # of images flagged input_unlike_training_data
+    median_pixel_spacing_mm: float | None
+    manufacturers: dict[str, float]  # share of images per DICOM Manufacturer
+
+
+class DriftWeek(BaseModel):
+    week_start: date  # Monday, UTC
+    model_version: ModelVersionPublic
+    exams: int
+    # Population stability index of the week's exam scores against the version's reference;
+    # None when the version has none.
+    psi: float | None
+    alarm: bool
+    bin_shares: list[float]  # the week's exams per reference bin
+    reference_shares: list[float]  # the reference's exams per bin
+    reference_edges: list[float]
+    inputs: DriftInputs
+    computed_at: datetime
+
+
+class DriftReport(BaseModel):
+    psi_threshold: float
+    min_exams: int
+    weeks: list[DriftWeek]

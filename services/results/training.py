@@ -8,8 +8,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from sqlalchemy.orm import Session
 
-from services.results.deps import CallerDep, SessionDep
+from services.results.deps import CallerDep, SessionDep, SettingsDep
+from services.results.presenters import drift_report
 from services.results.schemas import (
+    DriftReport,
     EpochPoint,
     ModelsPage,
     ModelVersionDetail,
@@ -156,3 +158,17 @@ def get_shadow_agreement(
     return shadow_agreement(
         session, caller.tenant.id, version, active, site_thresholds(session, caller.tenant.id)
     )
+
+
+@router.get("/drift", response_model=DriftReport, tags=["models"])
+def get_drift(
+    session: SessionDep,
+    caller: CallerDep,
+    settings: SettingsDep,
+    weeks: Annotated[int, Query(ge=1, le=104)] = 12,
+) -> DriftReport:
+    """This tenant's weekly drift figures, newest first: each week's exam scores against the
+    screening version's held-out reference (population stability index; `alarm` above
+    `psi_threshold` from `min_exams` exams on) and what its inputs looked like. The
+    workers recompute the current and the previous week every drift_interval_s."""
+    return drift_report(session, settings, caller.tenant.id, weeks)

@@ -24,6 +24,7 @@ from services.results.dicom import exam_report_file, image_heatmap_file
 from services.results.plots import reliability_svg, roc_svg
 from services.results.presenters import (
     batch_warnings,
+    drift_report,
     exam_public,
     latest_prediction,
     show_originals,
@@ -31,6 +32,7 @@ from services.results.presenters import (
 from services.results.schemas import Exam, ExamImage
 from shared.api.deps import Caller, SessionDep, SettingsDep, StoreDep
 from shared.batches import (
+    batch_status,
     exams_page,
     get_batch,
     get_exam,
@@ -200,7 +202,11 @@ def batch_page(
     exams.sort(key=lambda e: -1.0 if e.exam_score is None else e.exam_score, reverse=True)
     caller.audit(session, AuditAction.READ, "batch_exams", batch_id, exams=len(exams), via="viewer")
     used = prediction_summary(session=session, tenant_id=caller.tenant.id, batch_id=batch_id)
-    warnings = batch_warnings(used.versions, used.warning_counts)
+    status = batch_status(session=session, tenant_id=caller.tenant.id, batch_id=batch_id)
+    drift = status.drift if status is not None else []
+    warnings = batch_warnings(
+        used.versions, used.warning_counts, drift, settings.drift_psi_threshold
+    )
     session.commit()
     return _page(
         request,
@@ -311,6 +317,15 @@ def image_heatmap(
     if overlay is None:
         return Response(status_code=404)
     return Response(overlay, media_type="image/png", headers=PRIVATE)
+
+
+@router.get("/drift", response_class=HTMLResponse)
+def drift_page(
+    request: Request, session: SessionDep, settings: SettingsDep, caller: ViewerDep
+) -> HTMLResponse:
+    """The tenant's weekly drift figures (GET /v1/drift), alarms first."""
+    report = drift_report(session, settings, caller.tenant.id, weeks=12)
+    return _page(request, "drift.html", caller, report=report)
 
 
 @router.get("/evaluations/{evaluation_id}", response_class=HTMLResponse)

@@ -29,7 +29,12 @@ from shared.db.base import session_scope
 from shared.db.models import Image, InferenceBatch, Laterality
 from shared.imaging.decode import StoredPixels, read_pixels
 from shared.imaging.formats import ImageRejected, RejectCode
-from shared.imaging.preprocess import InputBatch, InputGeometry, heatmap_on_image
+from shared.imaging.preprocess import (
+    INPUT_STATISTICS,
+    InputBatch,
+    InputGeometry,
+    heatmap_on_image,
+)
 from shared.imaging.renders import PREVIEW_SHRINK, grey_png, heatmap_pngs
 from shared.lifecycle import (
     abandon_images,
@@ -53,6 +58,8 @@ log = logging.getLogger(__name__)
 # itself (cannot be decoded, object missing) fails that image at once and is never retried.
 TRANSIENT_ERRORS = (StorageConnectionError, DatabaseError, ConnectionError, TimeoutError)
 MAX_RETRIES = 6
+# The input statistic kept with each prediction for the weekly drift summary (shared/drift.py).
+BREAST_INTENSITY = list(INPUT_STATISTICS).index("breast_median")
 
 # Set in the worker's main process when a warm shutdown begins; created at import, before the
 # pool forks, so the pool's children share it and stop claiming more work.
@@ -357,6 +364,9 @@ class ScreeningRun:
                     score=score,
                     heatmap_key=key,
                     input_distance=distance,
+                    input_intensity=(
+                        float(described[BREAST_INTENSITY]) if described is not None else None
+                    ),
                     warnings=warnings,
                 )
             for image_id, failure in failures.items():

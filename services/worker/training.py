@@ -44,6 +44,7 @@ from shared.db.models import (
     TrainingRun,
     TrainingRunKind,
 )
+from shared.drift import fit_score_reference
 from shared.imaging.decode import decode_image
 from shared.imaging.formats import ImageRejected
 from shared.imaging.preprocess import InputGeometry, Preprocess, box_in_input
@@ -331,6 +332,7 @@ def register_cross_validated(
         point=point,
         review=review,
         held_out={"cross_validation": figures},
+        held_out_scores=[o.score for o in pooled],
         init_from=init_from,
         parent_id=parent_id,
     )
@@ -619,6 +621,7 @@ def register(
         point=point,
         review=review,
         held_out={"test": test_metrics},
+        held_out_scores=[o.score for o in test_outcomes],
         init_from=init_from,
     )
 
@@ -646,13 +649,15 @@ def save_version(
     point: OperatingPoint,
     review: Review,
     held_out: dict[str, Any],
+    held_out_scores: list[float],
     init_from: str | None,
     parent_id: uuid.UUID | None = None,
 ) -> None:
     """Register the best epoch's weights as a model version (candidate, or rejected by its
     review) with its card and input reference, and complete the run (and the cross-validation
     it ends, `parent_id`). `held_out`: the figures it was judged on ("test" or
-    "cross_validation", with what goes with them)."""
+    "cross_validation", with what goes with them); `held_out_scores`: those exams' scores,
+    the version's drift reference."""
     config = trainer.config
     model = trainer.best_model()
     name = f"run-{run_id.hex[:12]}"
@@ -660,6 +665,11 @@ def save_version(
     reference = fit_reference(train_statistics) if train_statistics is not None else None
     split_sizes = split_sizes_of(splits)
     judged_on = held_out.get("test") or held_out["cross_validation"]
+    score_reference = fit_score_reference(
+        held_out_scores,
+        source=f"{'test split' if 'test' in held_out else 'pooled out-of-fold'} exams of run "
+        f"{run_id}",
+    )
     card = model_card(
         name=name,
         architecture=model.config.to_dict(),
@@ -725,6 +735,7 @@ def save_version(
         version.calibration = point.calibration
         version.model_card = card
         version.input_reference = reference.to_dict() if reference else None
+        version.score_reference = score_reference.to_dict() if score_reference else None
         version.training_run_id = run_id
         session.flush()
         complete_run(run, model_version_id=version.id, evaluation=evaluation)

@@ -303,6 +303,12 @@ class Image(Base):
     view: Mapped[View | None] = mapped_column(_enum(View, "view_position"))
     # DICOM received over the network (C-STORE, STOW-RS): the pseudonymous SOP Instance UID.
     sop_instance_key: Mapped[str | None] = mapped_column(String(128))
+    # Non-identifying acquisition metadata from the DICOM header, for drift and breakdowns:
+    # Manufacturer, Manufacturer's Model Name, and the pixel spacing in mm (Pixel Spacing,
+    # else Imager Pixel Spacing). None for PNG/JPEG uploads and headers without them.
+    manufacturer: Mapped[str | None] = mapped_column(String(64))
+    manufacturer_model: Mapped[str | None] = mapped_column(String(64))
+    pixel_spacing_mm: Mapped[float | None] = mapped_column(Float)
     status: Mapped[ImageStatus] = mapped_column(
         _enum(ImageStatus, "image_status"), default=ImageStatus.QUEUED
     )
@@ -452,6 +458,9 @@ class ModelVersion(Base):
     training_run_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("training_runs.id"))
     promoted_at: Mapped[datetime | None]
     retired_at: Mapped[datetime | None]
+    # Its exam scores on held-out exams (shared/drift.py ScoreReference): what the weekly
+    # score distribution at a site is compared with. None: no drift index for it.
+    score_reference: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     # Shadow mode: since when the version scores every newly screened image after the active
     # one, for evaluations and the agreement view only (shadow_scores); None: not in shadow.
     shadow_since: Mapped[datetime | None]
@@ -502,7 +511,11 @@ class PredictionWarning(enum.StrEnum):
 
 class Prediction(Base):
     __tablename__ = "predictions"
-    __table_args__ = (UniqueConstraint("image_id", "model_version_id"),)
+    __table_args__ = (
+        UniqueConstraint("image_id", "model_version_id"),
+        # The weekly drift scan: one tenant's predictions in a time range.
+        Index("ix_predictions_tenant_id_created_at", "tenant_id", "created_at"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), index=True)
@@ -514,6 +527,9 @@ class Prediction(Base):
     # of its statistics, shared/ml/input_reference.py); None when the version has no
     # reference.
     input_distance: Mapped[float | None] = mapped_column(Float)
+    # The breast's median grey level after the VOI transform (the first input statistic):
+    # the site's weekly intensity summary. None when the version computes no statistics.
+    input_intensity: Mapped[float | None] = mapped_column(Float)
     # Codes a reader must see beside the score, e.g. "input_unlike_training_data".
     warnings: Mapped[list[str]] = mapped_column(ARRAY(String(64)), default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -559,6 +575,31 @@ class Evaluation(Base):
     # Set when it is queued, claimed or sent again: the sweeper resends one left too long.
     touched_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
+
+
+class ScoreDriftWeek(Base):
+    """One tenant's week with one model version (shared/drift.py): how its exam scores
+    compare with the version's held-out reference (population stability index), and what the
+    week's inputs looked like. Recomputed by the sweeper while the week is young."""
+
+    __tablename__ = "score_drift_weeks"
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    week_start: Mapped[date] = mapped_column(primary_key=True)  # a Monday (UTC)
+    model_version_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("model_versions.id"), primary_key=True
+    )
+    exams: Mapped[int] = mapped_column(Integer)
+    # None: the version has no score reference.
+    psi: Mapped[float | None] = mapped_column(Float)
+    # psi above settings.drift_psi_threshold on at least settings.drift_min_exams exams.
+    alarm: Mapped[bool] = mapped_column(default=False)
+    # The week's share of exams in each of the reference's bins.
+    bin_shares: Mapped[list[float]] = mapped_column(ARRAY(Float), default=list)
+    # Inputs: median breast intensity, median input distance, share flagged, median pixel
+    # spacing, manufacturer mix (shares).
+    inputs: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    computed_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class OperatingTarget(enum.StrEnum):

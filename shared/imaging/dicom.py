@@ -8,7 +8,9 @@ so a 70 MB mammogram is never copied aside and its compressed frames are never r
 from __future__ import annotations
 
 import io
+import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -72,6 +74,31 @@ def transfer_syntax_decodable(syntax: UID | None) -> bool:
 
 def _text(ds: Dataset, keyword: str) -> str:
     return str(ds.get(keyword, "") or "").strip().upper()
+
+
+def _plain(ds: Dataset, keyword: str) -> str | None:
+    """A short text attribute as sent (trimmed, at most 64 characters), None when absent."""
+    try:
+        value = str(ds.get(keyword, "") or "").strip()
+    except (TypeError, ValueError):
+        return None
+    return value[:64] or None
+
+
+def pixel_spacing_mm(ds: Dataset) -> float | None:
+    """The row spacing of Pixel Spacing, else of Imager Pixel Spacing (at the detector, what
+    a mammography view without magnification correction carries); None when neither reads
+    as a positive number."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            value = ds.get(keyword)
+            several = isinstance(value, Sequence) and not isinstance(value, str)
+            spacing = float(value[0] if several else value)
+        except (TypeError, ValueError, IndexError):
+            continue
+        if math.isfinite(spacing) and spacing > 0:
+            return spacing
+    return None
 
 
 def laterality_of(ds: Dataset) -> Laterality | None:
@@ -180,6 +207,9 @@ def screenable_metadata(ds: Dataset, filename: str) -> ImageMetadata:
         study_uid=str(ds.get("StudyInstanceUID") or "") or None,
         pixels=pixels,
         sop_instance_uid=str(ds.get("SOPInstanceUID") or "") or None,
+        manufacturer=_plain(ds, "Manufacturer"),
+        manufacturer_model=_plain(ds, "ManufacturerModelName"),
+        pixel_spacing_mm=pixel_spacing_mm(ds),
     )
 
 

@@ -90,6 +90,10 @@ class ImageMetadata:
     study_uid: str | None = None
     pixels: int | None = None  # as declared by the header, before any decoding
     sop_instance_uid: str | None = None
+    # Non-identifying acquisition metadata (DICOM only), kept on the image row for drift.
+    manufacturer: str | None = None
+    manufacturer_model: str | None = None
+    pixel_spacing_mm: float | None = None
 
 
 def parse_laterality(value: object) -> Laterality | None:

@@ -86,6 +86,10 @@ class StoredImage:
     sop_instance_key: str | None = None
     # DICOM, when the tenant keeps identities: the original identifiers, sealed.
     sealed_identity: SealedIdentity | None = None
+    # The header's manufacturer, model name and pixel spacing (ImageMetadata's).
+    manufacturer: str | None = None
+    manufacturer_model: str | None = None
+    pixel_spacing_mm: float | None = None
 
 
 def patient_key(secret: str, tenant_id: uuid.UUID, patient_id: str) -> str:
@@ -289,6 +293,9 @@ def take_in(
         view=metadata.view,
         sop_instance_key=sop_instance_key,
         sealed_identity=sealed_identity,
+        manufacturer=metadata.manufacturer,
+        manufacturer_model=metadata.manufacturer_model,
+        pixel_spacing_mm=metadata.pixel_spacing_mm,
     )
 
 

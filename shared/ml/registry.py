@@ -112,6 +112,8 @@ def _register_shipped(*, session: Session, store: ObjectStore, directory: Path) 
         session.add(version)
     if version.input_reference is None:  # registered before the shipped model had one
         version.input_reference = record.get("input_reference")
+    if version.score_reference is None:  # likewise its drift reference
+        version.score_reference = record.get("score_reference")
     version.status = ModelStatus.ACTIVE
     version.promoted_at = utcnow()
     session.flush()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ import pytest
 from devstack.stack import StackState
 from devstack.synth import SynthOptions, generate_exams
 from mammoscreen_client import Client
+from shared.config import settings_from_environ
+from shared.db.base import session_scope
+from shared.drift import refresh_drift
 from tests.e2e.test_cli_submit import screening
 
 pytestmark = pytest.mark.e2e
@@ -104,3 +108,20 @@ def test_a_sites_outcome_file_is_checked_then_imported_and_can_be_imported_again
     assert any(line.startswith("  by manufacturer: ") for line in lines)
     assert "by views: 4 3 exams" in evaluated.stdout
     assert json.loads((tmp_path / "e.json").read_text())["status"] == "completed"
+
+    # The week's drift figures (the stack's workers compute them every drift_interval_s; the
+    # test does not wait ten minutes for that, it runs the same computation once).
+    with session_scope(settings_from_environ(stack.service_env).database_url) as session:
+        assert refresh_drift(session, settings=settings_from_environ(stack.service_env))
+    drift = screening(stack.env, "drift", "--json", str(tmp_path / "d.json"))
+    assert drift.returncode == 0, drift.stderr  # too few exams for an alarm
+    first, inputs = drift.stdout.splitlines()[:2]
+    assert re.fullmatch(
+        r"week of \d{4}-\d\d-\d\d  \S+  \d+ exams  PSI \d\.\d{3}  "
+        r"\(fewer than 150 exams: no alarm\)",
+        first,
+    ), first
+    assert inputs.startswith("  inputs: breast intensity 0.")
+    assert "pixel spacing 0.800 mm" in inputs
+    report = json.loads((tmp_path / "d.json").read_text())
+    assert report["weeks"][0]["exams"] >= 3

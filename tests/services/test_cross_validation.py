@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session
 from devstack.synth import SynthOptions, generate_exams
 from services.worker.training import run_training
 from shared.config import Settings
-from shared.db.models import Split, TrainingExample, TrainingRun, TrainingStatus
+from shared.db.models import ModelVersion, Split, TrainingExample, TrainingRun, TrainingStatus
+from shared.drift import ScoreReference
 from shared.ml.registry import ensure_active_model, shipped_model_dir
 from shared.storage import ObjectStore
 from tests.factories import make_tenant
@@ -121,6 +122,12 @@ def _cross_validate(
     assert run["evaluation"]["init_from"] == body["init_from"]
     card = results.get(f"/v1/models/{run['model_version']['id']}", headers=auth(key)).json()
     assert card["model_card"]["cross_validation"]["exam_auc"] == cv["exam_auc"]
+    # Its drift reference: the pooled out-of-fold exam scores, cut into quantile bins.
+    version = session.get_one(ModelVersion, uuid.UUID(run["model_version"]["id"]))
+    reference = ScoreReference.from_dict(version.score_reference)
+    assert reference is not None
+    assert reference.exams == EXAMS
+    assert sum(reference.shares) == pytest.approx(1)
     run["accepted"] = body
     return run
 

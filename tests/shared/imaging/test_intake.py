@@ -12,6 +12,7 @@ from pydicom.uid import RLELossless
 from devstack.synth import SynthImage
 from shared.config import Settings
 from shared.db.models import Laterality
+from shared.imaging.dicom import pixel_spacing_mm
 from shared.imaging.formats import ImageRejected, MediaType, RejectCode
 from shared.imaging.intake import Destination, IntakeHints, discard, patient_key, take_in
 from shared.storage import Keys, ObjectStore
@@ -40,6 +41,9 @@ def test_a_dicom_file_is_gated_deidentified_and_stored_under_its_key(
     assert stored.StudyInstanceUID != original.StudyInstanceUID
     assert image.study_key == stored.StudyInstanceUID
     assert stored.PixelData == original.PixelData  # the pixels pass through byte for byte
+    # Non-identifying acquisition metadata, kept on the row for drift and breakdowns.
+    assert image.manufacturer == original.get("Manufacturer")
+    assert image.pixel_spacing_mm == pytest.approx(float(original.PixelSpacing[0]))
 
     discard(store, [image])
     assert not store.exists(image.stored.key)
@@ -139,3 +143,23 @@ def test_a_file_shorter_than_its_carrier_declared_is_refused_and_nothing_is_stor
     assert refused.value.code == RejectCode.INVALID_DICOM
     assert "ends before its declared length" in refused.value.message
     assert list(store.list_keys(Keys.UPLOADS)) == []
+
+
+@pytest.mark.parametrize(
+    ("attributes", "spacing"),
+    [
+        ({"PixelSpacing": [0.07, 0.07], "ImagerPixelSpacing": [0.085, 0.085]}, 0.07),
+        ({"ImagerPixelSpacing": [0.085, 0.085]}, 0.085),  # a view without calibration
+        ({"PixelSpacing": "0.1"}, 0.1),  # one value where two belong: still read
+        ({"PixelSpacing": [0, 0], "ImagerPixelSpacing": [0.05, 0.05]}, 0.05),
+        ({}, None),
+    ],
+)
+def test_the_pixel_spacing_is_read_from_either_attribute(
+    attributes: dict[str, object], spacing: float | None
+) -> None:
+    ds = pydicom.Dataset()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    found = pixel_spacing_mm(ds)
+    assert found == (pytest.approx(spacing) if spacing is not None else None)
