@@ -25,11 +25,15 @@ class Keys:
     """Where each kind of object lives. Nothing else spells a key.
 
     Uploaded images live under `UPLOADS`, and only they do: the orphan sweep deletes any
-    object there that no image row names. Derived objects (heatmaps, previews) and model
-    files live elsewhere, and rows refer to them.
+    object there that no image row names. Derived objects live under the id of the image
+    (previews, heatmaps) or study (DICOM results) they belong to, and the orphan sweep
+    deletes those whose image or study is gone (erased). Model files live elsewhere.
     """
 
     UPLOADS = "tenants/"
+    PREVIEWS = "previews/"
+    HEATMAPS = "heatmaps/"
+    DICOM_RESULTS = "dicom-results/"
 
     @staticmethod
     def image(tenant_id: uuid.UUID, batch_id: uuid.UUID, image_id: uuid.UUID) -> str:
@@ -39,22 +43,45 @@ class Keys:
     @staticmethod
     def heatmap(image_id: uuid.UUID, model_version_id: uuid.UUID) -> str:
         """The greyscale per-position probability map (0..1 as 0..255) at 1/4 size."""
-        return f"heatmaps/{image_id}/{model_version_id}.png"
+        return f"{Keys.HEATMAPS}{image_id}/{model_version_id}.png"
 
     @staticmethod
     def heatmap_overlay(image_id: uuid.UUID, model_version_id: uuid.UUID) -> str:
         """The same map as a transparent colour overlay, as viewers lay it on the image."""
-        return f"heatmaps/{image_id}/{model_version_id}-overlay.png"
+        return f"{Keys.HEATMAPS}{image_id}/{model_version_id}-overlay.png"
 
     @staticmethod
     def preview(image_id: uuid.UUID) -> str:
         """The image as an 8-bit PNG at 1/4 size, written when it is screened."""
-        return f"previews/{image_id}.png"
+        return f"{Keys.PREVIEWS}{image_id}.png"
 
     @staticmethod
     def dicom_result(study_id: uuid.UUID, kind: str, image_id: uuid.UUID | None) -> str:
         """An exam's DICOM result (report, heatmap, capture), de-identified as rendered."""
-        return f"dicom-results/{study_id}/{kind}-{image_id or 'exam'}.dcm"
+        return f"{Keys.DICOM_RESULTS}{study_id}/{kind}-{image_id or 'exam'}.dcm"
+
+    @staticmethod
+    def heatmaps_of(image_id: uuid.UUID) -> str:
+        """The prefix of every version's heatmaps of an image."""
+        return f"{Keys.HEATMAPS}{image_id}/"
+
+    @staticmethod
+    def dicom_results_of(study_id: uuid.UUID) -> str:
+        """The prefix of an exam's DICOM results."""
+        return f"{Keys.DICOM_RESULTS}{study_id}/"
+
+    @staticmethod
+    def owner_id(key: str) -> uuid.UUID | None:
+        """The image (previews, heatmaps) or study (DICOM results) id a derived object's key
+        names; None for a key that is not one."""
+        for prefix in (Keys.PREVIEWS, Keys.HEATMAPS, Keys.DICOM_RESULTS):
+            if key.startswith(prefix):
+                name = key[len(prefix) :].split("/", 1)[0].removesuffix(".png")
+                try:
+                    return uuid.UUID(name)
+                except ValueError:
+                    return None
+        return None
 
     @staticmethod
     def training_checkpoint(run_id: uuid.UUID, epoch: int) -> str:

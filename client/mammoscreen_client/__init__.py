@@ -246,6 +246,15 @@ class Client:
     def close_batch(self, batch_id: str) -> dict[str, Any]:
         return self._json(self._ingest.post(f"/v1/batches/{batch_id}/close"))
 
+    def delete_batch(self, batch_id: str) -> dict[str, Any]:
+        """Erase the batch and everything in it (scope `erase`); the counts of what went."""
+        return self._json(self._ingest.delete(f"/v1/batches/{batch_id}"))
+
+    def erase_patient(self, patient_id: str) -> dict[str, Any]:
+        """Erase every exam of this patient (the id as the site knows it) in this tenant
+        (scope `erase`); the counts of what went, all zero when nothing was left."""
+        return self._json(self._ingest.post("/v1/erasures", json={"patient_id": patient_id}))
+
     def record_outcome(
         self, exam_id: str, *, truth: str, breast: str, source: str, date: str
     ) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from starlette.formparsers import MultiPartParser
 
 from services.ingest.deliveries import router as deliveries_router
 from services.ingest.dicomweb import router as dicomweb_router
+from services.ingest.erasure import router as erasure_router
 from services.ingest.evaluations import router as evaluations_router
 from services.ingest.operating_points import router as operating_points_router
 from services.ingest.outcomes import router as outcomes_router
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(outcomes_router)
     app.include_router(evaluations_router)
     app.include_router(operating_points_router)
+    app.include_router(erasure_router)
     return app
 
 

@@ -327,6 +327,24 @@ class ScreeningRun:
         )
         return scores, list(self.writers.map(write, range(len(ready)))), statistics
 
+    def _drop_what_erased_images_left(self, image_ids: list[uuid.UUID]) -> None:
+        """Of the images whose result was not recorded, those whose row is gone were erased
+        while this task screened them (shared/erasure.py): delete the preview and heatmaps
+        written for them meanwhile, so the erasure stays complete. (An image that is there
+        but was not recorded went back to the queue, and its next screening owns them.)"""
+        with session_scope(self.ctx.settings.database_url) as session:
+            alive = set(session.scalars(select(Image.id).where(Image.id.in_(image_ids))))
+        for image_id in image_ids:
+            if image_id in alive:
+                continue
+            log.info(
+                "image erased while it was screened; its result is dropped",
+                extra={"image_id": image_id},
+            )
+            store = self.ctx.store
+            for key in [Keys.preview(image_id), *store.list_keys(Keys.heatmaps_of(image_id))]:
+                store.delete(key)
+
     def _input_check(self, statistics: np.ndarray | None) -> tuple[float | None, list[str]]:
         """The input's distance from the version's training inputs, and the warning when it
         is too far for the score to mean what the version's evaluation says."""
@@ -355,9 +373,12 @@ class ScreeningRun:
             ids = [item.id for item, _ in batch]
             rows = {i.id: i for i in session.scalars(select(Image).where(Image.id.in_(ids)))}
             results = zip(ready, scores, heatmap_keys, statistics, strict=True)
+            unrecorded = [item.id for item, _ in batch if item.id not in rows]
             for (item, _), score, key, described in results:
+                if item.id not in rows:
+                    continue  # erased while it was screened
                 distance, warnings = self._input_check(described)
-                record_prediction(
+                recorded = record_prediction(
                     session=session,
                     image=rows[item.id],
                     model_version_id=self.loaded.version_id,
@@ -369,13 +390,18 @@ class ScreeningRun:
                     ),
                     warnings=warnings,
                 )
+                if not recorded:
+                    unrecorded.append(item.id)
+            failed = 0
             for image_id, failure in failures.items():
+                if image_id not in rows:
+                    continue
                 log.info(
                     "image failed: %s",
                     failure.code.value,
                     extra={"image_id": image_id, "batch_id": rows[image_id].batch_id},
                 )
-                record_failure(
+                failed += record_failure(
                     session=session,
                     image=rows[image_id],
                     code=failure.code.value,
@@ -391,14 +417,17 @@ class ScreeningRun:
                     )
                 )
             refresh_batches(session=session, batch_ids=[r.batch_id for r in rows.values()])
+        if unrecorded:
+            self._drop_what_erased_images_left(unrecorded)
         for item, _ in batch:
             self.unfinished.pop(item.id, None)
+        done = len(ready) - len(set(unrecorded) & {item.id for item, _ in ready})
         log.info(
             "screened %d images (%d failed) in a batch of %d, forward %.3fs, model %s",
-            len(ready),
-            len(failures),
+            done,
+            failed,
             len(batch),
             forward_s,
             self.loaded.name,
         )
-        return len(ready), len(failures)
+        return done, failed

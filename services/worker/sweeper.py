@@ -21,7 +21,8 @@ wait on or double-handle each other's rows.
    `dead` after `export_max_attempts` (shared/dicom_export.py, shared/deliveries.py).
 6. Orphan objects: an uploaded image's object (`Keys.UPLOADS`) older than `orphan_grace_s`
    with no image row (an upload whose commit failed and whose clean-up also failed) is
-   deleted.
+   deleted, and so are previews, heatmaps and DICOM results whose image or study is gone
+   (written by a worker or the renderer while an erasure removed their rows).
 
 The status changes themselves are `shared/lifecycle.py`'s.
 """
@@ -40,7 +41,7 @@ from sqlalchemy.orm import Session
 
 from shared.config import Settings
 from shared.db.base import session_scope, utcnow
-from shared.db.models import Batch, BatchPriority, Image, ImageStatus
+from shared.db.models import Batch, BatchPriority, Image, ImageStatus, Study
 from shared.dicom_export import deliver_due as deliver_dicom_results
 from shared.dicom_export import render_due as render_dicom_results
 from shared.dicom_studies import close_quiet_studies
@@ -96,27 +97,55 @@ def relay_queued(
 
 
 def delete_orphans(*, session: Session, store: ObjectStore, grace_s: float) -> int:
-    """Delete image objects older than the grace period that no image row refers to."""
+    """Delete objects older than the grace period that no row owns: uploaded images no image
+    row names, and previews, heatmaps and DICOM results whose image or study is gone (an
+    erasure that raced a worker or the renderer leaves those)."""
     cutoff = utcnow() - timedelta(seconds=grace_s)
     deleted = 0
-    page: list[str] = []
-
-    def flush() -> int:
-        known = set(session.scalars(select(Image.object_key).where(Image.object_key.in_(page))))
-        orphans = [key for key in page if key not in known]
-        for key in orphans:
-            store.delete(key)
-            log.warning("deleted orphaned object %s", key)
-        page.clear()
-        return len(orphans)
-
-    for key in store.list_keys(Keys.UPLOADS, older_than=cutoff):
-        page.append(key)
-        if len(page) >= 500:
-            deleted += flush()
-    if page:
-        deleted += flush()
+    for prefix, owned in (
+        (Keys.UPLOADS, _named_uploads),
+        (Keys.PREVIEWS, _owned_by_images),
+        (Keys.HEATMAPS, _owned_by_images),
+        (Keys.DICOM_RESULTS, _owned_by_studies),
+    ):
+        page: list[str] = []
+        for key in store.list_keys(prefix, older_than=cutoff):
+            page.append(key)
+            if len(page) >= 500:
+                deleted += _delete_unowned(store, page, owned(session, page))
+                page = []
+        if page:
+            deleted += _delete_unowned(store, page, owned(session, page))
     return deleted
+
+
+def _delete_unowned(store: ObjectStore, page: list[str], owned: set[str]) -> int:
+    orphans = [key for key in page if key not in owned]
+    for key in orphans:
+        store.delete(key)
+        log.warning("deleted orphaned object %s", key)
+    return len(orphans)
+
+
+def _named_uploads(session: Session, keys: list[str]) -> set[str]:
+    return set(session.scalars(select(Image.object_key).where(Image.object_key.in_(keys))))
+
+
+def _owned_by(session: Session, keys: list[str], table: type[Image] | type[Study]) -> set[str]:
+    """The keys whose image or study row exists, and any key that names none (not ours to
+    judge: left alone)."""
+    owners = {key: Keys.owner_id(key) for key in keys}
+    ids = {owner for owner in owners.values() if owner is not None}
+    alive = set(session.scalars(select(table.id).where(table.id.in_(ids))))
+    return {key for key, owner in owners.items() if owner is None or owner in alive}
+
+
+def _owned_by_images(session: Session, keys: list[str]) -> set[str]:
+    return _owned_by(session, keys, Image)
+
+
+def _owned_by_studies(session: Session, keys: list[str]) -> set[str]:
+    return _owned_by(session, keys, Study)
 
 
 def export_dicom_results(settings: Settings, store: ObjectStore) -> tuple[int, int]:

@@ -112,6 +112,8 @@ class Scope(enum.StrEnum):
     READ = "read"  # batches, exams, results, heatmaps, models, de-identified DICOM results
     EXPORT_IDENTIFIED = "export_identified"  # original identifiers and identified DICOM
     AUDIT = "audit"  # the tenant's audit log
+    # erase a batch or a patient's exams (shared/erasure.py); given to no key by default
+    ERASE = "erase"
 
 
 DEFAULT_SCOPES = (Scope.SUBMIT, Scope.READ)
@@ -749,6 +751,8 @@ class AuditAction(enum.StrEnum):
     SET_OPERATING_POINT = "set_operating_point"
     # A model version put in shadow mode, or taken out of it (a system event).
     SHADOW_MODEL = "shadow_model"
+    # A batch or a patient's exams erased: the counts of what went, never whose they were.
+    ERASE = "erase"
 
 
 class AuditEvent(Base):

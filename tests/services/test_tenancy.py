@@ -13,7 +13,13 @@ from devstack.servers import free_port, wait_until
 from services.ingest.app import create_app as create_ingest
 from services.results.app import create_app as create_results
 from shared.config import Settings
-from shared.db.models import Evaluation, ExportDelivery, ExportDeliveryStatus, TrainingRun
+from shared.db.models import (
+    Evaluation,
+    ExportDelivery,
+    ExportDeliveryStatus,
+    Scope,
+    TrainingRun,
+)
 from shared.deliveries import add_destination
 from tests.factories import make_batch, make_image, make_model_version, make_tenant
 from tests.helpers import auth
@@ -55,7 +61,8 @@ def test_every_route_with_an_id_hides_another_tenants_rows(
     settings: Settings, session: Session
 ) -> None:
     owner, _ = make_tenant(session)
-    _, intruder_key = make_tenant(session)
+    # Every scope, the erase scope included: scopes never stand in for tenant isolation.
+    _, intruder_key = make_tenant(session, scopes=list(Scope))
     batch = make_batch(session, owner)
     image = make_image(session, batch)
     run = TrainingRun(tenant_id=owner.id, name="run", hyperparameters={}, seed=0)

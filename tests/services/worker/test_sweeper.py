@@ -118,22 +118,34 @@ def test_orphaned_objects_are_deleted_and_everything_else_kept(
     tenant, _ = make_tenant(session)
     batch = make_batch(session, tenant)
     kept, orphan = (Keys.image(tenant.id, batch.id, uuid.uuid4()) for _ in range(2))
-    # Derived objects and model files are outside the uploads' prefix: rows refer to them.
-    elsewhere = [
+    image = make_image(session, batch, object_key=kept)
+    gone_image, gone_study, version = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    # Derived objects of an image or study that is there, model files, and keys that name
+    # no image are kept; those of an image or study that is gone (erased) are not.
+    owned = [
         Keys.model_checkpoint("some-model"),
-        Keys.preview(uuid.uuid4()),
-        Keys.heatmap(uuid.uuid4(), uuid.uuid4()),
+        Keys.preview(image.id),
+        Keys.heatmap(image.id, version),
+        Keys.dicom_result(image.study_id, "report", None),
+        f"{Keys.PREVIEWS}not-an-image.png",
     ]
-    for key in (kept, orphan, *elsewhere):
+    unowned = [
+        orphan,
+        Keys.preview(gone_image),
+        Keys.heatmap(gone_image, version),
+        Keys.heatmap_overlay(gone_image, version),
+        Keys.dicom_result(gone_study, "heatmap", gone_image),
+    ]
+    for key in (kept, *owned, *unowned):
         store.put_bytes(key, b"data", content_type="application/octet-stream")
-    make_image(session, batch, object_key=kept)
+    session.commit()
 
     assert delete_orphans(session=session, store=store, grace_s=3600) == 0  # too recent
-    assert delete_orphans(session=session, store=store, grace_s=0) == 1
+    assert delete_orphans(session=session, store=store, grace_s=0) == len(unowned)
 
-    assert not store.exists(orphan)
+    assert not any(store.exists(key) for key in unowned)
     assert store.exists(kept)
-    assert all(store.exists(key) for key in elsewhere)
+    assert all(store.exists(key) for key in owned)
 
 
 def test_the_sweeper_leaves_dicom_results_to_the_exporter_so_a_backlog_never_delays_leases(
