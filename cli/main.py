@@ -264,6 +264,64 @@ def _cmd_vault(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_backup(args: argparse.Namespace) -> int:
+    from devstack.backup import BackupError, create_backup, describe, restore_backup
+    from shared.config import get_settings
+
+    try:
+        if args.backup_command == "create":
+            summary = create_backup(get_settings(), args.directory)
+            print(f"backed up to {describe(summary)}")
+        else:
+            summary = restore_backup(get_settings(), args.directory, replace=args.replace)
+            print(f"restored {describe(summary)}")
+            print("run `screening admin db upgrade` if the backup predates this version")
+    except BackupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _given_or(value: int | None, current: int | None) -> int | None:
+    return current if value is None else value
+
+
+def _cmd_tenant_retention(args: argparse.Namespace) -> int:
+    from shared.config import get_settings
+    from shared.db.base import session_scope
+    from shared.retention import set_retention
+    from shared.tenants import find_tenant
+
+    with session_scope(get_settings().database_url) as session:
+        tenant = find_tenant(session=session, name_or_id=args.tenant)
+        if tenant is None:
+            print(f"error: no tenant named or with id {args.tenant!r}", file=sys.stderr)
+            return 2
+        if args.images_days is not None or args.results_days is not None or args.forever:
+            try:
+                set_retention(
+                    session,
+                    tenant,
+                    image_days=None
+                    if args.forever
+                    else _given_or(args.images_days, tenant.image_retention_days),
+                    result_days=None
+                    if args.forever
+                    else _given_or(args.results_days, tenant.result_retention_days),
+                )
+            except ValueError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+
+        def days(value: int | None) -> str:
+            return "until erased" if value is None else f"{value} days after the batch completed"
+
+        print(f"retention of {tenant.name}:")
+        print(f"  images (files, previews, heatmaps): {days(tenant.image_retention_days)}")
+        print(f"  results and rows: {days(tenant.result_retention_days)}")
+    return 0
+
+
 def _cmd_db_upgrade(_: argparse.Namespace) -> int:
     from alembic import command
     from alembic.config import Config
@@ -736,6 +794,33 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--json", action="store_true", help="print one JSON object")
     create.set_defaults(func=_cmd_tenant_create)
+    retention = tenant.add_parser(
+        "retention", help="show or set how long a tenant's images and results are kept"
+    )
+    retention.add_argument("tenant", help="tenant name or id")
+    retention.add_argument(
+        "--images-days", type=int, help="days after a batch completes that its images are kept"
+    )
+    retention.add_argument(
+        "--results-days", type=int, help="days after a batch completes that the batch is kept"
+    )
+    retention.add_argument("--forever", action="store_true", help="keep both until erased")
+    retention.set_defaults(func=_cmd_tenant_retention)
+
+    backup = admin.add_parser(
+        "backup", help="back up the database and the bucket, or restore a backup"
+    ).add_subparsers(dest="backup_command", required=True)
+    made = backup.add_parser("create", help="dump the database and copy the bucket into DIR")
+    made.add_argument("directory", type=Path)
+    made.set_defaults(func=_cmd_backup)
+    restored = backup.add_parser(
+        "restore", help="restore DIR into this stack's database and bucket"
+    )
+    restored.add_argument("directory", type=Path)
+    restored.add_argument(
+        "--replace", action="store_true", help="overwrite a database that already holds tenants"
+    )
+    restored.set_defaults(func=_cmd_backup)
 
     key = admin.add_parser("key", help="API keys of a tenant").add_subparsers(
         dest="key_command", required=True

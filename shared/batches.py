@@ -465,6 +465,7 @@ class PageImage:
     error_message: str | None
     created_at: datetime
     finished_at: datetime | None
+    image_purged_at: datetime | None
     prediction: LatestPrediction | None
 
 
@@ -477,6 +478,7 @@ class PageExamImage:
     view: str | None
     status: str
     error_code: str | None
+    image_purged_at: datetime | None
     prediction: LatestPrediction | None
 
 
@@ -505,6 +507,7 @@ _IMAGE_COLUMNS = (
     Image.error_message,
     Image.created_at,
     Image.finished_at,
+    Image.image_purged_at,
 )
 _FIRST = uuid.UUID(int=0)  # ids are UUIDv7, all after it: the first page's `after`
 
@@ -555,6 +558,7 @@ def _exams_page_statement() -> Select[*tuple[Any, ...]]:
             type_coerce(Image.view, String),
             type_coerce(Image.status, String),
             Image.error_code,
+            Image.image_purged_at,
             *latest.c,
         )
         .select_from(studies)
@@ -669,6 +673,7 @@ def results_page(
             row[10],
             row[11],
             row[12],
+            row[13],
             prediction,
         )
         for row, prediction in zip(rows, predictions, strict=True)
@@ -690,7 +695,7 @@ def exams_page(
         _EXAMS_PAGE,
         {"tenant_id": tenant_id, "batch_id": batch_id, "after": after or _FIRST, "limit": limit},
     ).all()
-    predictions = _page_predictions(connection, rows, 8)
+    predictions = _page_predictions(connection, rows, 9)
     exams: list[PageExam] = []
     for row, prediction in zip(rows, predictions, strict=True):
         if not exams or exams[-1].id.int != row[0].int:  # rows come in study order
@@ -704,6 +709,7 @@ def exams_page(
                     row[5],
                     row[6],
                     row[7],
+                    row[8],
                     prediction,
                 )
             )

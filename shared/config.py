@@ -180,6 +180,9 @@ class Settings(BaseSettings):
     drift_psi_threshold: float = Field(default=0.2, gt=0)
     drift_min_exams: int = Field(default=150, ge=1)
     drift_interval_s: float = Field(default=600, gt=0)
+    # Retention (shared/retention.py; the days are each tenant's): how often the workers purge
+    # what is due.
+    retention_interval_s: float = Field(default=3600, gt=0)
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets_outside_development(self) -> Settings:

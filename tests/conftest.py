@@ -48,6 +48,15 @@ def settings(infra: Infra) -> Iterator[Settings]:
 
 
 @pytest.fixture
+def other_settings(infra: Infra) -> Iterator[Settings]:
+    """A second fresh database, bucket and Redis db: another stack's (a restore's target)."""
+    fresh = fresh_settings(infra)
+    yield fresh
+    _drop_database(infra, fresh)
+    drop_bucket(fresh)
+
+
+@pytest.fixture
 def session(settings: Settings) -> Iterator[Session]:
     with session_factory(settings.database_url)() as db_session:
         yield db_session

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
@@ -50,6 +51,8 @@ class ShownImage(ExamView, Protocol):
     def status(self) -> str: ...
     @property
     def error_code(self) -> str | None: ...
+    @property
+    def image_purged_at(self) -> datetime | None: ...
 
 
 class ShownPrediction(ViewPrediction, Protocol):
@@ -106,8 +109,8 @@ def latest_prediction(session: Session, caller: Caller, image: Image) -> Predict
     return found.get(image.id)
 
 
-def heatmap_url(image: ExamView, prediction: ShownPrediction | None) -> str | None:
-    if prediction is None or prediction.heatmap_key is None:
+def heatmap_url(image: ShownImage, prediction: ShownPrediction | None) -> str | None:
+    if prediction is None or prediction.heatmap_key is None or image.image_purged_at:
         return None
     return f"/v1/images/{image.id}/heatmap.png"
 
@@ -167,6 +170,7 @@ def exam_data(
                 "error_code": i.error_code,
                 "heatmap_url": heatmap_url(i, p),
                 "warnings": list(p.warnings) if p else [],
+                "image_purged_at": i.image_purged_at,
             }
             for i, p in views
         ],

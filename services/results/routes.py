@@ -100,6 +100,8 @@ class ResultImage(ShownImage, Protocol):
     def created_at(self) -> datetime: ...
     @property
     def finished_at(self) -> datetime | None: ...
+    @property
+    def image_purged_at(self) -> datetime | None: ...
 
 
 class ResultPrediction(ShownPrediction, Protocol):
@@ -147,6 +149,7 @@ def _image_result_data(
         "input_distance": prediction.input_distance if prediction else None,
         "created_at": image.created_at,
         "finished_at": image.finished_at,
+        "image_purged_at": image.image_purged_at,
     }
 
 
@@ -467,7 +470,7 @@ def get_audit(
 @router.get(
     "/images/{image_id}/heatmap.png",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}}, 404: {}},
+    responses={200: {"content": {"image/png": {}}}, 404: {}, 410: {}},
 )
 def get_image_heatmap(
     image_id: uuid.UUID,
@@ -482,6 +485,13 @@ def get_image_heatmap(
     image = get_image(session=session, tenant_id=caller.tenant.id, image_id=image_id)
     if image is None:
         raise ApiError(404, "image_not_found", f"no image {image_id} exists for this API key")
+    if image.image_purged_at is not None:
+        raise ApiError(
+            410,
+            "image_purged",
+            f"image {image_id}'s objects were removed on {image.image_purged_at.date()} by this "
+            f"site's retention; its result is still served at /v1/images/{image_id}",
+        )
     prediction = latest_prediction(session, caller, image)
     if prediction is None or prediction.heatmap_key is None:
         raise _no_heatmap(image_id)

@@ -84,6 +84,9 @@ class ImageResult(BaseModel):
     input_distance: float | None = None
     created_at: datetime
     finished_at: datetime | None
+    # When retention deleted the image's stored file, preview and heatmaps (its result
+    # stays); None while they are kept.
+    image_purged_at: datetime | None = None
 
 
 class ResultsPage(BaseModel):
@@ -132,6 +135,7 @@ class ExamImage(BaseModel):
     error_code: str | None
     heatmap_url: str | None = None
     warnings: list[str] = []
+    image_purged_at: datetime | None = None  # see ImageResult
 
 
 class BreastResult(BaseModel):

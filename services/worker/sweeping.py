@@ -1,5 +1,6 @@
 """Runs the sweeper (`sweeper.py`) in a thread of each worker's main process, the DICOM
-results' rendering and delivery in another, and the drift figures (`drift.py`) in a third."""
+results' rendering and delivery in another, and the periodic jobs (`periodic.py`: drift
+figures, retention) in threads of their own."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutdown
 
-from services.worker.drift import DriftThread
+from services.worker.periodic import PeriodicThread, periodic_threads
 from services.worker.shadow import ShadowThread
 from services.worker.sweeper import export_dicom_results, sweep_once
 from shared.config import Settings, get_settings
@@ -74,13 +75,13 @@ class ExporterThread(threading.Thread):
                 log.info("DICOM results: %d exams rendered, %d delivered", rendered, delivered)
 
 
-_threads: list[SweeperThread | ExporterThread | ShadowThread | DriftThread] = []
+_threads: list[SweeperThread | ExporterThread | ShadowThread | PeriodicThread] = []
 
 
 @worker_ready.connect
 def _start_sweeper(sender: Any = None, **_: Any) -> None:
     settings = get_settings()
-    _threads[:] = [SweeperThread(settings), ExporterThread(settings), DriftThread(settings)]
+    _threads[:] = [SweeperThread(settings), ExporterThread(settings), *periodic_threads(settings)]
     # The shadow version scores in the trainer's process only: never beside screening.
     consumed = set(sender.app.amqp.queues.consume_from) if sender is not None else set()
     if Queue.TRAINING.value in consumed:

@@ -99,6 +99,11 @@ class Tenant(Base):
     # can go back into the patient's real study. Off: nothing is kept, and exported objects
     # carry the de-identified UIDs only.
     identity_vault: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    # Retention (shared/retention.py): days after a batch completes that its images (stored
+    # files, previews, heatmaps) are kept, and that the batch with its results is kept.
+    # None: kept until erased.
+    image_retention_days: Mapped[int | None] = mapped_column(Integer)
+    result_retention_days: Mapped[int | None] = mapped_column(Integer)
 
     api_keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant")
 
@@ -139,7 +144,15 @@ class ApiKey(Base):
 
 class Batch(Base):
     __tablename__ = "batches"
-    __table_args__ = (Index("ix_batches_tenant_created", "tenant_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_batches_tenant_created", "tenant_id", "created_at", "id"),
+        # The retention scan: completed batches, oldest first.
+        Index(
+            "ix_batches_completed_at",
+            "completed_at",
+            postgresql_where=text("completed_at IS NOT NULL"),
+        ),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
@@ -167,6 +180,8 @@ class Batch(Base):
     dicom_study_key: Mapped[str | None] = mapped_column(String(128))
     dicom_node_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("dicom_nodes.id"))
     accession_key: Mapped[str | None] = mapped_column(String(64))
+    # When retention removed the last of its images' objects (None: not yet, or never due).
+    images_purged_at: Mapped[datetime | None]
 
     dicom_node: Mapped[DicomNode | None] = relationship()
 
@@ -325,6 +340,8 @@ class Image(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # When retention deleted its stored file, preview and heatmaps; its result stays.
+    image_purged_at: Mapped[datetime | None]
 
     study: Mapped[Study] = relationship()
     predictions: Mapped[list[Prediction]] = relationship(back_populates="image")

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from devstack.synth import DEMO_VARIANTS, Style, SynthOptions, generate_exams
-from services.worker.drift import refresh_if_due
+from services.worker.periodic import refresh_drift_if_due
 from shared.config import Settings
 from shared.db.base import session_scope, utcnow
 from shared.db.models import (
@@ -299,8 +299,8 @@ def test_the_alarm_needs_the_minimum_exam_count_and_old_weeks_are_kept(
     assert enough.exams == settings.drift_min_exams
     assert enough.alarm
     # The workers' loop: nothing again within drift_interval_s of the last computation.
-    assert refresh_if_due(settings) == 0
-    assert refresh_if_due(settings.model_copy(update={"drift_interval_s": 0.001})) >= 1
+    assert refresh_drift_if_due(settings) == 0
+    assert refresh_drift_if_due(settings.model_copy(update={"drift_interval_s": 0.001})) >= 1
     session.expire_all()
     rows = session.scalars(select(ScoreDriftWeek).where(ScoreDriftWeek.tenant_id == tenant.id))
     assert {(r.week_start, r.exams) for r in rows} == {
