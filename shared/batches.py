@@ -189,6 +189,7 @@ class BatchStatusRead:
 _BATCH_STATUS_SQL = f"""
     SELECT b.id, b.name, b.priority, b.status, b.created_at, b.closed_at, b.completed_at,
            b.callback_url, b.purpose, b.source, n.ae_title AS sent_by, b.accession_key,
+           b.images_purged_at,
            c.counts, c.rejected, c.version, coalesce(p.versions, '[]') AS versions,
            coalesce(d.drift, '[]') AS drift
     FROM batches AS b

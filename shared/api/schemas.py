@@ -56,6 +56,8 @@ class BatchPublic(BaseModel):
     source: BatchSource = BatchSource.API
     sent_by: str | None = None  # the sending node's AE title (source dicom)
     accession_key: str | None = None  # keyed hash of the study's accession number
+    # When the site's retention removed the last of its images' objects (results stay).
+    images_purged_at: datetime | None = None
 
 
 class OutcomeIn(BaseModel):

@@ -86,6 +86,11 @@ def test_retention_purges_exactly_what_is_due_and_says_so(
     assert results.get(f"/v1/batches/{expired}", headers=auth(key)).status_code == 404
     assert session.get(Batch, uuid.UUID(due)).images_purged_at is not None  # type: ignore[union-attr]
     assert session.get(Batch, uuid.UUID(recent)).images_purged_at is None  # type: ignore[union-attr]
+    status = results.get(f"/v1/batches/{due}", headers=auth(key)).json()
+    assert status["images_purged_at"] is not None
+    assert (
+        results.get(f"/v1/batches/{recent}", headers=auth(key)).json()["images_purged_at"] is None
+    )
 
     # The purged batch's results stay, and say the images are gone.
     page = results.get(f"/v1/batches/{due}/results", headers=auth(key)).json()["items"]
