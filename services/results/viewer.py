@@ -29,7 +29,7 @@ from services.results.presenters import (
     latest_prediction,
     show_originals,
 )
-from services.results.schemas import Exam, ExamImage
+from services.results.schemas import Exam, ExamImage, ModelVersionPublic
 from shared.api.deps import Caller, SessionDep, SettingsDep, StoreDep
 from shared.batches import (
     batch_status,
@@ -40,7 +40,6 @@ from shared.batches import (
     image_counts,
     latest_predictions,
     list_batches,
-    prediction_summary,
 )
 from shared.db.models import AuditAction, ExportStatus, ImageStatus, Scope
 from shared.deliveries import get_export
@@ -201,11 +200,15 @@ def batch_page(
         show_originals(session, settings, caller, batch_id, [(e.id, e.images) for e in page], exams)
     exams.sort(key=lambda e: -1.0 if e.exam_score is None else e.exam_score, reverse=True)
     caller.audit(session, AuditAction.READ, "batch_exams", batch_id, exams=len(exams), via="viewer")
-    used = prediction_summary(session=session, tenant_id=caller.tenant.id, batch_id=batch_id)
+    # The status answer's one statement gives the versions that scored the batch, what they
+    # flagged and its weeks' drift alarms: the banners say what the API's warnings say.
     status = batch_status(session=session, tenant_id=caller.tenant.id, batch_id=batch_id)
-    drift = status.drift if status is not None else []
+    assert status is not None  # the batch was found above
     warnings = batch_warnings(
-        used.versions, used.warning_counts, drift, settings.drift_psi_threshold
+        [ModelVersionPublic.model_validate(v) for v in status.versions],
+        status.warning_counts,
+        status.drift,
+        settings.drift_psi_threshold,
     )
     session.commit()
     return _page(

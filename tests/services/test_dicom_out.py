@@ -101,21 +101,29 @@ def vault_settings(settings: Settings, keys: dict[str, str]) -> Settings:
     return with_keys(settings, {"k1": keys["k1"]}, "k1")
 
 
-@pytest.fixture
-def planted(exam: list[SynthImage], tmp_path: Path) -> list[Path]:
-    """The session's exam with distinctive identifiers planted in every header."""
+def plant_identifiers(
+    exam: list[SynthImage], folder: Path, study_uid: str = ORIGINAL_STUDY_UID
+) -> list[Path]:
+    """Copies of the exam in `folder` with PLANTED in every header, under `study_uid`."""
+    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, image in enumerate(exam):
         ds = pydicom.dcmread(image.path)
         for keyword, value in PLANTED.items():
             setattr(ds, keyword, value)
-        ds.StudyInstanceUID = ORIGINAL_STUDY_UID
-        ds.SOPInstanceUID = f"{ORIGINAL_STUDY_UID}.{index + 1}"
+        ds.StudyInstanceUID = study_uid
+        ds.SOPInstanceUID = f"{study_uid}.{index + 1}"
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        path = tmp_path / image.path.name
+        path = folder / image.path.name
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+@pytest.fixture
+def planted(exam: list[SynthImage], tmp_path: Path) -> list[Path]:
+    """The session's exam with distinctive identifiers planted in every header."""
+    return plant_identifiers(exam, tmp_path)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect, select, text
@@ -29,28 +28,17 @@ from shared.storage import ObjectStore
 from shared.vault import new_key
 from tests.factories import make_tenant
 from tests.helpers import auth, files_field
-from tests.services.test_dicom_out import PLANTED, apps, screen_and_render, with_keys
+from tests.services.test_dicom_out import (
+    PLANTED,
+    apps,
+    plant_identifiers,
+    screen_and_render,
+    with_keys,
+)
 
 SMALL = SynthOptions(height=256, width=208, pixel_spacing_mm=0.8)
 ERASER = [Scope.SUBMIT, Scope.READ, Scope.ERASE]
 PATIENT = PLANTED["PatientID"]
-
-
-def _planted(exam: list[SynthImage], folder: Path, study_uid: str) -> list[Path]:
-    """The exam with the planted identifiers (and a study UID of its own) in every header."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index, image in enumerate(exam):
-        ds = pydicom.dcmread(image.path)
-        for keyword, value in PLANTED.items():
-            setattr(ds, keyword, value)
-        ds.StudyInstanceUID = study_uid
-        ds.SOPInstanceUID = f"{study_uid}.{index + 1}"
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        path = folder / image.path.name
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
 
 
 def _rows_mentioning(session: Session, needles: set[str]) -> dict[str, int]:
@@ -88,8 +76,12 @@ def test_erasing_a_patient_leaves_nothing_of_them_and_spares_everyone_else(
     for image in exams:
         by_study.setdefault(image.study, []).append(image)
     patient_exam, other_exam = by_study.values()
-    erased_paths = _planted(patient_exam, tmp_path / "p", "1.2.826.0.1.3680043.8.498.77310001")
-    namesake_paths = _planted(patient_exam, tmp_path / "n", "1.2.826.0.1.3680043.8.498.77310002")
+    erased_paths = plant_identifiers(
+        patient_exam, tmp_path / "p", "1.2.826.0.1.3680043.8.498.77310001"
+    )
+    namesake_paths = plant_identifiers(
+        patient_exam, tmp_path / "n", "1.2.826.0.1.3680043.8.498.77310002"
+    )
     site, site_key = make_tenant(session, scopes=ERASER)
     other_site, other_key = make_tenant(session)
     with apps(vault) as (ingest, results):
@@ -192,7 +184,7 @@ def test_a_task_screening_the_patient_when_they_are_erased_ends_cleanly_and_leav
     tmp_path: Path,
 ) -> None:
     site, key = make_tenant(session, scopes=ERASER)
-    paths = _planted(exam, tmp_path / "p", "1.2.826.0.1.3680043.8.498.77310003")
+    paths = plant_identifiers(exam, tmp_path / "p", "1.2.826.0.1.3680043.8.498.77310003")
     batch = ingest.post("/v1/batches", json={"name": "mid-flight"}, headers=auth(key)).json()
     upload = ingest.post(
         f"/v1/batches/{batch['id']}/images", files=files_field(paths), headers=auth(key)
