@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,7 +13,9 @@ from datetime import datetime
 from typing import BinaryIO, cast
 
 from minio import Minio
+from minio.credentials.credentials import Credentials
 from minio.error import S3Error
+from minio.helpers import DictType
 from urllib3 import PoolManager
 
 from shared.config import Settings
@@ -141,17 +144,57 @@ class _HashingReader(io.RawIOBase):
             chunk += self._source.read(want - len(chunk))
             if not chunk and want > 0 and self._length is not None:
                 raise StreamEndedEarly(f"{self.size} of {self._length} bytes")
+        first = self.size == 0
         self.size += len(chunk)
         if self.size > self._limit:
             raise ObjectTooLarge(self._limit)
         self.digest.update(chunk)
+        if first:
+            # The store's client sends this piece as it is when it is the whole body (an
+            # object of one part): it then signs it with this hash instead of hashing it again.
+            payloads = _SignsWithKnownHash.payloads
+            payloads.body, payloads.sha256 = chunk, self.digest.hexdigest()
         return chunk
+
+
+class _Payloads(threading.local):
+    """The SHA-256 of a request body this thread is about to send, where its caller computed
+    it already (for the record) while reading it."""
+
+    body: bytes | None = None
+    sha256: str | None = None
+
+
+class _SignsWithKnownHash(Minio):
+    """minio's client, which over plain HTTP hashes every request body again to sign it
+    (`x-amz-content-sha256`). The body of an object written by `put_stream` or `put_bytes` was
+    hashed once already for its record: that hash signs it, so each byte is hashed once. Over
+    TLS minio sends UNSIGNED-PAYLOAD and hashes nothing; that path is left as it is."""
+
+    payloads = _Payloads()
+
+    def _build_headers(
+        self,
+        host: str,
+        headers: DictType | None = None,
+        body: bytes | None = None,
+        creds: Credentials | None = None,
+    ) -> tuple[DictType, datetime]:
+        known = self.payloads
+        if body is None or body is not known.body or creds is None or self._base_url.is_https:
+            return super()._build_headers(host, headers, body, creds)
+        # Built as for an empty body, then given this body's length and hash: the same headers
+        # minio would build, without its second pass over the bytes.
+        headers, date = super()._build_headers(host, headers, None, creds)
+        headers["Content-Length"] = str(len(body))
+        headers["x-amz-content-sha256"] = cast(str, known.sha256)
+        return headers, date
 
 
 class ObjectStore:
     def __init__(self, settings: Settings, *, http_client: PoolManager | None = None) -> None:
         self.bucket = settings.s3_bucket
-        self.client = Minio(
+        self.client: Minio = _SignsWithKnownHash(
             settings.s3_host,
             access_key=settings.s3_access_key,
             secret_key=settings.s3_secret_key,
@@ -203,13 +246,21 @@ class ObjectStore:
         except (ObjectTooLarge, StreamEndedEarly):
             self.delete(key)  # a multipart upload may have left a partial object behind
             raise
+        finally:
+            _SignsWithKnownHash.payloads.body = None
         return StoredObject(key=key, size=reader.size, sha256=reader.digest.hexdigest())
 
     def put_bytes(self, key: str, data: bytes, *, content_type: str) -> StoredObject:
-        self.client.put_object(
-            self.bucket, key, io.BytesIO(data), length=len(data), content_type=content_type
+        # As the prefix of an empty stream: `data` reaches the client as the very object, so
+        # it is hashed once, for the record and the request's signature alike.
+        return self.put_stream(
+            key,
+            io.BytesIO(b""),
+            content_type=content_type,
+            limit=max(len(data), 1),
+            prefix=data,
+            length=len(data),
         )
-        return StoredObject(key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
     def get_bytes(self, key: str, *, length: int | None = None) -> bytes:
         """The object's bytes, or only its first `length` bytes."""
