@@ -105,30 +105,58 @@ def get_or_create_study(
     study_key: str,
     patient_key: str,
 ) -> uuid.UUID:
-    """The id of the batch's study for `study_key`; concurrent uploads of one exam share one
-    row. Core statements on the session's connection: this runs once per image received."""
+    """The id of the batch's study for `study_key`, created if need be."""
+    return study_ids(
+        session=session, tenant_id=tenant_id, batch_id=batch_id, studies={study_key: patient_key}
+    )[study_key]
+
+
+def study_ids(
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    batch_id: uuid.UUID,
+    studies: dict[str, str],
+) -> dict[str, uuid.UUID]:
+    """The ids of the batch's studies for these study keys (each with its patient key),
+    creating those not there yet; concurrent uploads of one exam share one row.
+
+    Core statements on the session's connection, a few per request rather than per image:
+    the views of the exams already there are found in one read, the rest inserted in one
+    statement (a row another upload inserted meanwhile is kept) and read back."""
     connection = session.connection()
-    existing = select(Study.id).where(
-        Study.batch_id == batch_id, Study.study_key == study_key, Study.tenant_id == tenant_id
-    )
-    study_id = connection.scalar(existing)
-    if study_id is not None:  # the exam's second view onwards: no insert attempted
-        return study_id
-    connection.execute(
-        insert(Study)
-        .values(
-            tenant_id=tenant_id,
-            batch_id=batch_id,
-            study_key=study_key,
-            patient_key=patient_key,
-            id=new_id(),
-            created_at=utcnow(),
+
+    def existing(keys: Sequence[str]) -> dict[str, uuid.UUID]:
+        rows = connection.execute(
+            select(Study.study_key, Study.id).where(
+                Study.batch_id == batch_id,
+                Study.study_key.in_(keys),
+                Study.tenant_id == tenant_id,
+            )
         )
-        .on_conflict_do_nothing(index_elements=[Study.batch_id, Study.study_key])
-    )
-    study_id = connection.scalar(existing)
-    assert study_id is not None
-    return study_id
+        return {key: study_id for key, study_id in rows}
+
+    found = existing(list(studies))
+    missing = sorted(key for key in studies if key not in found)
+    if missing:  # the exams' first views: insert them, then read back whichever row won
+        now = utcnow()
+        connection.execute(
+            insert(Study).on_conflict_do_nothing(index_elements=[Study.batch_id, Study.study_key]),
+            [
+                {
+                    "id": new_id(),
+                    "tenant_id": tenant_id,
+                    "batch_id": batch_id,
+                    "study_key": key,
+                    "patient_key": studies[key],
+                    "created_at": now,
+                }
+                for key in missing
+            ],
+        )
+        found |= existing(missing)
+    assert found.keys() == studies.keys()
+    return found
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from sqlalchemy.orm import Session
 if TYPE_CHECKING:
     from shared.imaging.intake import StoredImage
 
-from shared.batches import get_or_create_study, image_counts
+from shared.batches import image_counts, study_ids
 from shared.db.base import new_id, utcnow
 from shared.db.models import (
     TERMINAL_IMAGE_STATUSES,
@@ -131,19 +131,18 @@ def accept_images(
     second copy of the instance fails the commit instead of becoming a second image.
     """
     images = []
+    studies: dict[str, str] = {}
+    for item in accepted:  # a study's patient is its first view's, as when sent one by one
+        studies.setdefault(item.study_key, item.patient_key)
+    study_of = study_ids(
+        session=session, tenant_id=batch.tenant_id, batch_id=batch.id, studies=studies
+    )
     for item in accepted:
-        study_id = get_or_create_study(
-            session=session,
-            tenant_id=batch.tenant_id,
-            batch_id=batch.id,
-            study_key=item.study_key,
-            patient_key=item.patient_key,
-        )
         image = Image(
             id=item.image_id,
             tenant_id=batch.tenant_id,
             batch_id=batch.id,
-            study_id=study_id,
+            study_id=study_of[item.study_key],
             filename=item.filename,
             object_key=item.stored.key,
             sha256=item.stored.sha256,

@@ -18,12 +18,18 @@ from shared.db.models import (
     BatchStatus,
     Image,
     ImageStatus,
+    Laterality,
     Prediction,
+    Study,
+    View,
 )
+from shared.imaging.formats import MediaType
+from shared.imaging.intake import StoredImage
 from shared.lifecycle import (
     ALLOWED,
     Transition,
     abandon_images,
+    accept_images,
     apply,
     claim_images,
     close_batch,
@@ -34,6 +40,7 @@ from shared.lifecycle import (
     refresh_batches,
     renew_leases,
 )
+from shared.storage import StoredObject
 from tests.factories import make_batch, make_image, make_model_version, make_tenant
 
 
@@ -264,3 +271,76 @@ def test_a_heartbeat_renews_running_leases_only_and_skips_rows_another_holds(
     assert held_elsewhere.lease_expires_at is not None
     assert held_elsewhere.lease_expires_at < utcnow() + timedelta(seconds=2)
     assert (queued.status, queued.lease_expires_at) == (ImageStatus.QUEUED, None)
+
+
+def _stored(study_key: str, patient_key: str, view: View = View.CC) -> StoredImage:
+    image_id = uuid.uuid4()
+    return StoredImage(
+        image_id=image_id,
+        filename=f"{image_id.hex[:6]}.dcm",
+        media_type=MediaType.DICOM,
+        stored=StoredObject(key=f"test/{image_id}", size=1, sha256="0" * 64),
+        study_key=study_key,
+        patient_key=patient_key,
+        laterality=Laterality.LEFT,
+        view=view,
+    )
+
+
+def test_accepted_views_join_their_study_within_a_request_and_across_requests(
+    session: Session,
+) -> None:
+    tenant, _ = make_tenant(session)
+    batch = make_batch(session, tenant)
+    first = accept_images(
+        session=session,
+        batch=batch,
+        accepted=[
+            _stored("A", "pa"),
+            _stored("B", "pb"),
+            _stored("A", "other"),
+            _stored("B", "pb"),
+        ],
+    )
+    session.commit()
+    later = accept_images(
+        session=session, batch=batch, accepted=[_stored("C", "pc"), _stored("A", "pa")]
+    )
+    session.commit()
+    study_of = {image.id: image.study_id for image in (*first, *later)}
+    a, b, a_again, b_again = (study_of[image.id] for image in first)
+    c, a_later = (study_of[image.id] for image in later)
+    assert a == a_again == a_later
+    assert b == b_again
+    assert len({a, b, c}) == 3
+    patients = dict(session.execute(select(Study.study_key, Study.patient_key)).tuples().all())
+    assert patients == {"A": "pa", "B": "pb", "C": "pc"}  # a study's first view names it
+
+
+def test_concurrent_uploads_of_one_exam_share_one_study(settings: Settings) -> None:
+    factory = session_factory(settings.database_url)
+    with factory() as setup:
+        tenant, _ = make_tenant(setup)
+        batch = make_batch(setup, tenant)
+        batch_ref = (batch.id, batch.tenant_id, batch.purpose)
+    ready = threading.Barrier(2)
+    study_ids: list[uuid.UUID] = []
+
+    class Ref:
+        id, tenant_id, purpose = batch_ref
+
+    def upload(view: View) -> None:
+        with factory() as mine:
+            mine.connection()  # the transaction is open before both insert
+            ready.wait()
+            (image,) = accept_images(session=mine, batch=Ref(), accepted=[_stored("X", "p", view)])
+            mine.commit()
+            study_ids.append(image.study_id)
+
+    threads = [threading.Thread(target=upload, args=(view,)) for view in (View.CC, View.MLO)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(study_ids) == 2
+    assert study_ids[0] == study_ids[1]
