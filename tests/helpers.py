@@ -7,6 +7,7 @@ import base64
 import contextlib
 import csv
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -24,11 +25,27 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.config import Settings
+from shared.config import CONNECTION_FIELDS, Settings, settings_to_environ
 from shared.db.models import Image, ModelVersion
 from shared.ml.checkpoint import checkpoint_bytes, load_checkpoint
 from shared.ml.registry import active_model
 from shared.storage import ObjectStore
+
+
+def stack_environ(
+    settings: Settings | None, overrides: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The environment a test's local stack starts with: this process's less its own
+    SCREENING_ settings, the servers of `settings`, then `overrides` (SCREENING_ names).
+
+    One results process, not one per core: each costs seconds of CPU to start, and these
+    tests poll gently. The several-process service is what the smoke bench's stack runs."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SCREENING_")}
+    if settings is not None:
+        environ.update(settings_to_environ(settings, CONNECTION_FIELDS))
+    environ["SCREENING_RESULTS_WORKERS"] = "1"
+    environ.update(overrides or {})
+    return environ
 
 
 def wait_for(

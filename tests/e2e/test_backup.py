@@ -5,7 +5,6 @@ and viewer page; a damaged backup or an occupied target is refused before anythi
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,9 @@ import pytest
 from devstack.stack import StackState, down, up
 from devstack.synth import SynthOptions, generate_exams
 from mammoscreen_client import Client
-from shared.config import CONNECTION_FIELDS, Settings, settings_to_environ
+from shared.config import Settings
 from tests.e2e.test_cli_submit import screening
+from tests.helpers import stack_environ
 
 pytestmark = pytest.mark.e2e
 
@@ -61,9 +61,7 @@ def test_a_backup_restores_into_a_fresh_stack_that_serves_the_same_results(
     assert "objects" in made.stdout
     assert (backup / "database.dump").stat().st_size > 0
 
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SCREENING_")}
-    environ.update(settings_to_environ(other_settings, CONNECTION_FIELDS))
-    fresh = up(tmp_path / "fresh", environ=environ)
+    fresh = up(tmp_path / "fresh", environ=stack_environ(other_settings))
     try:
         # The fresh stack made a tenant of its own: restore refuses to overwrite it unasked.
         refused = screening(fresh.service_env, "admin", "backup", "restore", str(backup))

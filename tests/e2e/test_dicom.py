@@ -20,9 +20,16 @@ from pydicom.data import get_testdata_file
 from devstack.stack import StackState, down, up
 from devstack.synth import DEMO_VARIANTS, generate_exams
 from mammoscreen_client import Client
-from shared.config import CONNECTION_FIELDS, Settings, settings_to_environ
+from shared.config import Settings
 from tests.factories import SMALL_SYNTH
-from tests.helpers import Orthanc, dciodvfy_errors, run_orthanc, sr_number, wait_for
+from tests.helpers import (
+    Orthanc,
+    dciodvfy_errors,
+    run_orthanc,
+    sr_number,
+    stack_environ,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -30,10 +37,9 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def dicom_stack(settings: Settings, tmp_path: Path) -> Iterator[StackState]:
     """The local stack with short DICOM study quiet periods and sweeps."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SCREENING_")}
-    environ.update(settings_to_environ(settings, CONNECTION_FIELDS))
-    environ["SCREENING_DICOM_STUDY_QUIET_S"] = "2"
-    environ["SCREENING_SWEEP_INTERVAL_S"] = "0.5"
+    environ = stack_environ(
+        settings, {"SCREENING_DICOM_STUDY_QUIET_S": "2", "SCREENING_SWEEP_INTERVAL_S": "0.5"}
+    )
     state = up(tmp_path / "stack", environ=environ)
     yield state
     assert down(tmp_path / "stack") == []

@@ -6,7 +6,6 @@ no image lost (all `done`), none screened twice (one prediction each), none stuc
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -37,7 +36,7 @@ from shared.db.base import get_engine, session_factory
 from shared.db.models import Batch, BatchSource, Image, ImageStatus, Prediction, Tenant
 from shared.dicom_nodes import add_node
 from shared.storage import Keys, ObjectStore
-from tests.helpers import wait_for
+from tests.helpers import stack_environ, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
@@ -80,8 +79,7 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack
         "redis": start_redis(root / "redis"),
         "s3": start_s3(root / "s3", **S3_KEYS),
     }
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SCREENING_")}
-    environ.update(FAST_RECOVERY)
+    environ = stack_environ(None, FAST_RECOVERY)
     environ.update(
         {
             "SCREENING_ENV": "test",

@@ -18,11 +18,11 @@ from sqlalchemy import select
 from devstack.stack import StackState, down, kill_service, start_service_again, up
 from devstack.synth import generate_exams
 from mammoscreen_client import Client, submit_training_folder
-from shared.config import CONNECTION_FIELDS, Settings, settings_to_environ
+from shared.config import Settings
 from shared.db.base import session_scope
 from shared.db.models import TrainingEpoch
 from tests.factories import SMALL_SYNTH, TINY_TRAINING
-from tests.helpers import wait_for
+from tests.helpers import stack_environ, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -46,9 +46,7 @@ def training_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def training_stack(settings: Settings, tmp_path: Path) -> Iterator[StackState]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SCREENING_")}
-    environ.update(settings_to_environ(settings, CONNECTION_FIELDS))
-    environ.update(FAST_RECOVERY)
+    environ = stack_environ(settings, FAST_RECOVERY)
     state = up(tmp_path / "stack", environ=environ)
     yield state
     assert down(tmp_path / "stack") == [], "processes left running after down"
