@@ -78,9 +78,8 @@ def purge_images_of_batch(
             .with_for_update(skip_locked=True)
         )
     )
-    keys = [key for image in images for key in image_object_keys(store, image)]
-    for key in keys:
-        store.delete(key)
+    keys = image_object_keys(store, images)
+    store.delete_many(keys)
     if images:
         session.execute(
             update(Image)

@@ -7,13 +7,15 @@ import hashlib
 import io
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import BinaryIO, cast
 
 from minio import Minio
 from minio.credentials.credentials import Credentials
+from minio.deleteobjects import DeleteError, DeleteObject
 from minio.error import S3Error
 from minio.helpers import DictType
 from urllib3 import PoolManager
@@ -22,6 +24,10 @@ from shared.config import Settings
 
 # Multipart part size: the most of one upload held in memory at once.
 PART_SIZE = 8 * 1024 * 1024
+# Requests sent side by side (an erasure lists each image's heatmaps, then deletes): under
+# the client's connection pool of 10 per host.
+STORE_THREADS = 8
+DELETES_PER_REQUEST = 1000  # the most S3 DeleteObjects takes
 
 
 class Keys:
@@ -111,6 +117,10 @@ class StoredObject:
     key: str
     size: int
     sha256: str
+
+
+class ObjectsNotDeleted(Exception):
+    """The store refused to delete some of the objects asked for (the rest are gone)."""
 
 
 class StreamEndedEarly(Exception):
@@ -282,6 +292,36 @@ class ObjectStore:
 
     def delete(self, key: str) -> None:
         self.client.remove_object(self.bucket, key)
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Delete these objects, a thousand per request (S3 DeleteObjects) and several
+        requests side by side, not one request each; a missing object counts as deleted.
+        Returns how many keys were given."""
+        given = list(keys)
+        chunks = [
+            given[i : i + DELETES_PER_REQUEST] for i in range(0, len(given), DELETES_PER_REQUEST)
+        ]
+
+        def refused(chunk: list[str]) -> list[DeleteError]:
+            deleted = self.client.remove_objects(self.bucket, [DeleteObject(k) for k in chunk])
+            return [error for error in deleted if error.code not in MISSING_OBJECT_CODES]
+
+        with ThreadPoolExecutor(STORE_THREADS) as pool:
+            errors = [error for errors in pool.map(refused, chunks) for error in errors]
+        if errors:
+            raise ObjectsNotDeleted(
+                f"{len(errors)} of {len(given)} objects could not be deleted, the first "
+                f"{errors[0].name}: {errors[0].code} {errors[0].message}"
+            )
+        return len(given)
+
+    def list_keys_under(self, prefixes: Sequence[str]) -> list[str]:
+        """The keys under each of these prefixes, listed side by side."""
+        if len(prefixes) <= 1:
+            return [key for prefix in prefixes for key in self.list_keys(prefix)]
+        with ThreadPoolExecutor(STORE_THREADS) as pool:
+            listed = pool.map(lambda prefix: list(self.list_keys(prefix)), prefixes)
+            return [key for keys in listed for key in keys]
 
     def exists(self, key: str) -> bool:
         try:

@@ -334,16 +334,16 @@ class ScreeningRun:
         but was not recorded went back to the queue, and its next screening owns them.)"""
         with session_scope(self.ctx.settings.database_url) as session:
             alive = set(session.scalars(select(Image.id).where(Image.id.in_(image_ids))))
-        for image_id in image_ids:
-            if image_id in alive:
-                continue
+        erased = [image_id for image_id in image_ids if image_id not in alive]
+        for image_id in erased:
             log.info(
                 "image erased while it was screened; its result is dropped",
                 extra={"image_id": image_id},
             )
+        if erased:
             store = self.ctx.store
-            for key in [Keys.preview(image_id), *store.list_keys(Keys.heatmaps_of(image_id))]:
-                store.delete(key)
+            heatmaps = store.list_keys_under([Keys.heatmaps_of(i) for i in erased])
+            store.delete_many([*(Keys.preview(i) for i in erased), *heatmaps])
 
     def _input_check(self, statistics: np.ndarray | None) -> tuple[float | None, list[str]]:
         """The input's distance from the version's training inputs, and the warning when it

@@ -121,8 +121,8 @@ def delete_orphans(*, session: Session, store: ObjectStore, grace_s: float) -> i
 
 def _delete_unowned(store: ObjectStore, page: list[str], owned: set[str]) -> int:
     orphans = [key for key in page if key not in owned]
+    store.delete_many(orphans)
     for key in orphans:
-        store.delete(key)
         log.warning("deleted orphaned object %s", key)
     return len(orphans)
 

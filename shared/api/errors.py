@@ -10,6 +10,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError as DatabaseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from urllib3.exceptions import HTTPError as StorageConnectionError
+
+from shared.storage import ObjectsNotDeleted
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,23 @@ def install_error_handlers(app: FastAPI) -> None:
             error_body(
                 "database_unavailable",
                 "the database is unavailable; retry after the delay in Retry-After",
+            ),
+            503,
+            headers={"Retry-After": "5"},
+        )
+
+    @app.exception_handler(StorageConnectionError)
+    @app.exception_handler(ObjectsNotDeleted)
+    async def _storage_down(request: Request, exc: Exception) -> JSONResponse:
+        # Endpoints that can leave something half-done catch these themselves (an upload
+        # discards what it stored); the rest, erasure included, are safe to retry as they are.
+        log.warning(
+            "object storage unavailable on %s %s: %s", request.method, request.url.path, exc
+        )
+        return JSONResponse(
+            error_body(
+                "storage_unavailable",
+                "object storage is unavailable; retry after the delay in Retry-After",
             ),
             503,
             headers={"Retry-After": "5"},

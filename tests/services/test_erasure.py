@@ -13,9 +13,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import inspect, select, text
+from sqlalchemy import func, inspect, select, text
 from sqlalchemy.orm import Session
+from urllib3 import PoolManager
 
+from devstack.servers import free_port
 from devstack.synth import SynthImage, SynthOptions, generate_exams
 from services.worker.inference import WorkerContext, run_screening
 from services.worker.models import ModelCache
@@ -260,3 +262,31 @@ def test_a_malformed_erasure_request_is_refused_and_erases_nothing(
     answer = ingest.post("/v1/erasures", json=body, headers=auth(key))
     assert answer.status_code == 422
     assert answer.json()["error"]["code"] == "invalid_request"
+
+
+def test_an_erasure_during_a_storage_outage_is_503_and_keeps_everything_for_the_retry(
+    ingest: TestClient, settings: Settings, session: Session, store: ObjectStore, exam: Any
+) -> None:
+    _, key = make_tenant(session, scopes=ERASER)
+    batch = ingest.post("/v1/batches", json={"name": "outage"}, headers=auth(key)).json()
+    ingest.post(
+        f"/v1/batches/{batch['id']}/images",
+        files=files_field([i.path for i in exam]),
+        headers=auth(key),
+    )
+    stored = sorted(store.list_keys(""))
+    unreachable = settings.model_copy(update={"s3_endpoint": f"http://127.0.0.1:{free_port()}"})
+    ingest.app.state.store = ObjectStore(unreachable, http_client=PoolManager(retries=False))  # type: ignore[attr-defined]
+
+    refused = ingest.delete(f"/v1/batches/{batch['id']}", headers=auth(key))
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "storage_unavailable"
+    assert refused.headers["Retry-After"]
+    assert sorted(store.list_keys("")) == stored
+    assert session.scalar(select(func.count()).select_from(Image)) == len(exam)
+
+    ingest.app.state.store = store  # type: ignore[attr-defined]
+    erased = ingest.delete(f"/v1/batches/{batch['id']}", headers=auth(key))
+    assert erased.status_code == 200, erased.text
+    assert erased.json()["images"] == len(exam)
+    assert list(store.list_keys("")) == []

@@ -52,7 +52,7 @@ def _screened_batch(
 def _objects_of(session: Session, store: ObjectStore, batch_id: str) -> list[bool]:
     images = session.scalars(select(Image).where(Image.batch_id == uuid.UUID(batch_id))).all()
     assert images
-    return [store.exists(k) for i in images for k in image_object_keys(store, i)]
+    return [store.exists(k) for k in image_object_keys(store, images)]
 
 
 def test_retention_purges_exactly_what_is_due_and_says_so(

@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -152,3 +153,31 @@ def test_the_first_bytes_of_an_object_are_read_without_the_rest(store: ObjectSto
     store.put_bytes("heads/one", b"0123456789" * 1000, content_type="application/octet-stream")
     assert store.get_bytes("heads/one", length=5) == b"01234"
     assert len(store.get_bytes("heads/one")) == 10_000
+
+
+def test_delete_many_removes_more_than_one_request_holds_and_counts_missing_ones_as_gone(
+    store: ObjectStore,
+) -> None:
+    keys = [f"many/{i:04d}" for i in range(1003)]  # S3 takes at most 1,000 per request
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: store.put_bytes(key, b"x", content_type="text/plain"), keys))
+    kept = store.put_bytes("kept/0", b"y", content_type="text/plain")
+    assert store.delete_many([*keys, "many/never-written"]) == len(keys) + 1
+    assert list(store.list_keys("many/")) == []
+    assert store.exists(kept.key)
+    assert store.delete_many([]) == 0
+
+
+def test_list_keys_under_lists_every_prefix_and_nothing_beside_them(store: ObjectStore) -> None:
+    image_ids = [uuid.uuid4() for _ in range(12)]
+    version = uuid.uuid4()
+    for image_id in image_ids:
+        store.put_bytes(Keys.heatmap(image_id, version), b"h", content_type="image/png")
+        store.put_bytes(Keys.heatmap_overlay(image_id, version), b"o", content_type="image/png")
+    wanted = image_ids[:10]
+    listed = store.list_keys_under([Keys.heatmaps_of(image_id) for image_id in wanted])
+    assert sorted(listed) == sorted(
+        key
+        for image_id in wanted
+        for key in (Keys.heatmap(image_id, version), Keys.heatmap_overlay(image_id, version))
+    )
