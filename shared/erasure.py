@@ -76,10 +76,8 @@ def patient_keys(secret: str, tenant_id: uuid.UUID, patient_id: str) -> set[str]
 def image_object_keys(store: ObjectStore, images: Sequence[Image]) -> list[str]:
     """Every object of these images: each stored file, its preview, each version's heatmaps
     (their prefixes listed side by side: one listing per image)."""
-    heatmaps = store.list_keys_under([Keys.heatmaps_of(image.id) for image in images])
-    return [key for image in images for key in (image.object_key, Keys.preview(image.id))] + (
-        heatmaps
-    )
+    own = [key for image in images for key in (image.object_key, Keys.preview(image.id))]
+    return own + store.list_keys_under([Keys.heatmaps_of(image.id) for image in images])
 
 
 def study_object_keys(store: ObjectStore, study_ids: Sequence[uuid.UUID]) -> list[str]:

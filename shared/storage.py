@@ -306,8 +306,11 @@ class ObjectStore:
             deleted = self.client.remove_objects(self.bucket, [DeleteObject(k) for k in chunk])
             return [error for error in deleted if error.code not in MISSING_OBJECT_CODES]
 
-        with ThreadPoolExecutor(STORE_THREADS) as pool:
-            errors = [error for errors in pool.map(refused, chunks) for error in errors]
+        if len(chunks) <= 1:  # a sweep's page, a worker's clean-up: no threads for one request
+            errors = [error for chunk in chunks for error in refused(chunk)]
+        else:
+            with ThreadPoolExecutor(STORE_THREADS) as pool:
+                errors = [error for errors in pool.map(refused, chunks) for error in errors]
         if errors:
             raise ObjectsNotDeleted(
                 f"{len(errors)} of {len(given)} objects could not be deleted, the first "
