@@ -32,8 +32,11 @@ down: ## stop everything `make up` started
 demo: install ## start the stack, screen 8 synthetic exams end to end, print results, stop
 	$(BIN)/screening demo --dir $(STACK_DIR) --exams 8
 
+# Test processes (pytest-xdist), each with its own servers; files are kept whole in one
+# process, so a module's fixtures are built once. TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
 test: install browser dicom-tools ## run the whole test suite against real servers
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The viewer's browser tests drive Debian's Chromium through Playwright (no browser download).
 CHROMIUM := /usr/bin/chromium
