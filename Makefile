@@ -38,6 +38,9 @@ TEST_WORKERS ?= 2
 test: install browser dicom-tools ## run the whole test suite against real servers
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
+test-fast: install browser dicom-tools ## every test but the slow ones (training to a verdict, the fault tests, the bench's smoke run)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+
 # The viewer's browser tests drive Debian's Chromium through Playwright (no browser download).
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -23,6 +23,14 @@ from tests.infra import (
 )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with a `slow` test first, each kept whole: the test processes of `make test`
+    take files in this order, and a long file started last would leave the other process
+    idle at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: order within kept
+
+
 @pytest.fixture(scope="session")
 def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
     servers = containers() if docker_reachable() else embedded(tmp_path_factory.mktemp("servers"))

@@ -47,7 +47,7 @@ def _assert_prepare_costs(results: dict[str, dict[str, float]]) -> None:
         assert all(ms > 0 for ms in results[key].values()), key
 
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_stack_benchmark_produces_every_figure(

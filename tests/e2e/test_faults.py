@@ -38,7 +38,7 @@ from shared.dicom_nodes import add_node
 from shared.storage import Keys, ObjectStore
 from tests.helpers import stack_environ, wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]
 
 S3_KEYS = {"access_key": "fault-access", "secret_key": "fault-secret-key"}
 SMALL_FAULT_IMAGES = SynthOptions(height=256, width=208, pixel_spacing_mm=0.8)

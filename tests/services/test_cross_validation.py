@@ -39,7 +39,7 @@ QUICK: dict[str, Any] = {
     "input_height": 256,
     "input_width": 208,
 }
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")

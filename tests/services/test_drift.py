@@ -151,6 +151,7 @@ def _two_sites(tmp_path: Path) -> dict[str, list[Path]]:
     }
 
 
+@pytest.mark.slow
 def test_the_second_site_raises_the_alarm_and_the_first_site_does_not(
     ingest: TestClient,
     results: TestClient,

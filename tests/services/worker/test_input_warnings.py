@@ -45,6 +45,7 @@ def _flag_rate(reference: InputReference, folder: Path) -> float:
     return float(np.mean([reference.unlike(reference.distance(s)) for s in statistics]))
 
 
+@pytest.mark.slow
 def test_fresh_exams_of_the_training_mix_pass_and_other_domains_are_flagged(
     settings: Settings, tmp_path: Path
 ) -> None:

@@ -19,7 +19,7 @@ from shared.config import Settings
 from tests.factories import make_tenant
 from tests.helpers import auth, training_batch, training_labels
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 EXAMS = 60  # the small set; the large one is four times as many
 INPUT = (512, 416)  # the default input: 416 KiB a view as float16
