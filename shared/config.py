@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(default=600, ge=0)
     rate_limit_polls_per_request: int = Field(default=10, ge=1)
     # Processes the results service answers in (uvicorn workers, `python -m
-    # services.results`); 0: one per core.
+    # services.results`); 0: three per core, at most 12 (services/results/__main__.py).
     results_workers: int = Field(default=0, ge=0)
     # Connections each results process keeps open to Postgres: about the requests it answers
     # at once (50 pollers on two processes: 25). Beyond them each request opened and closed

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import socket
 
+import yaml
 from sqlalchemy.pool import QueuePool
 
+from devstack.stack import REPO_ROOT
+from services.results.__main__ import MAX_DEFAULT_WORKERS, worker_count
 from services.results.app import create_app
 from services.results.server import NoDelayConfig
 from shared.config import Settings
-from shared.db.base import get_engine
+from shared.db.base import MAX_OVERFLOW, get_engine
 
 
 def test_connections_to_a_multi_worker_listener_send_small_writes_at_once() -> None:
@@ -41,3 +44,23 @@ def test_a_results_process_keeps_a_pool_for_the_requests_it_answers_at_once(
     engine = get_engine(sized.database_url)
     assert isinstance(engine.pool, QueuePool)
     assert engine.pool.size() == 7
+
+
+def test_the_default_runs_more_processes_than_cores_within_a_ceiling() -> None:
+    """More processes than cores, so the kernel runs a short status poll beside a page being
+    rendered in another process; a ceiling, as each keeps its own Postgres connections (the
+    compose stack's max_connections covers it)."""
+    default = Settings(results_workers=0)
+    assert worker_count(default, cores=1) == 3
+    assert worker_count(default, cores=2) == 6
+    assert worker_count(default, cores=64) == MAX_DEFAULT_WORKERS
+    assert worker_count(Settings(results_workers=5), cores=64) == 5
+    per_process = default.results_database_pool_size + MAX_OVERFLOW
+    assert MAX_DEFAULT_WORKERS * per_process + 6 * 15 <= _compose_max_connections()
+
+
+def _compose_max_connections() -> int:
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+    command = compose["services"]["postgres"]["command"]
+    setting = next(arg for arg in command if arg.startswith("max_connections="))
+    return int(setting.split("=", 1)[1])
