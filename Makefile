@@ -33,13 +33,15 @@ demo: install ## start the stack, screen 8 synthetic exams end to end, print res
 	$(BIN)/screening demo --dir $(STACK_DIR) --exams 8
 
 # Test processes (pytest-xdist), each with its own servers; files are kept whole in one
-# process, so a module's fixtures are built once. TEST_WORKERS=0 runs in this process.
+# process, so a module's fixtures are built once, and taken in the order tests/conftest.py
+# collects them (slow files first; xdist's own order, most tests first, ran them last).
+# TEST_WORKERS=0 runs in this process.
 TEST_WORKERS ?= 2
 test: install browser dicom-tools ## run the whole test suite against real servers
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: install browser dicom-tools ## every test but the slow ones (training to a verdict, the fault tests, the bench's smoke run)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 # The viewer's browser tests drive Debian's Chromium through Playwright (no browser download).
 CHROMIUM := /usr/bin/chromium
