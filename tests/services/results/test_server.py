@@ -46,6 +46,11 @@ def test_a_results_process_keeps_a_pool_for_the_requests_it_answers_at_once(
     assert engine.pool.size() == 7
 
 
+# What compose's other services may hold (README: 15 each): ingest, gateway, worker, trainer,
+# beat, flower.
+OTHER_SERVICES_CONNECTIONS = 6 * 15
+
+
 def test_the_default_runs_more_processes_than_cores_within_a_ceiling() -> None:
     """More processes than cores, so the kernel runs a short status poll beside a page being
     rendered in another process; a ceiling, as each keeps its own Postgres connections (the
@@ -56,7 +61,9 @@ def test_the_default_runs_more_processes_than_cores_within_a_ceiling() -> None:
     assert worker_count(default, cores=64) == MAX_DEFAULT_WORKERS
     assert worker_count(Settings(results_workers=5), cores=64) == 5
     per_process = default.results_database_pool_size + MAX_OVERFLOW
-    assert MAX_DEFAULT_WORKERS * per_process + 6 * 15 <= _compose_max_connections()
+    assert MAX_DEFAULT_WORKERS * per_process + OTHER_SERVICES_CONNECTIONS <= (
+        _compose_max_connections()
+    )
 
 
 def _compose_max_connections() -> int:
