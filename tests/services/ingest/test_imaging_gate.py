@@ -21,7 +21,7 @@ from PIL import PngImagePlugin
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
-from pydicom.uid import MPEG2MPML, UID
+from pydicom.uid import MPEG2MPML, UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -47,6 +47,7 @@ PLANTED = {
     "PatientComments": "comment naming PLANTED-PERSON",
 }
 PRIVATE_VALUE = "PRIVATE-PLANTED-VALUE"
+NESTED_PRIVATE_VALUE = "NESTED-PRIVATE-PLANTED-VALUE"
 # Repeating groups (60xx overlays, 50xx curves): the profile names them by masks.
 OVERLAY_COMMENT = "overlay naming OVERLAY-PLANTED"
 CURVE_LABEL = "CURVE-PLANTED"
@@ -83,9 +84,11 @@ def _bytes(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def _with_identity(path: Path) -> Dataset:
-    """A synthetic mammogram carrying the identity a real one would: private tags included."""
+def _with_identity(path: Path, syntax: UID = ExplicitVRLittleEndian) -> Dataset:
+    """A synthetic mammogram carrying the identity a real one would: private tags included,
+    in a sequence's item too; in `syntax` (implicit VR: no element states its VR)."""
     ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = syntax
     for keyword, value in PLANTED.items():
         setattr(ds, keyword, value)
     block = ds.private_block(0x0029, "PLANTED VENDOR 1.0", create=True)
@@ -96,6 +99,9 @@ def _with_identity(path: Path) -> Dataset:
     reference.ReferencedSOPClassUID = ds.SOPClassUID
     reference.ReferencedSOPInstanceUID = NESTED_UID
     reference.add_new(0x60024000, "LT", NESTED_OVERLAY_COMMENT)
+    reference.private_block(0x0031, "NESTED VENDOR 1.0", create=True).add_new(
+        0x01, "LO", NESTED_PRIVATE_VALUE
+    )
     ds.SourceImageSequence = Sequence([reference])
     return ds
 
@@ -106,12 +112,13 @@ def _private_tags(ds: Dataset) -> list[str]:
     return found
 
 
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 def test_stored_dicom_has_no_basic_profile_phi_and_no_private_tags(
-    ingest: TestClient, session: Session, store: ObjectStore, exam: list[SynthImage]
+    ingest: TestClient, session: Session, store: ObjectStore, exam: list[SynthImage], syntax: UID
 ) -> None:
     _, key = make_tenant(session)
     batch = _batch(ingest, key)
-    originals = {s.path.name: _with_identity(s.path) for s in exam}
+    originals = {s.path.name: _with_identity(s.path, syntax) for s in exam}
     body = _upload(ingest, key, batch, [(n, _bytes(ds)) for n, ds in originals.items()])
     assert len(body["accepted"]) == 4  # type: ignore[arg-type]
 
@@ -119,7 +126,7 @@ def test_stored_dicom_has_no_basic_profile_phi_and_no_private_tags(
     removed = {t for t in tables["X_TAGS"] if len(t) == 2}
     remapped = {t for t in tables["U_TAGS"] if len(t) == 2}
     profile = {t for t in tables["ALL_TAGS"] if len(t) == 2}
-    rows = session.scalars(select(Image)).all()
+    rows = session.scalars(select(Image).where(Image.batch_id == batch)).all()
     for row in rows:
         raw = store.get_bytes(row.object_key)
         original = originals[row.filename]
@@ -136,7 +143,8 @@ def test_stored_dicom_has_no_basic_profile_phi_and_no_private_tags(
         assert checked >= 15, "the upload should carry plenty of profile elements"
         assert _private_tags(stored) == []
         planted = (*PLANTED.values(), OVERLAY_COMMENT, CURVE_LABEL, NESTED_OVERLAY_COMMENT)
-        for value in (*planted, PRIVATE_VALUE, NESTED_UID, original.PatientID):
+        private = (PRIVATE_VALUE, NESTED_PRIVATE_VALUE)
+        for value in (*planted, *private, NESTED_UID, original.PatientID):
             assert str(value).encode() not in raw, f"{value} reached object storage"
         for tag in remapped & set(stored.keys()):
             assert str(stored[tag].value).startswith("2.25."), tag
