@@ -84,6 +84,17 @@ class CpuUsage:
     def ms_per_image(self, images: int) -> float:
         return 1000 * self.busy_s / images
 
+    def __add__(self, other: CpuUsage) -> CpuUsage:
+        """Two measured spans as one (a phase run in several rounds)."""
+        return CpuUsage(
+            wall_s=self.wall_s + other.wall_s,
+            busy_s=self.busy_s + other.busy_s,
+            by_process={
+                name: self.by_process.get(name, 0.0) + other.by_process.get(name, 0.0)
+                for name in {**self.by_process, **other.by_process}
+            },
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "wall_s": round(self.wall_s, 3),

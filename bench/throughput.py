@@ -14,7 +14,8 @@ Everything is measured on this machine, with the same model and input size, in t
    Then recovery_s (the worker SIGKILLed mid-batch) and redis_recovery_s (Redis SIGKILLed
    and restarted): from the kill until screening goes on.
 5. upload_mb_per_s / s3_put_mb_per_s: the same files through the ingest API, and straight
-   into the object store, with the same client concurrency (worker stopped).
+   into the object store, with the same client concurrency (worker stopped), alternated in
+   three rounds (`upload_to_s3_put_rounds`: each round's ratio).
 6. dicom_store_mb_per_s: the same files sent to the DICOM gateway by storescu (C-STORE, four
    associations at once, as a PACS sends), beside the HTTP upload of them (worker stopped);
    then dicom_idle_association_cores, the gateway's CPU per association left open and idle.
@@ -52,7 +53,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
@@ -84,6 +85,8 @@ DICOM_ASSOCIATIONS = 4
 # What any pipeline must do per image; their CPU bounds its speed (see _cpu_figures).
 ESSENTIAL_PHASES = ("model", "s3_put", "s3_get", "prepare")
 FILES_PER_REQUEST = 8
+# Upload and straight put, alternated (see _upload_and_put_rounds).
+UPLOAD_ROUNDS = 3
 CLIENT_THREADS = 2
 MEDIA_TYPE = "application/dicom"
 # Small images hold the queued bulk images' objects (never screened while measured).
@@ -436,7 +439,38 @@ def _redis_recovery_s(stack_dir: Path, settings: Settings) -> float:
         time.sleep(0.05)
 
 
-def _s3_put_mb_per_s(settings: Settings, paths: Sequence[Path]) -> float:
+def _upload_and_put_rounds(
+    client: Any,
+    settings: Settings,
+    stack_dir: Path,
+    cpu: dict[str, CpuUsage],
+    paths: Sequence[Path],
+    results: dict[str, Any],
+) -> tuple[float, float]:
+    """The files through the ingest API, then straight into the object store, alternated
+    `UPLOAD_ROUNDS` times (each upload into a batch of its own): seconds of each in all.
+
+    One round of each is a few seconds, and these machines' speed drifts within minutes:
+    a single pair gave ratios from 0.62 to 0.84 for the same code. Alternated rounds share
+    the drift; the figure is the ratio of the totals, each round's beside it."""
+    upload_s = put_s = 0.0
+    rounds = []
+    for round_number in range(1, UPLOAD_ROUNDS + 1):
+        batch = client.create_batch(f"upload speed {round_number}")
+        with _measured(stack_dir, cpu, "upload"):
+            started = time.perf_counter()
+            _upload_all(client, batch["id"], paths)
+            upload = time.perf_counter() - started
+        with _measured(stack_dir, cpu, "s3_put"):
+            put = _s3_put_s(settings, paths)
+        upload_s, put_s = upload_s + upload, put_s + put
+        rounds.append(round(put / upload, 3))
+    results["upload_to_s3_put_rounds"] = rounds
+    return upload_s, put_s
+
+
+def _s3_put_s(settings: Settings, paths: Sequence[Path]) -> float:
+    """Seconds to put `paths` straight into the object store, with the upload's concurrency."""
     from shared.storage import ObjectStore
 
     store = ObjectStore(settings)
@@ -451,11 +485,11 @@ def _s3_put_mb_per_s(settings: Settings, paths: Sequence[Path]) -> float:
     started = time.perf_counter()
     with ThreadPoolExecutor(CLIENT_THREADS) as pool:
         list(pool.map(put, _chunks(paths, FILES_PER_REQUEST)))
-    return sum(p.stat().st_size for p in paths) / MIB / (time.perf_counter() - started)
+    return time.perf_counter() - started
 
 
 def _s3_get_all(settings: Settings, paths: Sequence[Path]) -> None:
-    """Read back what _s3_put_mb_per_s stored, as the worker's loaders read their images."""
+    """Read back what _s3_put_s stored, as the worker's loaders read their images."""
     from shared.storage import ObjectStore
 
     store = ObjectStore(settings)
@@ -552,11 +586,13 @@ def _stack_processes(stack_dir: Path) -> dict[str, int]:
 
 @contextmanager
 def _measured(stack_dir: Path, cpu: dict[str, CpuUsage], phase: str) -> Iterator[None]:
-    """The machine's and each process's CPU over one phase, into `cpu[phase]`."""
+    """The machine's and each process's CPU over one phase, into `cpu[phase]` (added to what
+    is there: a phase run in rounds)."""
     meter = CpuMeter(_stack_processes(stack_dir), alone={"bench": os.getpid()})
     start = meter.mark()
     yield
-    cpu[phase] = meter.since(start)
+    usage = meter.since(start)
+    cpu[phase] = cpu[phase] + usage if phase in cpu else usage
 
 
 def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> dict[str, Any]:
@@ -652,11 +688,9 @@ def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
             # 4.7 of the C-STORE phase's, none of the straight put's, which comes later): it
             # stops too, so the upload, C-STORE and put phases each measure their path alone.
             kill_service(stack_dir, "trainer", signal.SIGTERM)
-            upload_batch = client.create_batch("upload speed")
-            with _measured(stack_dir, cpu, "upload"):
-                started = time.perf_counter()
-                _upload_all(client, upload_batch["id"], pipeline_paths)
-                upload_s = time.perf_counter() - started
+            upload_s, put_s = _upload_and_put_rounds(
+                client, settings, stack_dir, cpu, pipeline_paths, results
+            )
             # Earlier phases warmed the ingest service; warm the gateway as much (its imports,
             # its connection pools) so both figures are steady-state ones.
             _dicom_store_all(state.env, settings, gateway_warm_up_paths)
@@ -666,13 +700,12 @@ def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
                 dicom_s = time.perf_counter() - started
             results["dicom_idle_association_cores"] = _idle_association_cores(state.env, stack_dir)
         megabytes = sum(p.stat().st_size for p in pipeline_paths) / MIB
-        results["upload_mb_per_s"] = megabytes / upload_s
+        results["upload_mb_per_s"] = UPLOAD_ROUNDS * megabytes / upload_s
+        results["s3_put_mb_per_s"] = UPLOAD_ROUNDS * megabytes / put_s
         results["dicom_store_mb_per_s"] = megabytes / dicom_s
         results["dicom_store_to_upload"] = (
             results["dicom_store_mb_per_s"] / results["upload_mb_per_s"]
         )
-        with _measured(stack_dir, cpu, "s3_put"):
-            results["s3_put_mb_per_s"] = _s3_put_mb_per_s(settings, pipeline_paths)
         with _measured(stack_dir, cpu, "s3_get"):
             _s3_get_all(settings, pipeline_paths)
         with _measured(stack_dir, cpu, "prepare"):
@@ -693,7 +726,10 @@ def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
             results["pipeline_images_per_s"] / results["naive_images_per_s"]
         )
         results["urgent_to_idle"] = results["urgent_latency_s"] / results["idle_latency_s"]
-        results.update(_cpu_figures(cpu, model_images, len(pipeline_paths), results))
+        images = {phase: len(pipeline_paths) for phase in PER_IMAGE_PHASES}
+        images |= {"upload": UPLOAD_ROUNDS * len(pipeline_paths)}
+        images |= {"s3_put": UPLOAD_ROUNDS * len(pipeline_paths)}
+        results.update(_cpu_figures(cpu, model_images, images, results))
         results["images"] = len(pipeline_paths)
         results["bulk_images"] = len(bulk_paths)
         results["bulk_images_queued"] = args.bulk_queued
@@ -721,7 +757,10 @@ def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
 
 
 def _cpu_figures(
-    cpu: dict[str, CpuUsage], model_images: int, images: int, results: dict[str, Any]
+    cpu: dict[str, CpuUsage],
+    model_images: int,
+    images: Mapping[str, int],
+    results: dict[str, Any],
 ) -> dict[str, Any]:
     """CPU cost per image of each phase, and the best pipeline_to_model these cores allow.
 
@@ -734,7 +773,7 @@ def _cpu_figures(
     cores = os.cpu_count() or 1
     per_image = {
         "model": cpu["model"].ms_per_image(model_images),
-        **{phase: cpu[phase].ms_per_image(images) for phase in PER_IMAGE_PHASES},
+        **{phase: cpu[phase].ms_per_image(images[phase]) for phase in PER_IMAGE_PHASES},
     }
     essential_ms = sum(per_image[p] for p in ESSENTIAL_PHASES)
     best_pipeline = min(1000 * cores / essential_ms, results["model_images_per_s"])

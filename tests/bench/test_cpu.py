@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from bench.cpu import CpuMeter
+from bench.cpu import CpuMeter, CpuUsage
 
 BUSY = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass"
 # A parent that waits while its child burns CPU, says so once it has reaped it, and stays:
@@ -38,3 +38,12 @@ def test_busy_descendants_count_and_idle_processes_do_not() -> None:
     assert usage.by_process["idle-alone"] < 0.05
     assert usage.busy_s >= usage.by_process["idle"]
     assert usage.wall_s > 0
+
+
+def test_rounds_of_a_phase_add_up() -> None:
+    first = CpuUsage(wall_s=2.0, busy_s=3.0, by_process={"ingest": 1.0, "s3": 1.5})
+    second = CpuUsage(wall_s=1.0, busy_s=1.5, by_process={"ingest": 0.5, "bench": 0.25})
+    both = first + second
+    assert (both.wall_s, both.busy_s) == (3.0, 4.5)
+    assert both.by_process == {"ingest": 1.5, "s3": 1.5, "bench": 0.25}
+    assert both.ms_per_image(9) == 500.0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.throughput import main
+from bench.throughput import UPLOAD_ROUNDS, main
 
 STACK_KEYS = {
     "model_images_per_s",
@@ -100,6 +100,11 @@ def test_stack_benchmark_produces_every_figure(
     for service in ("worker", "ingest", "gateway", "s3"):
         assert sum(phase["by_process"][service] for phase in phases.values()) > 0, service
     assert 0 < results["pipeline_to_model_ceiling"] <= 1
+    # Upload and straight put alternated in rounds; the figure is the ratio of the totals.
+    rounds = results["upload_to_s3_put_rounds"]
+    assert len(rounds) == UPLOAD_ROUNDS
+    assert all(r > 0 for r in rounds)
+    assert min(rounds) - 0.001 <= results["upload_to_s3_put"] <= max(rounds) + 0.001
     # Results at scale: every request answered (no 5xx, no 429), the long polls all 304.
     assert set(results["results_http_statuses"]) <= {"200", "304"}
     assert set(results["results_latency_ms"]) == {
