@@ -726,9 +726,10 @@ def run_stack(args: argparse.Namespace, data: Path, options: SynthOptions) -> di
             results["pipeline_images_per_s"] / results["naive_images_per_s"]
         )
         results["urgent_to_idle"] = results["urgent_latency_s"] / results["idle_latency_s"]
-        images = {phase: len(pipeline_paths) for phase in PER_IMAGE_PHASES}
-        images |= {"upload": UPLOAD_ROUNDS * len(pipeline_paths)}
-        images |= {"s3_put": UPLOAD_ROUNDS * len(pipeline_paths)}
+        images = {
+            phase: len(pipeline_paths) * (UPLOAD_ROUNDS if phase in ("upload", "s3_put") else 1)
+            for phase in PER_IMAGE_PHASES
+        }
         results.update(_cpu_figures(cpu, model_images, images, results))
         results["images"] = len(pipeline_paths)
         results["bulk_images"] = len(bulk_paths)

@@ -128,7 +128,8 @@ def accept_images(
     caller commits, and only then queues them.
 
     `one_per_sop_instance` (DICOM received from a node) records each SOP instance's key, so a
-    second copy of the instance fails the commit instead of becoming a second image.
+    second copy of the instance fails (IntegrityError, at the insert here) instead of becoming
+    a second image.
     """
     studies: dict[str, str] = {}
     for item in accepted:  # a study's patient is its first view's, as when sent one by one
